@@ -14,7 +14,9 @@ import sys
 # Modules that own subcommands; each exposes ``register(subparsers)``.
 COMMAND_MODULES = (
     "tokenization.commands",  # clean, train-tokenizer, shard
-    "gptbert.commands",  # model-info, pretrain, score, generate, evaluate
+    "gptbert.commands.model",  # model-info
+    "gptbert.commands.train",  # pretrain
+    "gptbert.commands.evaluate",  # score, generate, evaluate
     "flows.commands",  # pipeline, demo
 )
 
