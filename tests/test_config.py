@@ -1,0 +1,84 @@
+"""The typed config tree: presets pin SPEC numbers; invalid values fail with the field name."""
+
+import dataclasses
+
+import pytest
+
+from gptbert.config import (
+    ConfigError,
+    PipelineConfig,
+    digest,
+    flatten,
+    from_dict,
+    load_config,
+    preset_names,
+    to_dict,
+)
+
+
+def test_presets_load_and_pin_spec_numbers():
+    assert {"tiny", "mini", "small", "base"} <= set(preset_names())
+    small, base = load_config("small"), load_config("base")
+    assert (small.model.num_layers, small.model.hidden_size, small.model.num_heads) == (12, 384, 6)
+    assert (small.model.intermediate_size, small.model.vocab_size) == (1280, 8192)
+    assert (base.model.num_layers, base.model.hidden_size, base.model.num_heads) == (12, 768, 12)
+    assert (base.model.intermediate_size, base.model.vocab_size) == (2560, 16384)
+    for cfg in (small, base):
+        assert cfg.model.max_position_embeddings == 512 and cfg.model.position_buckets == 32
+        assert cfg.model.hidden_dropout == 0.1 and cfg.model.attention_dropout == 0.1
+        assert cfg.model.layer_norm_eps == 1e-5 and cfg.model.head_dim == 64
+    assert (small.train.steps, small.train.lr) == (7812, 1.41e-2)
+    assert (base.train.steps, base.train.lr) == (15625, 1e-2)
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = load_config("small", overrides=["train.seed=7", "model.gate=false"])
+    assert cfg.train.seed == 7 and cfg.model.gate is False
+    again = from_dict(PipelineConfig, to_dict(cfg))
+    assert again == cfg and digest(again) == digest(cfg)
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\ntrain:\n  seed: 3\n")
+    from_file = load_config(path=path)
+    assert from_file.model.hidden_size == 64 and from_file.train.seed == 3
+    assert digest(from_file) != digest(load_config("tiny"))
+
+
+def test_flatten_gives_dotted_scalar_keys():
+    flat = flatten(load_config("tiny"))
+    assert flat["model.hidden_size"] == 64
+    assert all("." in k or k == "workdir" for k in flat)
+    assert not any(isinstance(v, dict) for v in flat.values())
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("model.hidden_size=100", "model.hidden_size"),
+        ("model.gate=3", "model.gate"),
+        ("model.attention_impl=flash", "model.attention_impl"),
+        ("model.hidden_dropout=1.5", "model.hidden_dropout"),
+        ("train.nonexistent=1", "train.nonexistent"),
+        ("model.vocab_size=1000", "model.vocab_size"),
+    ],
+)
+def test_invalid_values_fail_at_load_with_field_name(override, field):
+    with pytest.raises(ConfigError) as info:
+        load_config("small", overrides=[override])
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+def test_unknown_preset_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("huge")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path=bad)
+    with pytest.raises(FileNotFoundError):
+        load_config(path=tmp_path / "missing.yaml")
+
+
+def test_configs_are_plain_dataclasses():
+    cfg = load_config("tiny")
+    assert dataclasses.is_dataclass(cfg) and dataclasses.is_dataclass(cfg.model)
