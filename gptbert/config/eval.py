@@ -1,15 +1,73 @@
-"""EvalConfig: BLiMP-style minimal pairs, scoring modes, temperature (SPEC section 6)."""
+"""EvalConfig: BLiMP-style minimal pairs, scoring modes, temperatures, fine-tuning (SPEC section 6)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 from .base import ConfigBase, check
+
+ScoringMode = Literal["causal", "mntp", "fused"]
+
+
+def temperature_sweep(start: float = 0.05, stop: float = 3.0, step: float = 0.05) -> list[float]:
+    """The paper's sweep (0, 3] in steps of 0.05; T=0 itself is excluded (division by zero)."""
+    n = int(round((stop - start) / step))
+    return [round(start + i * step, 6) for i in range(n + 1)]
+
+
+@dataclass
+class FinetuneConfig(ConfigBase):
+    """GLUE-style sentence(-pair) classification (SPEC 6: the paper's settings are the defaults)."""
+
+    # Folder with `<task>.train.jsonl` and `<task>.valid.jsonl` (sentence1, [sentence2,] label).
+    data_dir: str = ""
+    tasks: list[str] = field(default_factory=list)
+    lr: float = 1e-4
+    batch_size: int = 16
+    # Paper: 3 epochs for large tasks (MNLI, QQP, SST-2, QNLI), 10 for small ones (CoLA, RTE, MRPC).
+    epochs: int = 10
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    max_length: int = 128
+    # Classifier-head dropout is the model's hidden dropout; this caps examples for quick runs.
+    max_train_examples: Optional[int] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        check(self.lr > 0, "lr", "must be positive")
+        check(self.batch_size > 0, "batch_size", "must be positive")
+        check(self.epochs > 0, "epochs", "must be positive")
+        check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.max_length >= 4, "max_length", "must be at least 4 tokens")
+        check(self.max_train_examples is None or self.max_train_examples > 0, "max_train_examples",
+              "must be positive or null (all)")
+        for i, task in enumerate(self.tasks):
+            check(bool(task) and "/" not in task, f"tasks[{i}]", f"must be a task file prefix, got {task!r}")
 
 
 @dataclass
 class EvalConfig(ConfigBase):
-    temperature: float = 1.0
+    # Folder of BLiMP-format jsonl files (one paradigm per file); "" = skip BLiMP.
+    blimp_dir: str = ""
+    modes: list[ScoringMode] = field(default_factory=lambda: ["causal", "mntp", "fused"])
+    # Logits are divided by T before the log-softmax; every T is scored from one forward pass.
+    temperatures: list[float] = field(default_factory=temperature_sweep)
+    # Batch size in tokens (rows x padded length) for one forward pass while scoring.
+    max_tokens: int = 8192
+    # Cap on pairs read from each paradigm, for quick runs; null = all.
+    max_pairs_per_paradigm: Optional[int] = None
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
-        check(self.temperature > 0, "temperature", "must be positive")
+        check(len(self.modes) > 0, "modes", "must name at least one of causal, mntp, fused")
+        check(len(set(self.modes)) == len(self.modes), "modes", f"has duplicates: {self.modes}")
+        check(len(self.temperatures) > 0, "temperatures", "must hold at least one temperature")
+        for i, t in enumerate(self.temperatures):
+            check(math.isfinite(t) and t > 0, f"temperatures[{i}]", f"must be a positive number, got {t}")
+        check(len(set(self.temperatures)) == len(self.temperatures), "temperatures", "has duplicates")
+        check(self.max_tokens >= 16, "max_tokens", "must be at least 16")
+        check(self.max_pairs_per_paradigm is None or self.max_pairs_per_paradigm > 0,
+              "max_pairs_per_paradigm", "must be positive or null (all pairs)")
