@@ -1,13 +1,29 @@
-"""TrackingConfig: MLflow experiment, registry name and run naming."""
+"""TrackingConfig: MLflow store, experiment, model registry and the champion rule."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from .base import ConfigBase
+from .base import ConfigBase, check
 
 
 @dataclass
 class TrackingConfig(ConfigBase):
+    # Off: the pipeline runs and caches the same, only nothing is logged to MLflow.
+    enabled: bool = True
+    # Empty: $MLFLOW_TRACKING_URI if set, else sqlite:///<workdir>/mlflow/mlflow.db (the embedded default).
+    tracking_uri: str = ""
     experiment: str = "gptbert"
+    # Model registry name the final model is registered under; empty disables registration.
     registered_model: str = "gptbert"
+    # Evaluation metric (a key of the evaluation's flat metrics) that decides the `champion` alias.
+    champion_metric: str = "blimp.mnt.accuracy"
+    champion_mode: Literal["max", "min"] = "max"
+    # Trainer step metrics are sent to MLflow in batches of this many steps.
+    log_every: int = 10
+
+    def validate(self) -> None:
+        check(bool(self.experiment.strip()), "experiment", "must not be empty")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(bool(self.champion_metric.strip()), "champion_metric", "must not be empty")
