@@ -1,0 +1,457 @@
+"""The GPT-BERT model: an LTG-BERT encoder with a GELU attention gate and layer weighting (SPEC 1).
+
+One network serves both objectives: the attention mask alone decides whether an example is causal
+(lower triangle) or masked (bidirectional). Tensors are batch-first, (B, T, H).
+
+Attention is DeBERTa-style disentangled: besides content->content, every query/key pair gets a
+content->position and a position->content term, where the position vectors come from one shared
+table of 2 * 32 - 1 relative-distance buckets, projected through each layer's own [Q|K] Linear.
+Two implementations of the same maths are kept:
+
+* ``attention_impl="reference"``: mirrors the paper's code, gathers a (T, T, 2H) tensor of position
+  vectors and computes the scores, masked softmax and context explicitly;
+* ``attention_impl="fused"``: projects the 63-entry table once per layer, takes q . K_pos and
+  k . Q_pos as (B, h, T, 63) matmuls, gathers them into a (B, h, T, T) additive bias (the mask
+  folded in as -inf) and calls ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptbert.config.model import ModelConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative positions and masks
+
+
+def relative_position_buckets(relative: torch.Tensor, buckets: int = 32, max_position: int = 512) -> torch.Tensor:
+    """Log-bucketed signed distance (SPEC 1): |r| <= buckets//2 is kept, larger distances map to
+    sign(r) * (ceil(log(|r|/mid) / log((max-1)/mid) * (mid-1)) + mid); result in [-(buckets-1), buckets-1].
+
+    Computed in float32 exactly as the paper's code does, so the table matches it bit for bit.
+    """
+    mid = buckets // 2
+    sign = torch.sign(relative)
+    # Distances inside the linear zone get a dummy value so the log below stays finite.
+    abs_pos = torch.where((relative < mid) & (relative > -mid), mid - 1,
+                          relative.abs().clamp(max=max_position - 1))
+    log_pos = torch.ceil(torch.log(abs_pos / mid) / math.log((max_position - 1) / mid) * (mid - 1)).int() + mid
+    return torch.where(abs_pos <= mid, relative, log_pos * sign).long()
+
+
+def position_index_table(length: int, buckets: int = 32, max_position: int = 512,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+    """(length, length) table index of the relative distance query - key, in [0, 2*buckets-2]."""
+    pos = torch.arange(length, dtype=torch.long, device=device)
+    return relative_position_buckets(pos[:, None] - pos[None, :], buckets, max_position) + buckets - 1
+
+
+def build_blocked_mask(segment_ids: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids + (B,) causal flags -> (B, T, T) bool, True = query may NOT attend key.
+
+    Segment id 0 is padding (blocked as query and as key); equal non-zero ids attend to each other
+    (block-diagonal packing); causal rows also block keys after the query.
+    """
+    if segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must be (B, T), got shape {tuple(segment_ids.shape)}")
+    causal = torch.as_tensor(causal, dtype=torch.bool, device=segment_ids.device).reshape(-1)
+    if causal.numel() != segment_ids.size(0):
+        raise ValueError(f"causal must have one flag per example ({segment_ids.size(0)}), got {causal.numel()}")
+    T = segment_ids.size(1)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    real = segment_ids != 0
+    allowed = same & real[:, :, None] & real[:, None, :]
+    future = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).triu(1)
+    allowed = allowed & ~(future[None] & causal[:, None, None])
+    return ~allowed
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer weighting (DenseFormer / ELC-BERT style)
+
+
+class _History:
+    """Per-forward storage of the block outputs [embedding, block 0, ..., block k] as one buffer,
+    so each weighted sum is a single matrix-vector product instead of a stack of copies."""
+
+    def __init__(self, first: torch.Tensor, num_blocks: int):
+        self.buf = first.new_empty((num_blocks + 1, first.numel()))
+        self.buf[0].copy_(first.detach().reshape(-1))
+        self.grad: torch.Tensor | None = None
+
+
+class _LayerMix(torch.autograd.Function):
+    """After block k: write its output into the history, return sum_j alpha_j * history_j.
+
+    Backward accumulates the gradient of every history entry in a shared buffer; block k's entry is
+    complete once this node runs (all later mixes, its only other readers, ran before it).
+    """
+
+    @staticmethod
+    def forward(ctx, alpha, x, first, history: _History, k: int):
+        history.buf[k + 1].copy_(x.reshape(-1))
+        ctx.history, ctx.k, ctx.shape = history, k, x.shape
+        ctx.save_for_backward(alpha)
+        return (alpha @ history.buf[: k + 2]).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (alpha,) = ctx.saved_tensors
+        history, k = ctx.history, ctx.k
+        if history.grad is None:
+            history.grad = torch.zeros_like(history.buf)
+        g = grad_out.reshape(-1)
+        grad_alpha = history.buf[: k + 2] @ g
+        history.grad[: k + 2].addr_(alpha, g)
+        grad_x = history.grad[k + 1].view(ctx.shape)
+        grad_first = history.grad[0].view(ctx.shape) if k == 0 else None
+        return grad_alpha, grad_x, grad_first, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H = config.hidden_size
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.eps = config.layer_norm_eps
+        self.gate = config.gate
+        self.impl = config.attention_impl
+        self.in_proj_qk = nn.Linear(H, 2 * H)
+        self.in_proj_vg = nn.Linear(H, 2 * H if config.gate else H)
+        self.out_proj = nn.Linear(H, H)
+        self.attention_dropout = config.attention_dropout
+        self.hidden_dropout = config.hidden_dropout
+        # DeBERTa scaling: three score terms are summed.
+        self.scale = 1.0 / math.sqrt(3 * self.head_dim)
+
+    def forward(self, x: torch.Tensor, rel_table: torch.Tensor, pos_index: torch.Tensor,
+                masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        B, T, H = x.shape
+        h, d = self.num_heads, self.head_dim
+        x = F.layer_norm(x, (H,), eps=self.eps)
+        q, k = self.in_proj_qk(x).view(B, T, 2, h, d).permute(2, 0, 3, 1, 4)  # each (B, h, T, d)
+        vg = self.in_proj_vg(x)
+        v = vg[..., :H].reshape(B, T, h, d).transpose(1, 2)
+        # The shared table (dropped out per layer) through this layer's own [Q|K] projection.
+        p_drop = self.attention_dropout if self.training else 0.0
+        pos = self.in_proj_qk(F.dropout(rel_table, p_drop, self.training))  # (R, 2H)
+        if self.impl == "reference":
+            ctx = self._reference(q, k, v, pos, pos_index, masks["blocked"], p_drop)
+        else:
+            ctx = self._fused(q, k, v, pos, pos_index, masks, p_drop)
+        ctx = ctx.transpose(1, 2).reshape(B, T, H)
+        if self.gate:
+            ctx = ctx * F.gelu(vg[..., H:])
+        ctx = F.layer_norm(ctx, (H,), eps=self.eps)
+        return F.dropout(self.out_proj(ctx), self.hidden_dropout, self.training)
+
+    def _reference(self, q, k, v, pos, pos_index, blocked, p_drop):
+        T, h, d = q.size(2), self.num_heads, self.head_dim
+        # (T, T, 2, h, d) position vectors for every query/key pair, as in the paper's code.
+        pos = F.embedding(pos_index, pos).view(T, T, 2, h, d)
+        q_pos, k_pos = pos[:, :, 0], pos[:, :, 1]
+        scores = q @ k.transpose(-1, -2) * self.scale
+        scores = scores + torch.einsum("bhqd,qkhd->bhqk", q, k_pos * self.scale)
+        scores = scores + torch.einsum("bhkd,qkhd->bhqk", k * self.scale, q_pos)
+        mask = blocked[:, None]
+        probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1).masked_fill(mask, 0.0)
+        probs = F.dropout(probs, p_drop, self.training)
+        return probs @ v
+
+    def _fused(self, q, k, v, pos, pos_index, masks, p_drop):
+        B, h, T, d = q.shape
+        R = pos.size(0)
+        q_pos, k_pos = pos.view(R, 2, h, d).permute(1, 2, 3, 0)  # each (h, d, R)
+        idx = pos_index.expand(B, h, T, T)
+        # content->position: q_i . K_pos[idx(i, j)]; position->content: k_j . Q_pos[idx(i, j)].
+        c2p = torch.gather(q @ k_pos, 3, idx)  # (B, h, T, R) -> (B, h, T, T)
+        p2c = torch.gather((k @ q_pos).transpose(-1, -2), 2, idx)  # (B, h, R, T) -> (B, h, T, T)
+        bias = torch.add(c2p, p2c).mul_(self.scale).add_(masks["additive"])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop, scale=self.scale)
+        # Fully blocked rows (pads) got a finite dummy row in "additive"; their output is zero.
+        return out * masks["row_keep"]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.eps = config.layer_norm_eps
+        self.intermediate_size = config.intermediate_size
+        self.up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.dropout = config.hidden_dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.up(F.layer_norm(x, (x.size(-1),), eps=self.eps))
+        value, gate = x.chunk(2, dim=-1)
+        x = value * F.gelu(gate, approximate="tanh")  # GEGLU
+        x = F.layer_norm(x, (self.intermediate_size,), eps=self.eps)
+        return F.dropout(self.down(x), self.dropout, self.training)
+
+
+class Layer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.mlp = FeedForward(config)
+
+
+class ClassifierHead(nn.Module):
+    """Fine-tuning head on the first token: LN -> Linear -> GELU -> LN -> dropout -> Linear."""
+
+    def __init__(self, config: ModelConfig, num_labels: int):
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be positive, got {num_labels}")
+        self.eps = config.layer_norm_eps
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, num_labels)
+        self.dropout = config.hidden_dropout
+        std = init_std(config)
+        for lin in (self.dense, self.out):
+            nn.init.trunc_normal_(lin.weight, std=std, a=-2 * std, b=2 * std)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden[:, 0]
+        H = x.size(-1)
+        x = F.gelu(self.dense(F.layer_norm(x, (H,), eps=self.eps)))
+        x = F.dropout(F.layer_norm(x, (H,), eps=self.eps), self.dropout, self.training)
+        return self.out(x)
+
+
+def init_std(config: ModelConfig) -> float:
+    return math.sqrt(2.0 / (5.0 * config.hidden_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class GPTBERT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        H, V = config.hidden_size, config.vocab_size
+        self.num_blocks = 2 * config.num_layers
+        self.word_embedding = nn.Embedding(V, H)
+        self.relative_embedding = nn.Parameter(torch.empty(2 * config.position_buckets - 1, H))
+        self.relative_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)  # the only affine LN
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
+        # Block k (attention of layer i is 2i, its FFN 2i+1) mixes k+2 stream states.
+        self.layer_weights = nn.ParameterList(
+            nn.Parameter(torch.empty(k + 2)) for k in range(self.num_blocks)
+        ) if config.layer_weighting else None
+        # LM head; its output projection is the word embedding (tied), with its own bias.
+        self.head_dense = nn.Linear(H, H)
+        self.head_bias = nn.Parameter(torch.empty(V))
+        self.classifier: ClassifierHead | None = None
+        self._pos_index_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = init_std(self.config)
+
+        def trunc(t: torch.Tensor) -> None:
+            nn.init.trunc_normal_(t, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+        trunc(self.word_embedding.weight)
+        trunc(self.relative_embedding)
+        nn.init.ones_(self.relative_norm.weight)
+        nn.init.zeros_(self.relative_norm.bias)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # Deeper FFNs start smaller (the paper's rule).
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                factor = math.sqrt(1.0 / (2.0 * (i + 1)))
+                layer.mlp.up.weight.mul_(factor)
+                layer.mlp.down.weight.mul_(factor)
+            if self.layer_weights is not None:
+                for alpha in self.layer_weights:
+                    alpha.zero_()
+                    alpha[-1] = 1.0
+        nn.init.zeros_(self.head_bias)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def position_index(self, length: int, device: torch.device) -> torch.Tensor:
+        key = (length, str(device))
+        table = self._pos_index_cache.get(key)
+        if table is None:
+            table = position_index_table(length, self.config.position_buckets,
+                                         self.config.max_position_embeddings, device)
+            self._pos_index_cache[key] = table
+        return table
+
+    @staticmethod
+    def _attention_masks(blocked: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The mask in the forms each attention path needs, computed once per forward."""
+        full_rows = blocked.all(dim=-1, keepdim=True)  # (B, T, 1): pads
+        # -inf where blocked, except in fully blocked rows, which get a finite dummy row (0) so the
+        # fused softmax stays NaN-free; their output is zeroed with row_keep.
+        additive = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)
+        additive.masked_fill_(blocked & ~full_rows, float("-inf"))
+        return {
+            "blocked": blocked,
+            "additive": additive[:, None],
+            "row_keep": (~full_rows).to(dtype)[:, None],
+        }
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids + (B, T, T) bool mask (True = may NOT attend) -> (B, T, H) states."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if blocked.shape != (B, T, T) or blocked.dtype != torch.bool:
+            raise ValueError(f"blocked must be a bool tensor of shape {(B, T, T)}, "
+                             f"got {blocked.dtype} {tuple(blocked.shape)}")
+        cfg = self.config
+        x = self.word_embedding(input_ids)
+        x = F.dropout(F.layer_norm(x, (cfg.hidden_size,), eps=cfg.layer_norm_eps),
+                      cfg.hidden_dropout, self.training)
+        rel_table = self.relative_norm(self.relative_embedding)
+        pos_index = self.position_index(T, input_ids.device)
+        masks = self._attention_masks(blocked, x.dtype)
+
+        history = _History(x, self.num_blocks) if self.layer_weights is not None else None
+        first = x
+        for i, layer in enumerate(self.layers):
+            x = x + layer.attention(x, rel_table, pos_index, masks)
+            x = self._mix(x, first, history, 2 * i)
+            x = x + layer.mlp(x)
+            x = self._mix(x, first, history, 2 * i + 1)
+        return x
+
+    def _mix(self, x, first, history, k):
+        if history is None:
+            return x
+        return _LayerMix.apply(self.layer_weights[k], x, first, history, k)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied LM head on (..., H) states -> (..., V) logits. Gather target positions first."""
+        H = hidden.size(-1)
+        eps = self.config.layer_norm_eps
+        x = F.gelu(self.head_dense(F.layer_norm(hidden, (H,), eps=eps)))
+        x = F.dropout(F.layer_norm(x, (H,), eps=eps), self.config.hidden_dropout, self.training)
+        return F.linear(x, self.word_embedding.weight, self.head_bias)
+
+    def add_classifier(self, num_labels: int) -> ClassifierHead:
+        """Attach a freshly initialised first-token classifier head (fine-tuning)."""
+        self.classifier = ClassifierHead(self.config, num_labels).to(self.word_embedding.weight.device)
+        return self.classifier
+
+    def classifier_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) states -> (B, num_labels) from the first token; needs ``add_classifier``."""
+        if self.classifier is None:
+            raise RuntimeError("this model has no classifier head; call add_classifier(num_labels) first")
+        return self.classifier(hidden)
+
+
+def num_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Parameter count; the tied word embedding is counted once (it is one tensor here)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's parameter names <-> ours
+
+
+def _reference_name_map(config: ModelConfig) -> dict[str, str]:
+    """reference name -> our name, for every parameter of the reference layout."""
+    names = {
+        "embedding.word_embedding.weight": "word_embedding.weight",
+        "embedding.relative_embedding": "relative_embedding",
+        "embedding.relative_layer_norm.weight": "relative_norm.weight",
+        "embedding.relative_layer_norm.bias": "relative_norm.bias",
+        "classifier.nonlinearity.1.weight": "head_dense.weight",
+        "classifier.nonlinearity.1.bias": "head_dense.bias",
+        "classifier.nonlinearity.5.bias": "head_bias",
+    }
+    for i in range(config.num_layers):
+        ref, ours = f"transformer.attention_layers.{i}", f"layers.{i}.attention"
+        for lin in ("in_proj_qk", "in_proj_vg", "out_proj"):
+            for kind in ("weight", "bias"):
+                names[f"{ref}.{lin}.{kind}"] = f"{ours}.{lin}.{kind}"
+        names[f"transformer.mlp_layers.{i}.mlp.1.weight"] = f"layers.{i}.mlp.up.weight"
+        names[f"transformer.mlp_layers.{i}.mlp.4.weight"] = f"layers.{i}.mlp.down.weight"
+    if config.layer_weighting:
+        for k in range(2 * config.num_layers):
+            names[f"transformer.dwa_modules.alphas.{k}"] = f"layer_weights.{k}"
+    return names
+
+
+def load_reference_state_dict(model: GPTBERT, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a state dict in the paper's (and the released checkpoints') layout into ``model``.
+
+    Every reference parameter must be present with our shape. The tied LM-head weight
+    (``classifier.nonlinearity.5.weight``) must equal the word embedding; the ``position_indices``
+    buffers must equal our bucket table. Raises ValueError naming the first offending key.
+    """
+    state = {k.removeprefix("module."): torch.as_tensor(v) for k, v in state.items()}
+    names = _reference_name_map(model.config)
+    ours = dict(model.named_parameters())
+    new: dict[str, torch.Tensor] = {}
+    for ref_name, our_name in names.items():
+        if ref_name not in state:
+            raise ValueError(f"reference state dict lacks {ref_name!r} (needed for {our_name!r})")
+        value = state[ref_name]
+        if tuple(value.shape) != tuple(ours[our_name].shape):
+            raise ValueError(f"reference {ref_name!r} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(ours[our_name].shape)} for this ModelConfig")
+        new[our_name] = value
+    tied = state.get("classifier.nonlinearity.5.weight")
+    if tied is not None and not torch.equal(tied, state["embedding.word_embedding.weight"]):
+        raise ValueError("reference 'classifier.nonlinearity.5.weight' differs from the word embedding; "
+                         "GPT-BERT ties them")
+    known = set(names) | {"classifier.nonlinearity.5.weight"}
+    for key, value in state.items():
+        if key.endswith("position_indices"):
+            n = value.size(0)
+            mine = position_index_table(n, model.config.position_buckets, model.config.max_position_embeddings)
+            if not torch.equal(value.long(), mine):
+                raise ValueError(f"reference {key!r} differs from this model's relative-position buckets")
+            known.add(key)
+    unknown = sorted(set(state) - known)
+    if unknown:
+        raise ValueError(f"reference state dict has unexpected key {unknown[0]!r} "
+                         f"({len(unknown)} unexpected in all); is the ModelConfig right?")
+    with torch.no_grad():
+        for name, value in new.items():
+            ours[name].copy_(value.to(ours[name].dtype))
+
+
+def export_reference_state_dict(model: GPTBERT) -> dict[str, torch.Tensor]:
+    """Our weights under the reference names (inverse of ``load_reference_state_dict``), including
+    the tied head weight and the ``position_indices`` buffers the reference code stores."""
+    ours = dict(model.named_parameters())
+    out = {ref: ours[name].detach().clone() for ref, name in _reference_name_map(model.config).items()}
+    out["classifier.nonlinearity.5.weight"] = out["embedding.word_embedding.weight"].clone()
+    n = model.config.max_position_embeddings
+    table = position_index_table(n, model.config.position_buckets, n)
+    for i in range(model.config.num_layers):
+        out[f"transformer.attention_layers.{i}.position_indices"] = table.clone()
+    return out
