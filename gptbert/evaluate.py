@@ -1,0 +1,255 @@
+"""BLiMP-style minimal-pair evaluation and the evaluation artifact (`results.json`, `report.md`).
+
+A pair is right when the good sentence scores strictly higher than the bad one (SPEC 6). Accuracy is
+computed per paradigm (UID); a phenomenon's (linguistics_term) and a field's accuracy are the mean
+of their paradigms' accuracies, and the headline number is the macro-average over paradigms. Every
+scoring mode (causal, mntp, fused) is reported at every temperature of the sweep, with the best T
+(the paper's protocol: it picks T on the same data) and T=1 for an honest comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+REQUIRED_FIELDS = ("sentence_good", "sentence_bad", "UID", "linguistics_term", "field")
+
+
+class BlimpFormatError(ValueError):
+    """A BLiMP file that cannot be read; the message names file:line and what was expected."""
+
+
+@dataclass(frozen=True)
+class MinimalPair:
+    good: str
+    bad: str
+    uid: str  # paradigm
+    phenomenon: str  # linguistics_term
+    field: str
+    source: str  # "file.jsonl:line", for error messages
+
+
+def load_blimp(folder: str | Path, max_pairs_per_paradigm: int | None = None) -> list[MinimalPair]:
+    """Read every `*.jsonl` file of `folder` (sorted by name); keep at most N pairs per paradigm."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"BLiMP folder not found: {folder}")
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise BlimpFormatError(f"{folder}: no *.jsonl files (expected one BLiMP paradigm per file)")
+    pairs: list[MinimalPair] = []
+    per_uid: dict[str, int] = defaultdict(int)
+    for path in files:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise BlimpFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(item, dict):
+                    raise BlimpFormatError(f"{where}: expected a JSON object, got {type(item).__name__}")
+                for name in REQUIRED_FIELDS:
+                    if name not in item:
+                        raise BlimpFormatError(f"{where}: missing field '{name}' (required: {', '.join(REQUIRED_FIELDS)})")
+                    if not isinstance(item[name], str):
+                        raise BlimpFormatError(f"{where}: field '{name}' must be a string, got {item[name]!r}")
+                for name in ("UID", "sentence_good", "sentence_bad"):
+                    if not item[name].strip():
+                        raise BlimpFormatError(f"{where}: field '{name}' is empty")
+                uid = item["UID"]
+                if max_pairs_per_paradigm is not None and per_uid[uid] >= max_pairs_per_paradigm:
+                    continue
+                per_uid[uid] += 1
+                pairs.append(MinimalPair(item["sentence_good"], item["sentence_bad"], uid,
+                                         item["linguistics_term"], item["field"], f"{path.name}:{lineno}"))
+    if not pairs:
+        raise BlimpFormatError(f"{folder}: the jsonl files hold no minimal pairs")
+    return pairs
+
+
+def data_digest(folder: str | Path) -> str:
+    """sha256 over the names and bytes of the folder's jsonl files (the evaluation data identity)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.jsonl")):
+        h.update(path.name.encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _group_mean(keys: Sequence[str], values: np.ndarray) -> dict[str, np.ndarray]:
+    groups: dict[str, list[np.ndarray]] = defaultdict(list)
+    for k, v in zip(keys, values):
+        groups[k].append(v)
+    return {k: np.mean(np.stack(v), axis=0) for k, v in sorted(groups.items())}
+
+
+def blimp_accuracy(pairs: Sequence[MinimalPair], good: np.ndarray, bad: np.ndarray,
+                   temperatures: Sequence[float]) -> dict[str, Any]:
+    """Accuracies of one scoring mode. good/bad: (num_pairs, num_temperatures) sentence scores."""
+    good, bad = np.asarray(good, dtype=np.float64), np.asarray(bad, dtype=np.float64)
+    if good.shape != (len(pairs), len(temperatures)) or bad.shape != good.shape:
+        raise ValueError(f"scores must have shape ({len(pairs)}, {len(temperatures)}), "
+                         f"got {good.shape} and {bad.shape}")
+    correct = (good > bad).astype(np.float64)  # a tie is not a preference for the good sentence
+
+    by_uid: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(pairs):
+        by_uid[p.uid].append(i)
+    uids = sorted(by_uid)
+    paradigm_acc = np.stack([correct[by_uid[u]].mean(axis=0) for u in uids])  # (P, nT)
+    # A paradigm's phenomenon and field are those of its first pair.
+    phenomenon = [pairs[by_uid[u][0]].phenomenon for u in uids]
+    field = [pairs[by_uid[u][0]].field for u in uids]
+    phenomenon_acc = _group_mean(phenomenon, paradigm_acc)
+    field_acc = _group_mean(field, paradigm_acc)
+    macro = paradigm_acc.mean(axis=0)  # (nT,)
+
+    def at(k: int) -> dict[str, Any]:
+        return {
+            "temperature": float(temperatures[k]),
+            "accuracy": float(macro[k]),
+            "paradigms": {u: float(paradigm_acc[j, k]) for j, u in enumerate(uids)},
+            "phenomena": {name: float(acc[k]) for name, acc in phenomenon_acc.items()},
+            "fields": {name: float(acc[k]) for name, acc in field_acc.items()},
+        }
+
+    best = int(np.argmax(macro))  # first maximum: the lowest T among ties
+    t1 = next((k for k, t in enumerate(temperatures) if abs(t - 1.0) < 1e-9), None)
+    return {
+        "macro_accuracy": [float(a) for a in macro],  # aligned with the temperature list
+        "best": at(best),
+        "t1": at(t1) if t1 is not None else None,
+        "pairs_per_paradigm": {u: len(by_uid[u]) for u in uids},
+    }
+
+
+def evaluate_blimp(model, tokenizer, cfg, blimp_dir: str | Path | None = None, progress=None) -> dict[str, Any]:
+    """Score every pair of the BLiMP folder in every configured mode and temperature.
+
+    cfg: an EvalConfig. Each distinct sentence is scored once, in one batched pass over all files.
+    """
+    from gptbert.scoring import score_sentences
+
+    folder = Path(blimp_dir or cfg.blimp_dir)
+    pairs = load_blimp(folder, cfg.max_pairs_per_paradigm)
+    index: dict[str, int] = {}
+    for p in pairs:
+        index.setdefault(p.good, len(index))
+        index.setdefault(p.bad, len(index))
+    scores = score_sentences(model, tokenizer, list(index), modes=cfg.modes, temperatures=cfg.temperatures,
+                             max_tokens=cfg.max_tokens, progress=progress)
+    good_idx = np.array([index[p.good] for p in pairs])
+    bad_idx = np.array([index[p.bad] for p in pairs])
+    modes = {m: blimp_accuracy(pairs, scores[m][good_idx], scores[m][bad_idx], cfg.temperatures)
+             for m in cfg.modes}
+    return {
+        "data_dir": str(folder),
+        "data_digest": data_digest(folder),
+        "num_pairs": len(pairs),
+        "num_paradigms": len({p.uid for p in pairs}),
+        "temperatures": [float(t) for t in cfg.temperatures],
+        "modes": modes,
+    }
+
+
+def evaluate(model, tokenizer, cfg, progress=None, model_dir: str | Path | None = None) -> dict[str, Any]:
+    """The evaluate stage: BLiMP when `cfg.blimp_dir` is set, fine-tuning when tasks are configured."""
+    from gptbert.config import to_dict
+
+    results: dict[str, Any] = {"config": to_dict(cfg)}
+    if model_dir is not None:
+        results["model_dir"] = str(model_dir)
+    if cfg.blimp_dir:
+        results["blimp"] = evaluate_blimp(model, tokenizer, cfg, progress=progress)
+    if cfg.finetune.tasks:
+        from gptbert.finetune import finetune_tasks
+
+        results["finetune"] = finetune_tasks(model, tokenizer, cfg.finetune, max_tokens=cfg.max_tokens)
+    return results
+
+
+def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """Flat name -> number view of the headline results (for MLflow metrics)."""
+    out: dict[str, float] = {}
+    for mode, r in results.get("blimp", {}).get("modes", {}).items():
+        out[f"blimp.{mode}.best_accuracy"] = r["best"]["accuracy"]
+        out[f"blimp.{mode}.best_temperature"] = r["best"]["temperature"]
+        if r["t1"] is not None:
+            out[f"blimp.{mode}.t1_accuracy"] = r["t1"]["accuracy"]
+    for task, r in results.get("finetune", {}).items():
+        for name, value in r.get("best", {}).items():
+            if isinstance(value, (int, float)):
+                out[f"finetune.{task}.{name}"] = float(value)
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def render_report(results: dict[str, Any]) -> str:
+    """report.md: headline table, then per-phenomenon and per-paradigm accuracies at each mode's best T."""
+    lines = ["# Evaluation report", ""]
+    if "model_dir" in results:
+        lines += [f"Model: `{results['model_dir']}`", ""]
+    blimp = results.get("blimp")
+    if blimp:
+        modes = blimp["modes"]
+        lines += [f"## BLiMP ({blimp['num_pairs']} pairs, {blimp['num_paradigms']} paradigms)", "",
+                  f"Data: `{blimp['data_dir']}` (sha256 {blimp['data_digest'][:12]})", "",
+                  "Macro-average accuracy over paradigms (%). Best T is chosen on this data, as in the paper.",
+                  "", "| mode | best T | accuracy at best T | accuracy at T=1 |", "|---|---|---|---|"]
+        for m, r in modes.items():
+            t1 = r["t1"]["accuracy"] if r["t1"] else None
+            lines.append(f"| {m} | {r['best']['temperature']:g} | {_pct(r['best']['accuracy'])} | {_pct(t1)} |")
+        for title, key in (("field", "fields"), ("phenomenon", "phenomena"), ("paradigm", "paradigms")):
+            names = sorted({n for r in modes.values() for n in r["best"][key]})
+            lines += ["", f"### Per {title} (accuracy % at each mode's best T)", "",
+                      f"| {title} | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+            for n in names:
+                lines.append(f"| {n} | " + " | ".join(_pct(r["best"][key].get(n)) for r in modes.values()) + " |")
+        lines.append("")
+    finetune = results.get("finetune")
+    if finetune:
+        lines += ["## Fine-tuning", "", "| task | metric | best epoch | value | accuracy |", "|---|---|---|---|---|"]
+        for task, r in finetune.items():
+            best = r["best"]
+            lines.append(f"| {task} | {r['metric']} | {best['epoch']} | {_pct(best[r['metric']])} | "
+                         f"{_pct(best['accuracy'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write `report.md` then `results.json` (the completion marker), each atomically; returns the json path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(out / "report.md", render_report(results))
+    path = out / "results.json"
+    _atomic_write_text(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
+    return path
