@@ -1,0 +1,216 @@
+"""Sentence log-likelihoods under a GPT-BERT model (SPEC section 6).
+
+Every sentence is scored with `<s>` prepended. Three modes:
+
+- causal: sum over tokens of log p(x_j | x_<j) under the causal mask (one forward pass per sentence).
+- mntp:   pseudo-log-likelihood. For each position j a copy of the sentence has only x_j replaced by
+          `<mask>`; full attention; log p(x_j) is read from the output at j-1 (the model predicts the
+          *next* token in both modes, so a masked token is read one to the left, unlike BERT).
+- fused:  causal + mntp.
+
+Logits are divided by a temperature T before the log-softmax. The paper sweeps T and keeps the best,
+so every requested T is computed from the same logits: one forward pass serves the whole sweep.
+
+All (sentence, copy) rows of all sentences are sorted by length and cut into batches of at most
+`max_tokens` tokens (rows x padded length); padding is segment id 0, which the model's blocked mask
+keeps out of attention, so a sentence's score does not depend on its batch neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+MODES = ("causal", "mntp", "fused")
+
+# Special token ids fixed by the tokenizer contract (SPEC section 4).
+UNK_ID, BOS_ID, EOS_ID, PAD_ID, MASK_ID = 0, 1, 2, 3, 4
+NUM_SPECIAL = 16
+
+Progress = Callable[[int, int], None]  # (rows just finished, total rows)
+
+
+@dataclass
+class _Row:
+    """One model input: which sentence it belongs to, its tokens, and the targets it scores."""
+
+    sentence: int
+    mode: int  # 0 = causal, 1 = mntp
+    ids: list[int]
+    positions: list[int]  # output positions whose next-token prediction is scored
+    targets: list[int]
+
+
+def special_ids(tokenizer) -> dict[str, int]:
+    """`<s>`, `</s>`, `<pad>`, `<mask>` ids from a `tokenizers.Tokenizer` (checked, with SPEC defaults)."""
+    ids = {}
+    for name, token, default in (("bos", "<s>", BOS_ID), ("eos", "</s>", EOS_ID),
+                                 ("pad", "<pad>", PAD_ID), ("mask", "<mask>", MASK_ID)):
+        tid = tokenizer.token_to_id(token) if tokenizer is not None else None
+        ids[name] = default if tid is None else tid
+    return ids
+
+
+def encode_sentences(tokenizer, sentences: Iterable[str]) -> list[list[int]]:
+    """Token ids with `<s>` prepended (the post-processor's `<s> $A`, done here explicitly)."""
+    bos = special_ids(tokenizer)["bos"]
+    texts = list(sentences)
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
+    return [[bos] + list(e.ids) for e in encodings]
+
+
+def _build_rows(sequences: Sequence[Sequence[int]], use_causal: bool, use_mntp: bool,
+                score_from: Sequence[int] | None, mask_id: int) -> list[_Row]:
+    rows: list[_Row] = []
+    for s, ids in enumerate(sequences):
+        ids = [int(t) for t in ids]
+        start = 1 if score_from is None else max(1, int(score_from[s]))
+        if start >= len(ids):
+            continue  # nothing to score: the sentence's score is 0
+        if use_causal:
+            # Under the causal mask the last token influences nothing that is scored: drop it.
+            rows.append(_Row(s, 0, ids[:-1], list(range(start - 1, len(ids) - 1)), ids[start:]))
+        if use_mntp:
+            for j in range(start, len(ids)):
+                copy = list(ids)
+                copy[j] = mask_id
+                rows.append(_Row(s, 1, copy, [j - 1], [ids[j]]))
+    return rows
+
+
+def _batches(rows: list[_Row], max_tokens: int) -> list[list[_Row]]:
+    """Longest rows first (a memory problem shows up at once); each batch holds at most max_tokens."""
+    order = sorted(rows, key=lambda r: -len(r.ids))
+    batches, current, width = [], [], 0
+    for row in order:
+        width_if_added = max(width, len(row.ids))
+        if current and width_if_added * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, width_if_added = [], len(row.ids)
+        current.append(row)
+        width = width_if_added
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def target_log_probs(logits: torch.Tensor, targets: torch.Tensor,
+                     temperatures: Sequence[float]) -> torch.Tensor:
+    """log_softmax(logits / T)[target] for every T: (N, V), (N,) -> (N, len(temperatures)) float64."""
+    logits = logits.double()  # the sweep compares sums of many terms; keep them exact enough
+    chosen = logits.gather(1, targets[:, None])[:, 0]
+    out = torch.empty(logits.shape[0], len(temperatures), dtype=torch.float64, device=logits.device)
+    for k, t in enumerate(temperatures):
+        out[:, k] = chosen / t - torch.logsumexp(logits / t, dim=-1)
+    return out
+
+
+@torch.inference_mode()
+def score_ids(
+    model: torch.nn.Module,
+    sequences: Sequence[Sequence[int]],
+    modes: Sequence[str] = ("causal", "mntp", "fused"),
+    temperatures: Sequence[float] = (1.0,),
+    max_tokens: int = 8192,
+    score_from: Sequence[int] | None = None,
+    mask_id: int = MASK_ID,
+    pad_id: int = PAD_ID,
+    progress: Progress | None = None,
+) -> dict[str, np.ndarray]:
+    """Sum of token log-probs per sequence, per mode, per temperature.
+
+    sequences: token ids that already start with `<s>`. score_from: optional per-sequence index of
+    the first token to score (earlier tokens are context only, e.g. log P(target | context)).
+    Returns {mode: float64 array (len(sequences), len(temperatures))} for each requested mode.
+    """
+    from gptbert.model import build_blocked_mask
+
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown scoring mode {m!r} (known: {', '.join(MODES)})")
+    temperatures = [float(t) for t in temperatures]
+    if not temperatures or any(not (t > 0) for t in temperatures):
+        raise ValueError(f"temperatures must be positive, got {temperatures}")
+    if score_from is not None and len(score_from) != len(sequences):
+        raise ValueError("score_from must have one entry per sequence")
+    use_causal = any(m in ("causal", "fused") for m in modes)
+    use_mntp = any(m in ("mntp", "fused") for m in modes)
+
+    rows = _build_rows(sequences, use_causal, use_mntp, score_from, mask_id)
+    device = _model_device(model)
+    n = len(sequences)
+    totals = torch.zeros(2 * n, len(temperatures), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in _batches(rows, max_tokens):
+            width = max(len(r.ids) for r in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            segment_ids = torch.zeros((len(batch), width), dtype=torch.long)
+            causal = torch.tensor([r.mode == 0 for r in batch], dtype=torch.bool)
+            row_idx, pos_idx, targets, owner = [], [], [], []
+            for i, r in enumerate(batch):
+                input_ids[i, : len(r.ids)] = torch.tensor(r.ids)
+                segment_ids[i, : len(r.ids)] = 1
+                row_idx += [i] * len(r.positions)
+                pos_idx += r.positions
+                targets += r.targets
+                owner += [r.mode * n + r.sentence] * len(r.positions)
+            input_ids, segment_ids, causal = input_ids.to(device), segment_ids.to(device), causal.to(device)
+            hidden = model(input_ids, build_blocked_mask(segment_ids, causal))
+            # The LM head runs only at the scored positions.
+            picked = hidden[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)]
+            logits = model.lm_logits(picked)
+            lp = target_log_probs(logits, torch.tensor(targets, device=device), temperatures)
+            totals.index_add_(0, torch.tensor(owner, device=device), lp)
+            if progress is not None:
+                progress(len(batch), len(rows))
+    finally:
+        model.train(was_training)
+
+    totals = totals.cpu().numpy()
+    causal_scores, mntp_scores = totals[:n], totals[n:]
+    out: dict[str, np.ndarray] = {}
+    for m in modes:
+        if m == "causal":
+            out[m] = causal_scores.copy()
+        elif m == "mntp":
+            out[m] = mntp_scores.copy()
+        else:
+            out[m] = causal_scores + mntp_scores
+    return out
+
+
+def count_rows(sequences: Sequence[Sequence[int]], modes: Sequence[str]) -> int:
+    """How many model rows `score_ids` will run (for progress bars)."""
+    use_causal = any(m in ("causal", "fused") for m in modes)
+    use_mntp = any(m in ("mntp", "fused") for m in modes)
+    return sum((len(s) > 1) * (int(use_causal) + int(use_mntp) * (len(s) - 1)) for s in sequences)
+
+
+def score_sentences(
+    model: torch.nn.Module,
+    tokenizer,
+    sentences: Sequence[str],
+    modes: Sequence[str] = ("causal", "mntp", "fused"),
+    temperatures: Sequence[float] = (1.0,),
+    max_tokens: int = 8192,
+    progress: Progress | None = None,
+) -> dict[str, np.ndarray]:
+    """`score_ids` on raw text: {mode: (len(sentences), len(temperatures))} sums of log-probs."""
+    ids = special_ids(tokenizer)
+    return score_ids(model, encode_sentences(tokenizer, sentences), modes, temperatures, max_tokens,
+                     mask_id=ids["mask"], pad_id=ids["pad"], progress=progress)
+
+
+def score_sentence(model: torch.nn.Module, tokenizer, sentence: str, mode: str = "fused",
+                   temperature: float = 1.0) -> float:
+    """One sentence, one mode, one temperature."""
+    return float(score_sentences(model, tokenizer, [sentence], [mode], [temperature])[mode][0, 0])
