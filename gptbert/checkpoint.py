@@ -1,0 +1,137 @@
+"""Resumable training checkpoints: ``out_dir/checkpoints/step-N/``.
+
+A checkpoint folder holds what the step backend saves (``PlainBackend``: ``model.safetensors`` and
+``optimizer.pt``; a DeepSpeed backend: its own files), ``ema.safetensors``, ``trainer.pt`` (step,
+data cursor, anything the loop adds: plain ints/floats/strings/lists/dicts) and one ``rng-R.pt``
+per rank (python, numpy and torch RNG states). Weights are safetensors; the rest is written with
+``torch.save`` and read back with ``weights_only=True``, so loading never unpickles arbitrary
+objects. A checkpoint is written to ``.tmp-step-N`` and renamed when complete; only the last K
+are kept. Resuming restores all of it, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+
+
+def _is_dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _barrier() -> None:
+    if _is_dist():
+        torch.distributed.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states in weights_only-loadable types."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() \
+                and (p / "trainer.pt").exists():
+            found.append((int(p.name[len(PREFIX):]), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    backend,
+    ema,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+    rank: int = 0,
+    barrier: Callable[[], None] = _barrier,
+) -> Path:
+    """Write checkpoint ``step-<step>`` atomically; every rank calls this (backends may shard)."""
+    root = Path(root)
+    final = root / f"{PREFIX}{step}"
+    tmp = root / f".tmp-{PREFIX}{step}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    backend.save(tmp)
+    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+        torch.save(trainer_state, tmp / "trainer.pt.tmp")
+    barrier()
+    if rank == 0:
+        # trainer.pt last: its presence marks the folder complete.
+        (tmp / "trainer.pt.tmp").rename(tmp / "trainer.pt")
+        (tmp / "checkpoint.json").write_text(json.dumps(
+            {k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str, dict, list))},
+            indent=2, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, backend, ema, rank: int = 0) -> dict[str, Any]:
+    """Restore backend (model + optimizer), EMA and this rank's RNG; returns the trainer state."""
+    path = Path(path)
+    if not (path / "trainer.pt").exists():
+        raise FileNotFoundError(f"not a complete checkpoint (no trainer.pt): {path}")
+    backend.load(path)
+    ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+    state = torch.load(path / "trainer.pt", weights_only=True)
+    rng_file = path / f"rng-{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+__all__ = ["latest_checkpoint", "list_checkpoints", "load_checkpoint", "rng_state", "save_checkpoint",
+           "set_rng_state"]

@@ -1,0 +1,434 @@
+"""The hybrid GPT-BERT objective: examples, packing, span masking, the causal/masked mix, the loss.
+
+SPEC sections 2 and 3. Everything that decides *what* is trained on is a pure function of
+(document lengths, seed, global step, example index in the global batch):
+
+- the packing plan of a global batch is computed from document lengths only, so every rank
+  computes the same plan and materialises only its own slice of the examples;
+- example i of the global batch is causal iff it is one of a fixed, evenly spread set of
+  ``round(causal_fraction * B)`` indices;
+- the masking of example i at step s draws from ``np.random.default_rng([seed, 0, s, i])``.
+
+Hence 1 process and N processes train exactly the same examples, and the loss (each mean taken
+over the target tokens of the whole global batch) is the same objective.
+
+Sequence layout (seq_len + 1 items): ``<s> seg1 <s> seg2 ... <pad>...``; inputs are items[:-1],
+targets are items[1:]. ``<s>`` is never a target, so the last token of a segment has none; pads
+have none. A masked example's target at position k is the original token k+1 only when k+1 was
+masked (the prediction is read one position to the left of the masked token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID, MASK_ID = 0, 1, 2, 3, 4
+NUM_SPECIAL = 16
+IGNORE = -100
+
+# First word of every masking seed: separates the training and validation random streams.
+_TRAIN_STREAM, _VALID_STREAM = 0, 1
+
+
+# ----------------------------------------------------------------------------- data position
+
+@dataclass
+class Cursor:
+    """Position in the training stream: epoch, index into that epoch's document order, token offset."""
+
+    epoch: int = 0
+    position: int = 0
+    offset: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "offset": self.offset}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cursor":
+        return cls(int(d["epoch"]), int(d["position"]), int(d["offset"]))
+
+
+# A piece of a document placed in an example: (document index, start offset, number of tokens).
+Piece = tuple[int, int, int]
+
+
+class PackingPlanner:
+    """Plans packed examples from document lengths alone (no token reads).
+
+    Each epoch visits the documents with at least 2 tokens in a seeded random order. A document is
+    consumed in segments of at most ``seq_len - 2`` tokens; a segment that does not fit the rest
+    of an example is cut there and its remainder starts the next example (nothing is thrown away
+    except one-token tails).
+    """
+
+    def __init__(self, lengths: np.ndarray, seed: int):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.seed = int(seed)
+        self.usable = np.flatnonzero(self.lengths >= 2)
+        if len(self.usable) == 0:
+            raise ValueError("the training data has no document with at least 2 tokens")
+        self._order_epoch = -1
+        self._order = self.usable
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            rng = np.random.default_rng([self.seed, 2, epoch])
+            self._order = self.usable[rng.permutation(len(self.usable))]
+            self._order_epoch = epoch
+        return self._order
+
+    def plan(self, cursor: Cursor, batch_size: int, seq_len: int) -> tuple[list[list[Piece]], Cursor]:
+        """``batch_size`` examples of ``seq_len + 1`` slots starting at ``cursor``; returns the new cursor."""
+        epoch, pos, off = cursor.epoch, cursor.position, cursor.offset
+        order = self.order(epoch)
+        lengths = self.lengths
+        examples: list[list[Piece]] = []
+        for _ in range(batch_size):
+            free = seq_len + 1
+            pieces: list[Piece] = []
+            while free >= 2:  # "<s>" plus at least one token still fits
+                doc = int(order[pos])
+                n = min(int(lengths[doc]) - off, seq_len - 2, free - 1)
+                pieces.append((doc, off, n))
+                free -= n + 1
+                off += n
+                if lengths[doc] - off < 2:  # consumed, or a one-token tail (dropped)
+                    off = 0
+                    pos += 1
+                    if pos == len(order):
+                        epoch, pos = epoch + 1, 0
+                        order = self.order(epoch)
+            examples.append(pieces)
+        return examples, Cursor(epoch, pos, off)
+
+
+def segment_pieces(lengths: np.ndarray, seq_len: int, count: int) -> list[Piece]:
+    """The first ``count`` segments in document order (validation: no shuffling, no packing)."""
+    out: list[Piece] = []
+    for doc, length in enumerate(np.asarray(lengths)):
+        for start in range(0, int(length), seq_len - 2):
+            n = min(int(length) - start, seq_len - 2)
+            if n >= 2:  # one-token tails (and one-token documents) are dropped
+                out.append((doc, start, n))
+            if len(out) == count:
+                return out
+    return out
+
+
+# ----------------------------------------------------------------------------- the global batch
+
+def causal_flags(batch_size: int, causal_fraction: float) -> np.ndarray:
+    """Which examples of a global batch are causal: a fixed count round(r * B), evenly spread."""
+    count = int(np.floor(causal_fraction * batch_size + 0.5))
+    i = np.arange(batch_size)
+    return ((i + 1) * count // batch_size) > (i * count // batch_size)
+
+
+def rank_slice(batch_size: int, rank: int, world_size: int) -> range:
+    """Contiguous share of the global batch for ``rank`` (sizes differ by at most one)."""
+    base, extra = divmod(batch_size, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def num_micro_batches(batch_size: int, world_size: int, micro_batch_size: int) -> int:
+    """Micro-batches per rank and step: the same on every rank (collectives stay in lock-step)."""
+    largest_share = -(-batch_size // world_size)
+    return max(1, -(-largest_share // micro_batch_size))
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) long
+    target_ids: torch.Tensor  # (B, T) long, IGNORE where there is no target
+    segment_ids: torch.Tensor  # (B, T) long, 0 = padding, 1.. = packed segment
+    causal: torch.Tensor  # (B,) bool
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-pad) input tokens, ``<s>`` included."""
+        return int((self.segment_ids != 0).sum())
+
+    def target_counts(self) -> tuple[int, int]:
+        """(masked-example targets, causal-example targets)."""
+        has = self.target_ids != IGNORE
+        causal = int(has[self.causal].sum())
+        return int(has.sum()) - causal, causal
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.target_ids.to(device),
+                     self.segment_ids.to(device), self.causal.to(device))
+
+
+@dataclass
+class StepPlan:
+    """What global step ``step`` trains on (identical on every rank)."""
+
+    step: int
+    seq_len: int
+    mask_rate: float
+    examples: list[list[Piece]]
+    causal: np.ndarray
+    stream: int = _TRAIN_STREAM
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.examples)
+
+
+# ----------------------------------------------------------------------------- examples
+
+def layout(source, pieces: list[Piece], seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Items (seq_len+1,), segment ids (0 = pad), and a mask of the ``<s>`` positions."""
+    items = np.full(seq_len + 1, PAD_ID, dtype=np.int64)
+    segs = np.zeros(seq_len + 1, dtype=np.int64)
+    starts = np.zeros(seq_len + 1, dtype=bool)
+    pos = 0
+    for j, (doc, start, n) in enumerate(pieces, 1):
+        if pos + n + 1 > seq_len + 1:
+            raise ValueError(f"pieces overflow an example of {seq_len + 1} slots")
+        items[pos] = BOS_ID
+        starts[pos] = True
+        items[pos + 1:pos + 1 + n] = source.document(doc)[start:start + n]
+        segs[pos:pos + 1 + n] = j
+        pos += n + 1
+    return items, segs, starts
+
+
+def causal_targets(items: np.ndarray, segs: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Target at k is item k+1 when k+1 is a real token (not ``<s>``, not a pad)."""
+    tgt = items[1:].copy()
+    tgt[(segs[1:] == 0) | starts[1:]] = IGNORE
+    return tgt
+
+
+def span_mask(
+    items: np.ndarray,
+    segs: np.ndarray,
+    starts: np.ndarray,
+    rate: float,
+    rng: np.random.Generator,
+    vocab_size: int,
+    max_span: int = 3,
+    mask_prob: float = 0.8,
+    random_prob: float = 0.1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Span masking of one example (SPEC 3). Returns (corrupted items, masked-position mask).
+
+    Each segment is cut into consecutive spans of length uniform in {1..max_span}; spans are
+    taken in random order until at least round_stochastic(rate * L) tokens are masked (L = real
+    tokens, at least one); each chosen span becomes all ``<mask>`` (80%), random non-special
+    tokens (10%) or stays unchanged (10%). Specials are never masked.
+    """
+    real = (segs != 0) & ~starts
+    span_starts: list[int] = []
+    span_lens: list[int] = []
+    for j in np.unique(segs[segs != 0]):
+        idx = np.flatnonzero(real & (segs == j))
+        if len(idx) == 0:
+            continue
+        first, n = int(idx[0]), len(idx)
+        draws = rng.integers(1, max_span + 1, size=n)
+        ends = np.cumsum(draws)
+        k = int(np.searchsorted(ends, n))  # spans 0..k cover the segment; clip the last one
+        begins = np.concatenate(([0], ends[:k]))
+        lens = np.minimum(ends[:k + 1], n) - begins
+        span_starts.extend((first + begins).tolist())
+        span_lens.extend(lens.tolist())
+    corrupted = items.copy()
+    masked = np.zeros(len(items), dtype=bool)
+    total = int(real.sum())
+    if total == 0:
+        return corrupted, masked
+    want = rate * total
+    goal = max(1, int(np.floor(want)) + int(rng.random() < want - np.floor(want)))
+    order = rng.permutation(len(span_starts))
+    lens = np.asarray(span_lens)[order]
+    chosen = order[: int(np.searchsorted(np.cumsum(lens), goal)) + 1]
+    modes = rng.random(len(chosen))
+    for span, u in zip(chosen, modes):
+        a, n = span_starts[span], span_lens[span]
+        masked[a:a + n] = True
+        if u < mask_prob:
+            corrupted[a:a + n] = MASK_ID
+        elif u < mask_prob + random_prob:
+            corrupted[a:a + n] = rng.integers(NUM_SPECIAL, vocab_size, size=n)
+    return corrupted, masked
+
+
+def build_batch(
+    source,
+    plan: StepPlan,
+    indices,
+    seed: int,
+    vocab_size: int,
+    max_span: int = 3,
+    mask_prob: float = 0.8,
+    random_prob: float = 0.1,
+) -> Batch:
+    """Materialise examples ``indices`` of the global batch ``plan``."""
+    indices = list(indices)
+    T = plan.seq_len
+    inputs = np.empty((len(indices), T), dtype=np.int64)
+    targets = np.empty((len(indices), T), dtype=np.int64)
+    segments = np.empty((len(indices), T), dtype=np.int64)
+    causal = np.empty(len(indices), dtype=bool)
+    for row, i in enumerate(indices):
+        items, segs, starts = layout(source, plan.examples[i], T)
+        segments[row] = segs[:-1]
+        causal[row] = plan.causal[i]
+        if plan.causal[i]:
+            inputs[row] = items[:-1]
+            targets[row] = causal_targets(items, segs, starts)
+        else:
+            rng = np.random.default_rng([seed, plan.stream, plan.step, i])
+            corrupted, masked = span_mask(items, segs, starts, plan.mask_rate, rng, vocab_size,
+                                          max_span, mask_prob, random_prob)
+            inputs[row] = corrupted[:-1]
+            tgt = items[1:].copy()
+            tgt[~masked[1:]] = IGNORE
+            targets[row] = tgt
+    return Batch(torch.from_numpy(inputs), torch.from_numpy(targets),
+                 torch.from_numpy(segments), torch.from_numpy(causal))
+
+
+class TrainingStream:
+    """The global batches of a training run; the cursor is the checkpointed data position."""
+
+    def __init__(self, source, train_cfg, vocab_size: int):
+        self.source = source
+        self.cfg = train_cfg
+        self.vocab_size = vocab_size
+        self.planner = PackingPlanner(source.lengths, train_cfg.seed)
+        self.cursor = Cursor()
+
+    def plan(self, step: int) -> StepPlan:
+        """Plan global step ``step`` and advance the cursor past it."""
+        seq_len = self.cfg.seq_len_at(step)
+        batch_size = self.cfg.batch_size_at(step)
+        examples, self.cursor = self.planner.plan(self.cursor, batch_size, seq_len)
+        return StepPlan(step, seq_len, self.cfg.mask_rate_at(step), examples,
+                        causal_flags(batch_size, self.cfg.causal_fraction))
+
+    def batch(self, plan: StepPlan, indices) -> Batch:
+        c = self.cfg
+        return build_batch(self.source, plan, indices, c.seed, self.vocab_size, c.max_span_length,
+                           c.mask_token_prob, c.random_token_prob)
+
+    def micro_batches(self, plan: StepPlan, rank: int, world_size: int) -> list[list[int]]:
+        """This rank's example indices, split into the (rank-independent) number of micro-batches."""
+        micro = max(1, self.cfg.micro_batch_tokens // plan.seq_len)
+        n = num_micro_batches(plan.batch_size, world_size, micro)
+        mine = np.asarray(rank_slice(plan.batch_size, rank, world_size))
+        return [chunk.tolist() for chunk in np.array_split(mine, n)]
+
+
+def validation_batches(source, train_cfg, vocab_size: int, seq_len: int, micro_batch_size: int,
+                       causal: bool, indices=None) -> list[Batch]:
+    """Fixed validation examples: one segment each (no packing), fixed mask rate (SPEC 3).
+
+    ``causal=True`` gives the same examples scored causally. ``indices`` restricts to a subset of
+    the examples (a rank's share); batches have at most ``micro_batch_size`` examples.
+    """
+    pieces = segment_pieces(source.lengths, seq_len, train_cfg.valid_examples)
+    flags = np.full(len(pieces), causal, dtype=bool)
+    plan = StepPlan(0, seq_len, train_cfg.valid_mask_rate, [[p] for p in pieces], flags,
+                    stream=_VALID_STREAM)
+    idx = list(range(len(pieces))) if indices is None else list(indices)
+    c = train_cfg
+    return [build_batch(source, plan, idx[a:a + micro_batch_size], c.seed, vocab_size,
+                        c.max_span_length, c.mask_token_prob, c.random_token_prob)
+            for a in range(0, len(idx), micro_batch_size)]
+
+
+# ----------------------------------------------------------------------------- the loss
+
+@dataclass
+class LossNorm:
+    """Target-token counts of the WHOLE global batch (all ranks, all micro-batches)."""
+
+    masked: int
+    causal: int
+    world_size: int = 1
+
+    @property
+    def total(self) -> int:
+        return self.masked + self.causal
+
+
+def _unwrap(module):
+    # DeepSpeed engines and DDP keep the model in `.module`; lm_logits lives there.
+    return getattr(module, "module", module)
+
+
+def hybrid_loss(
+    model,
+    batch: Batch,
+    norm: LossNorm,
+    causal_fraction: float,
+    z_loss: float = 1e-4,
+    build_mask=None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one micro-batch, scaled so that the sum over micro-batches, averaged over ranks, is
+
+        (1 - r) * mean CE(masked targets) + r * mean CE(causal targets) + z * mean(lse^2)
+
+    with every mean over the global batch. Returns (loss, sums) where ``sums`` holds detached
+    summed CE of each kind and the summed lse^2 (for logging).
+    """
+    if build_mask is None:
+        from .model import build_blocked_mask as build_mask
+    blocked = build_mask(batch.segment_ids, batch.causal)
+    hidden = model(batch.input_ids, blocked)
+    has_target = batch.target_ids != IGNORE
+    # Gather the positions with a target BEFORE the LM head: most positions of a masked example
+    # have none, and the vocabulary projection is the largest matmul.
+    h = hidden[has_target]
+    targets = batch.target_ids[has_target]
+    is_causal = batch.causal[:, None].expand_as(has_target)[has_target]
+    logits = _unwrap(model).lm_logits(h).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    ce = lse - logits.gather(1, targets[:, None]).squeeze(1)
+    sum_causal = ce[is_causal].sum()
+    sum_masked = ce[~is_causal].sum()
+    sum_z = (lse * lse).sum()
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    if norm.masked > 0:
+        loss = loss + (1.0 - causal_fraction) * sum_masked / norm.masked
+    if norm.causal > 0:
+        loss = loss + causal_fraction * sum_causal / norm.causal
+    if norm.total > 0 and z_loss > 0:
+        loss = loss + z_loss * sum_z / norm.total
+    # Gradient averaging over ranks divides by world_size; undo it so the global sum is kept.
+    loss = loss * norm.world_size
+    sums = {"ce_masked": sum_masked.detach(), "ce_causal": sum_causal.detach(), "z": sum_z.detach()}
+    return loss, sums
+
+
+def objective_value(sums: dict[str, float], norm: LossNorm, causal_fraction: float, z_loss: float) -> dict[str, float]:
+    """Global loss numbers from globally summed ``sums`` (for logging)."""
+    masked = sums["ce_masked"] / norm.masked if norm.masked else float("nan")
+    causal = sums["ce_causal"] / norm.causal if norm.causal else float("nan")
+    total = 0.0
+    if norm.masked:
+        total += (1.0 - causal_fraction) * masked
+    if norm.causal:
+        total += causal_fraction * causal
+    if norm.total:
+        total += z_loss * sums["z"] / norm.total
+    return {"loss": total, "loss_masked": masked, "loss_causal": causal}
+
+
+__all__ = [
+    "BOS_ID", "IGNORE", "MASK_ID", "NUM_SPECIAL", "PAD_ID",
+    "Batch", "Cursor", "LossNorm", "PackingPlanner", "StepPlan", "TrainingStream",
+    "build_batch", "causal_flags", "causal_targets", "hybrid_loss", "layout", "num_micro_batches",
+    "objective_value", "rank_slice", "segment_pieces", "span_mask", "validation_batches",
+]

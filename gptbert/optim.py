@@ -1,0 +1,172 @@
+"""Optimisation (SPEC 5): LAMB, parameter groups, the learning-rate schedule, EMA, precision.
+
+LAMB as the reference used it: Adam moments with bias correction, eps added after the square root,
+weight decay added to the update, then (only for groups with weight decay) a layer-wise trust ratio
+||w|| / ||update||. No-decay parameters (biases, LayerNorm parameters, layer-weighting scalars: every
+parameter with fewer than 2 dimensions) take plain Adam steps. It is a ``torch.optim.Optimizer``,
+so DeepSpeed accepts it as a client optimizer (DeepSpeed's own LAMB does not run on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LAMB(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.98),
+                 eps: float = 1e-8, weight_decay: float = 0.1):
+        if lr < 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
+            raise ValueError(f"invalid LAMB hyper-parameters: lr={lr} betas={betas} eps={eps} "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                m_hat = m / (1 - beta1 ** t)
+                v_hat = v / (1 - beta2 ** t)
+                update = m_hat / (v_hat.sqrt() + eps)
+                if wd > 0:
+                    w = p.float()
+                    update.add_(w, alpha=wd)
+                    w_norm = torch.linalg.vector_norm(w)
+                    u_norm = torch.linalg.vector_norm(update)
+                    # A zero norm (fresh zero weight or zero update) falls back to a ratio of 1.
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm,
+                                        torch.ones_like(w_norm))
+                    update.mul_(trust)
+                p.add_(update.to(p.dtype), alpha=-lr)
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """[decay group (matrices, embeddings), no-decay group (ndim < 2: biases, LN, layer weights)]."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, train_cfg) -> torch.optim.Optimizer:
+    """The optimiser of ``train_cfg`` (LAMB by default; AdamW as an option) over ``model``."""
+    groups = param_groups(model, train_cfg.weight_decay)
+    betas = (train_cfg.beta1, train_cfg.beta2)
+    if train_cfg.optimizer == "lamb":
+        return LAMB(groups, lr=train_cfg.lr, betas=betas, eps=train_cfg.eps,
+                    weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=betas, eps=train_cfg.eps,
+                             weight_decay=train_cfg.weight_decay)
+
+
+def lr_at(step: int, total_steps: int, peak: float, warmup_fraction: float = 0.016,
+          cooldown_fraction: float = 0.016, min_ratio: float = 0.1) -> float:
+    """Learning rate of step ``step`` (0-based) as a pure function.
+
+    Linear warmup over round(warmup_fraction * total) steps (reaching ``peak`` at its last step),
+    cosine from ``peak`` to ``min_ratio * peak``, then a linear cooldown to 0 over the last
+    round(cooldown_fraction * total) steps (its first step at ``min_ratio * peak``).
+    """
+    warmup = int(round(warmup_fraction * total_steps))
+    cooldown = int(round(cooldown_fraction * total_steps))
+    floor = min_ratio * peak
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    decay_end = total_steps - cooldown
+    if step >= decay_end:
+        return floor * (total_steps - step) / cooldown if cooldown else floor
+    progress = (step - warmup) / max(decay_end - warmup, 1)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule_lr(step: int, train_cfg) -> float:
+    c = train_cfg
+    return lr_at(step, c.steps, c.lr, c.warmup_fraction, c.cooldown_fraction, c.min_lr_ratio)
+
+
+class EMA:
+    """Exponential moving average of the parameters (fp32), updated after every optimiser step."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise ValueError(f"EMA state lacks parameters: {sorted(missing)[:3]}")
+        for n in self.shadow:
+            self.shadow[n].copy_(state[n])
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the averaged weights into ``model`` (used for evaluation and the final model)."""
+        for n, p in model.named_parameters():
+            p.copy_(self.shadow[n].to(p.dtype))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config field 'train.device': 'cuda' requested but CUDA is not available")
+    return torch.device(device)
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matmul (AVX-512-BF16 or AMX); AVX2 emulates it ~7x slower."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(f()) for f in checks if f is not None)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = cpu_supports_bf16()
+    if precision == "bf16":
+        return torch.bfloat16  # explicitly asked for, even where it is slow
+    return torch.bfloat16 if supported else None
+
+
+__all__ = ["EMA", "LAMB", "build_optimizer", "cpu_supports_bf16", "lr_at", "param_groups",
+           "resolve_device", "resolve_precision", "schedule_lr"]
