@@ -18,7 +18,7 @@ class TrackingConfig(ConfigBase):
     # Model registry name the final model is registered under; empty disables registration.
     registered_model: str = "gptbert"
     # Evaluation metric (a key of the evaluation's flat metrics) that decides the `champion` alias.
-    champion_metric: str = "blimp.mnt.accuracy"
+    champion_metric: str = "blimp.fused.best_accuracy"
     champion_mode: Literal["max", "min"] = "max"
     # Trainer step metrics are sent to MLflow in batches of this many steps.
     log_every: int = 10

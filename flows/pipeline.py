@@ -1,0 +1,381 @@
+"""Prefect flows: one per stage, and ``pipeline`` chaining them; MLflow lineage for each.
+
+Caching is artifact identity (``flows/artifacts.py``), not Prefect's result cache: a stage whose
+folder for the same inputs + config is complete is skipped, in any process, and the skip shows in
+the logs, the returned summary and the stage's MLflow tags (``gptbert.cached``). Tasks therefore use
+``NO_CACHE`` and retry transient failures; pretraining resumes from its checkpoints on a retry.
+
+A stage flow (``clean``, ``train-tokenizer``, ``shard``, ``pretrain``, ``evaluate``) runs the
+pipeline up to and including its stage: upstream stages are resolved through the same cache (a
+no-op when they are done), so each stage can be deployed and triggered on its own.
+
+MLflow: one parent run per flow run, a nested child run per stage (params: that stage's config;
+metrics: stage stats, the trainer's step metrics, evaluation; artifacts: stats, tokenizer.json,
+the shard manifest, model folder, results, plots). Tags link Prefect and MLflow both ways and
+carry the lineage digests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from gptbert.config import PipelineConfig, dump_yaml, flatten, load_config, to_dict
+
+from . import stages
+from .artifacts import Artifact, update_record
+
+STAGE_ORDER = ("clean", "tokenizer", "shard", "pretrain", "evaluate")
+# The config sections that parameterise each stage (logged as the child run's params).
+STAGE_SECTIONS = {
+    "clean": ("clean",),
+    "tokenizer": ("tokenizer",),
+    "shard": ("shard",),
+    "pretrain": ("model", "train", "launch"),
+    "evaluate": ("eval",),
+}
+# Small files of each stage folder logged as MLflow artifacts.
+STAGE_FILES = {
+    "clean": ("stats.json",),
+    "tokenizer": ("tokenizer.json", "stats.json"),
+    "shard": ("manifest.json",),
+    "pretrain": ("model/training.json", "model/config.json"),
+    "evaluate": ("results.json", "report.md", "by_phenomenon.png"),
+}
+
+
+def _prefect_ids() -> dict[str, str]:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    ids = {}
+    flow_ctx = FlowRunContext.get()
+    if flow_ctx and flow_ctx.flow_run:
+        ids["prefect.flow_run_id"] = str(flow_ctx.flow_run.id)
+        ids["prefect.flow_run_name"] = str(flow_ctx.flow_run.name)
+    task_ctx = TaskRunContext.get()
+    if task_ctx and task_ctx.task_run:
+        ids["prefect.task_run_id"] = str(task_ctx.task_run.id)
+    return ids
+
+
+def _tracker(config: PipelineConfig):
+    if not config.tracking.enabled:
+        return None
+    from .tracking import Tracker
+
+    return Tracker.from_config(config)
+
+
+def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Optional[str], run) -> Artifact:
+    """Open the stage's child run, run ``run(child_run_id)``, log what the stage produced."""
+    logger = get_run_logger()
+    tracker = _tracker(config)
+    child = None
+    if tracker is not None:
+        child = tracker.start_run(stage, parent_run_id, tags={"gptbert.stage": stage, **_prefect_ids()})
+        params = {}
+        for section in STAGE_SECTIONS[stage]:
+            params.update(flatten(getattr(config, section), f"{section}."))
+        tracker.log_params(child, params)
+    try:
+        artifact: Artifact = run(child)
+        if artifact.cached:
+            logger.info("stage %s: cached, skipped (identity %s, folder %s)", stage, artifact.identity[:16],
+                        artifact.path)
+        else:
+            logger.info("stage %s: ran in %.1f s (identity %s, folder %s)", stage,
+                        artifact.record.get("duration_s", 0.0), artifact.identity[:16], artifact.path)
+        if tracker is not None:
+            _log_stage(tracker, child, stage, artifact)
+            if not artifact.cached:
+                update_record(artifact, mlflow_run_id=child)
+            tracker.end_run(child)
+        return artifact
+    except BaseException:
+        if tracker is not None and child is not None:
+            tracker.end_run(child, "FAILED")
+        raise
+
+
+def _log_stage(tracker, run_id: str, stage: str, artifact: Artifact) -> None:
+    rec = artifact.record
+    tags = {
+        "gptbert.cached": str(artifact.cached).lower(),
+        "gptbert.identity": artifact.identity,
+        "gptbert.digest": artifact.digest,
+        "gptbert.path": artifact.path,
+    }
+    tags.update({f"gptbert.input.{k}": v for k, v in rec.get("inputs", {}).items()})
+    if artifact.cached and rec.get("mlflow_run_id"):
+        tags["gptbert.source_run_id"] = rec["mlflow_run_id"]
+    tracker.set_tags(run_id, tags)
+    metrics = {f"stage.{k}": v for k, v in _scalars(rec.get("stats", {})).items()}
+    metrics["stage.cached"] = float(artifact.cached)
+    metrics["stage.duration_s"] = 0.0 if artifact.cached else rec.get("duration_s", 0.0)
+    tracker.log_metrics(run_id, metrics)
+    folder = Path(artifact.path)
+    for name in STAGE_FILES[stage]:
+        path = folder / name
+        if path.exists():
+            tracker.log_artifact(run_id, path, stage)
+    tracker.log_text(run_id, json.dumps(rec, indent=2, sort_keys=True, default=str), f"{stage}/stage.json")
+
+
+def _scalars(d: dict[str, Any]) -> dict[str, Any]:
+    from .tracking import flat_metrics
+
+    return flat_metrics(d)
+
+
+# --- tasks -----------------------------------------------------------------------------------------
+
+
+@task(name="clean", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def clean_task(config: PipelineConfig, parent_run_id: Optional[str] = None) -> Artifact:
+    return _run_stage_tracked("clean", config, parent_run_id, lambda _: stages.clean(config))
+
+
+@task(name="train-tokenizer", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def tokenizer_task(config: PipelineConfig, corpus: Artifact, parent_run_id: Optional[str] = None) -> Artifact:
+    return _run_stage_tracked("tokenizer", config, parent_run_id,
+                              lambda _: stages.train_tokenizer(config, corpus))
+
+
+@task(name="shard", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def shard_task(config: PipelineConfig, corpus: Artifact, tokenizer: Artifact,
+               parent_run_id: Optional[str] = None) -> Artifact:
+    return _run_stage_tracked("shard", config, parent_run_id,
+                              lambda _: stages.shard(config, corpus, tokenizer))
+
+
+# Idempotent: the stage folder keeps checkpoints, so a retry resumes where the failed try stopped.
+@task(name="pretrain", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def pretrain_task(config: PipelineConfig, shards: Artifact, parent_run_id: Optional[str] = None) -> Artifact:
+    def run(child: Optional[str]) -> Artifact:
+        callback = None
+        if child is not None:
+            from .tracking import StepMetricsLogger, resolve_tracking_uri
+
+            callback = StepMetricsLogger(resolve_tracking_uri(config), child, config.tracking.log_every,
+                                         last_step=config.train.steps)
+        artifact = stages.pretrain(config, shards, callback=callback, run_name=f"gptbert-{child or 'run'}")
+        if callback is not None:
+            callback.flush()  # the plain loop calls it in this process; Ray flushed on its worker
+            tracker = _tracker(config)
+            model_dir = Path(artifact.path) / "model"
+            if not artifact.cached or not artifact.record.get("mlflow_run_id"):
+                tracker.log_artifact(child, model_dir, "model")
+                if artifact.cached:  # first time this model is tracked: this run is its source
+                    update_record(artifact, mlflow_run_id=child)
+                    artifact.record["model_logged_by"] = child
+            # Loss curves from the run that trained the model (this one, or the cached source).
+            source = child if not artifact.cached else artifact.record.get("mlflow_run_id", child)
+            _log_loss_plot(tracker, child, source, Path(artifact.path))
+        return artifact
+
+    return _run_stage_tracked("pretrain", config, parent_run_id, run)
+
+
+def _log_loss_plot(tracker, run_id: str, source_run_id: str, folder: Path) -> None:
+    from .tracking import plot_loss_curves
+
+    png = folder / "loss_curves.png"
+    tmp = folder / ".loss_curves.tmp.png"
+    if plot_loss_curves(tracker.client, source_run_id, tmp):
+        tmp.replace(png)
+    if png.exists():
+        tracker.log_artifact(run_id, png, "pretrain")
+
+
+@task(name="evaluate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Optional[str] = None) -> Artifact:
+    def run(child: Optional[str]) -> Artifact:
+        artifact = stages.evaluate(config, model)
+        if child is not None:
+            _tracker(config).log_metrics(child, artifact.record.get("stats", {}))
+        return artifact
+
+    return _run_stage_tracked("evaluate", config, parent_run_id, run)
+
+
+@task(name="register-model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def register_task(config: PipelineConfig, model: Artifact, evaluation: Artifact) -> Optional[dict]:
+    """Register the model once per model digest; move `champion` only when it scores better."""
+    tracker = _tracker(config)
+    name = config.tracking.registered_model
+    if tracker is None or not name:
+        return None
+    logger = get_run_logger()
+    source_run = model.record.get("mlflow_run_id")
+    if not source_run:
+        return None
+    existing = [v for v in tracker.client.search_model_versions(f"name='{name}'")
+                if v.tags.get("model_digest") == model.digest]
+    if existing:
+        v = existing[0]
+        aliases = list(getattr(v, "aliases", []) or [])
+        logger.info("model %s already registered as %s version %s %s", model.digest[:12], name, v.version, aliases)
+        return {"name": name, "version": int(v.version), "alias": aliases[0] if aliases else None,
+                "score": float(v.tags["score"]) if "score" in v.tags else None, "new": False}
+    from .tracking import register_model
+
+    metric = config.tracking.champion_metric
+    score = evaluation.record.get("stats", {}).get(metric)
+    if score is None:
+        logger.warning("champion metric %r not in the evaluation (%s); registering without a score", metric,
+                       ", ".join(sorted(evaluation.record.get("stats", {}))))
+    info = register_model(tracker, name, source_run, "model", score, metric, config.tracking.champion_mode,
+                          {"model_digest": model.digest, "evaluation_digest": evaluation.digest})
+    logger.info("registered %s version %s with alias %s (score %s, previous champion %s)", name,
+                info["version"], info["alias"], score, info["previous_champion_score"])
+    return {**info, "new": True}
+
+
+# --- flows -----------------------------------------------------------------------------------------
+
+
+def _resolve_config(config: Optional[PipelineConfig], config_file: Optional[str], demo_data: bool) -> PipelineConfig:
+    if config is None:
+        config = load_config(path=config_file) if config_file else PipelineConfig()
+    elif isinstance(config, dict):  # a caller that bypassed Prefect's parameter validation
+        from gptbert.config import from_dict
+
+        config = from_dict(PipelineConfig, config)
+    if demo_data:
+        from .demo import with_demo_data
+
+        config = with_demo_data(config)
+    return config
+
+
+def _link_prefect(mlflow_run_id: str, uri: str, experiment_id: str) -> None:
+    """Show the MLflow run on the Prefect flow run: a markdown artifact and a tag."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext
+
+    create_markdown_artifact(
+        key="mlflow-run",
+        markdown=(f"# MLflow\n\n- run id: `{mlflow_run_id}`\n- experiment id: `{experiment_id}`\n"
+                  f"- tracking URI: `{uri}`\n"),
+        description="MLflow parent run of this pipeline run",
+    )
+    ctx = FlowRunContext.get()
+    if ctx and ctx.flow_run:
+        try:
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                tags = sorted(set(ctx.flow_run.tags or []) | {f"mlflow_run_id:{mlflow_run_id}"})
+                client.update_flow_run(ctx.flow_run.id, tags=tags)
+        except Exception as exc:  # the markdown artifact already carries the link
+            get_run_logger().warning("could not tag the flow run with the MLflow run id: %s", exc)
+
+
+def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool = True) -> dict[str, Any]:
+    """The body shared by every flow: stages up to ``until``, tracked under one MLflow parent run."""
+    if until not in STAGE_ORDER:
+        raise ValueError(f"unknown stage {until!r} (known: {', '.join(STAGE_ORDER)})")
+    logger = get_run_logger()
+    start = time.time()
+    want = STAGE_ORDER[: STAGE_ORDER.index(until) + 1]
+    tracker = _tracker(config)
+    parent = None
+    if tracker is not None:
+        name = "pipeline" if until == "evaluate" else f"pipeline-until-{until}"
+        parent = tracker.start_run(name, tags={"gptbert.until": until, **_prefect_ids()})
+        tracker.log_params(parent, flatten(config))
+        tracker.log_text(parent, dump_yaml(config), "config.yaml")
+        _link_prefect(parent, tracker.uri, tracker.experiment_id)
+        logger.info("MLflow parent run %s (experiment %s, %s)", parent, tracker.experiment_id, tracker.uri)
+    try:
+        arts: dict[str, Artifact] = {}
+        arts["clean"] = clean_task(config, parent)
+        if "tokenizer" in want:
+            arts["tokenizer"] = tokenizer_task(config, arts["clean"], parent)
+        if "shard" in want:
+            arts["shard"] = shard_task(config, arts["clean"], arts["tokenizer"], parent)
+        if "pretrain" in want:
+            arts["pretrain"] = pretrain_task(config, arts["shard"], parent)
+        if "evaluate" in want:
+            arts["evaluate"] = evaluate_task(config, arts["pretrain"], parent)
+        registered = None
+        if register and "evaluate" in want:
+            registered = register_task(config, arts["pretrain"], arts["evaluate"])
+        summary = _summary(config, arts, parent, tracker, registered, time.time() - start)
+        if tracker is not None:
+            lineage = {f"gptbert.lineage.{k}": a.digest for k, a in arts.items()}
+            lineage["gptbert.cached_stages"] = ",".join(summary["cached"]) or "-"
+            lineage["gptbert.ran_stages"] = ",".join(summary["ran"]) or "-"
+            if registered:
+                lineage["gptbert.registered_version"] = str(registered["version"])
+                lineage["gptbert.registered_alias"] = str(registered["alias"])
+            tracker.set_tags(parent, lineage)
+            tracker.log_metrics(parent, {"pipeline.duration_s": summary["duration_s"],
+                                         **summary.get("evaluation", {})})
+            tracker.log_text(parent, json.dumps(summary, indent=2, default=str), "summary.json")
+            tracker.end_run(parent)
+        logger.info("pipeline done in %.1f s: ran %s; cached %s", summary["duration_s"],
+                    ", ".join(summary["ran"]) or "nothing", ", ".join(summary["cached"]) or "nothing")
+        return summary
+    except BaseException:
+        if tracker is not None and parent is not None:
+            tracker.end_run(parent, "FAILED")
+        raise
+
+
+def _summary(config, arts, parent, tracker, registered, duration) -> dict[str, Any]:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    out: dict[str, Any] = {
+        "flow_run_id": str(ctx.flow_run.id) if ctx and ctx.flow_run else None,
+        "mlflow_run_id": parent,
+        "tracking_uri": tracker.uri if tracker else None,
+        "experiment_id": tracker.experiment_id if tracker else None,
+        "workdir": str(Path(config.workdir).resolve()),
+        "stages": {},
+        "cached": [k for k, a in arts.items() if a.cached],
+        "ran": [k for k, a in arts.items() if not a.cached],
+        "duration_s": round(duration, 2),
+        "registered": registered,
+    }
+    for k, a in arts.items():
+        out["stages"][k] = {"path": a.path, "identity": a.identity, "digest": a.digest, "cached": a.cached,
+                            "duration_s": a.record.get("duration_s"), "mlflow_run_id": a.record.get("mlflow_run_id"),
+                            "stats": _scalars(a.record.get("stats", {}))}
+    if "evaluate" in arts:
+        out["evaluation"] = _scalars(arts["evaluate"].record.get("stats", {}))
+    if "pretrain" in arts:
+        out["training"] = _scalars(arts["pretrain"].record.get("stats", {}))
+    return out
+
+
+def _flow(name: str, until: str, description: str):
+    @flow(name=name, description=description, log_prints=True, validate_parameters=True)
+    def stage_flow(config: Optional[PipelineConfig] = None, config_file: Optional[str] = None,
+                   demo_data: bool = False) -> dict[str, Any]:
+        cfg = _resolve_config(config, config_file, demo_data)
+        return run_pipeline(cfg, until=until)
+
+    stage_flow.__name__ = name.replace("-", "_")
+    return stage_flow
+
+
+pipeline = _flow("gptbert-pipeline", "evaluate",
+                 "Clean -> tokenizer -> shards -> pretrain -> evaluate -> register, cached by artifact identity")
+clean_flow = _flow("gptbert-clean", "clean", "Clean the raw corpus into documents.parquet")
+tokenizer_flow = _flow("gptbert-train-tokenizer", "tokenizer", "Train the byte-level BPE tokenizer (and upstream)")
+shard_flow = _flow("gptbert-shard", "shard", "Tokenize into Arrow shards (and upstream)")
+pretrain_flow = _flow("gptbert-pretrain", "pretrain", "Pretrain GPT-BERT (and upstream); resumes from checkpoints")
+evaluate_flow = _flow("gptbert-evaluate", "evaluate", "Evaluate on BLiMP-format minimal pairs (and upstream)")
+
+FLOWS = {"pipeline": pipeline, "clean": clean_flow, "tokenizer": tokenizer_flow, "shard": shard_flow,
+         "pretrain": pretrain_flow, "evaluate": evaluate_flow}
+
+__all__ = ["FLOWS", "STAGE_ORDER", "clean_flow", "evaluate_flow", "pipeline", "pretrain_flow", "run_pipeline",
+           "shard_flow", "tokenizer_flow", "to_dict"]

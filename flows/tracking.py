@@ -1,0 +1,290 @@
+"""MLflow for the pipeline: one parent run per pipeline run, one child run per stage.
+
+Everything goes through ``MlflowClient`` with explicit run ids (no fluent "active run" state), so
+the same code works from Prefect task threads, from another process, and from rank 0 of a Ray
+worker. The embedded default is a sqlite store plus a local artifact folder under the run root.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from gptbert.config import PipelineConfig, flatten
+
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+
+
+def resolve_tracking_uri(cfg: PipelineConfig) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else sqlite under the workdir."""
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = Path(cfg.workdir).resolve() / "mlflow" / "mlflow.db"
+    return f"sqlite:///{db}"
+
+
+def default_artifact_root(cfg: PipelineConfig, uri: str) -> str | None:
+    """An absolute artifact location for new experiments when the store is local (STACK.md: Ray
+    workers run elsewhere, so a relative default would land inside Ray's session folder)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None  # the server decides (--artifacts-destination / --default-artifact-root)
+    return (Path(cfg.workdir).resolve() / "mlflow" / "artifacts").as_uri()
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:
+        # Two processes may race to create it; the loser reads the winner's.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _clean_key(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in key)
+
+
+def _numeric(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(float(value)):
+        return float(value)
+    return None
+
+
+def flat_metrics(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested dict as dotted metric names."""
+    out: dict[str, float] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_metrics(v, key + "."))
+        else:
+            num = _numeric(v)
+            if num is not None:
+                out[_clean_key(key)] = num
+    return out
+
+
+class Tracker:
+    """Thin wrapper: runs, params, metrics, tags, artifacts, by run id."""
+
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
+        self.uri = uri
+        self.client = client_for(uri)
+        self.experiment_id = ensure_experiment(self.client, experiment, artifact_location)
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> "Tracker":
+        uri = resolve_tracking_uri(cfg)
+        return cls(uri, cfg.tracking.experiment, default_artifact_root(cfg, uri))
+
+    def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+        all_tags = {RUN_NAME_TAG: name, **(tags or {})}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(_clean_key(k), str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # the API takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, step) for k, v in flat_metrics(metrics).items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(_clean_key(k), str(v)) for k, v in tags.items()]
+        if items:
+            self.client.log_batch(run_id, tags=items)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        elif path.exists():
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def params_of(self, cfg: PipelineConfig) -> dict[str, Any]:
+        return flatten(cfg)
+
+
+class StepMetricsLogger:
+    """The trainer's ``callback(metrics, step)``: batches step metrics into ``log_batch`` calls.
+
+    Picklable (only the URI, run id and a buffer travel), so Ray can ship it to rank 0 of a
+    worker group; the client is created lazily in whichever process calls it. The buffer is
+    flushed every ``every`` steps and at the last step, and by ``flush()`` from the driver.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, every: int = 10, last_step: int | None = None):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.every = max(1, every)
+        self.last_step = last_step
+        self._buffer: list = []
+        self._client = None
+        self.steps_logged = 0
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
+    def __call__(self, metrics: dict[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for k, v in flat_metrics(metrics).items():
+            self._buffer.append(Metric(k, v, now, int(step)))
+        self.steps_logged += 1
+        at_end = self.last_step is not None and step >= self.last_step
+        if self.steps_logged % self.every == 0 or at_end:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        if self._client is None:
+            self._client = client_for(self.tracking_uri)
+        for i in range(0, len(self._buffer), 1000):
+            self._client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
+        self._buffer = []
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def plot_loss_curves(client, run_id: str, out_png: str | Path) -> list[str]:
+    """Training/validation loss curves, one line per objective, from the run's metric history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = client.get_run(run_id)
+    keys = sorted(k for k in run.data.metrics if "loss" in k and not k.startswith("stage."))
+    if not keys:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        if len(hist) >= 1:
+            ax.plot([m.step for m in hist], [m.value for m in hist], label=key,
+                    marker="o" if len(hist) < 3 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.set_title("GPT-BERT pretraining loss per objective")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return keys
+
+
+def plot_by_phenomenon(by_phenomenon: dict[str, dict[str, float]], out_png: str | Path,
+                       chance: float = 0.5) -> None:
+    """Grouped bars: accuracy per phenomenon (rows) and scoring mode (bars), with chance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phenomena = sorted(by_phenomenon)
+    modes = sorted({m for v in by_phenomenon.values() for m in v})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(phenomena) + 2), 4))
+    width = 0.8 / max(1, len(modes))
+    for j, mode in enumerate(modes):
+        xs = [i + j * width for i in range(len(phenomena))]
+        ax.bar(xs, [by_phenomenon[p].get(mode, float("nan")) for p in phenomena], width, label=mode)
+    ax.axhline(chance, color="k", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(phenomena))])
+    ax.set_xticklabels(phenomena, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("Minimal-pair accuracy by phenomenon")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+# --- registry ------------------------------------------------------------------------------------
+
+
+def register_model(tracker: Tracker, name: str, run_id: str, artifact_path: str, score: float | None,
+                   metric: str, mode: str, tags: dict[str, str]) -> dict[str, Any]:
+    """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``name``.
+
+    Alias ``champion`` moves to it only when its score beats the current champion's (or there is
+    none); otherwise it gets ``challenger``. Returns version, alias and both scores.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = tracker.client
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description="GPT-BERT models trained by the gptbert pipeline")
+        except MlflowException:
+            client.get_registered_model(name)  # created concurrently
+    all_tags = {**tags, "champion_metric": metric}
+    if score is not None:
+        all_tags["score"] = repr(score)
+    version = client.create_model_version(
+        name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+        tags={k: str(v) for k, v in all_tags.items()}, await_creation_for=0)
+    champion_score = None
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+        raw = champ.tags.get("score")
+        champion_score = float(raw) if raw is not None else None
+        has_champion = True
+    except MlflowException:
+        has_champion = False
+    better = score is not None and (
+        not has_champion or champion_score is None
+        or (score > champion_score if mode == "max" else score < champion_score))
+    alias = "champion" if better else "challenger"
+    client.set_registered_model_alias(name, alias, version.version)
+    return {"name": name, "version": int(version.version), "alias": alias, "score": score,
+            "previous_champion_score": champion_score}
