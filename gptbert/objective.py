@@ -319,8 +319,13 @@ class TrainingStream:
 
     def batch(self, plan: StepPlan, indices) -> Batch:
         c = self.cfg
-        return build_batch(self.source, plan, indices, c.seed, self.vocab_size, c.max_span_length,
-                           c.mask_token_prob, c.random_token_prob)
+        b = build_batch(self.source, plan, indices, c.seed, self.vocab_size, c.max_span_length,
+                        c.mask_token_prob, c.random_token_prob)
+        top = int(b.input_ids.max()) if b.input_ids.numel() else 0
+        if top >= self.vocab_size:
+            raise ValueError(f"token id {top} in the training data is outside the model vocabulary "
+                             f"(model.vocab_size = {self.vocab_size}); wrong tokenizer or shards?")
+        return b
 
     def micro_batches(self, plan: StepPlan, rank: int, world_size: int) -> list[list[int]]:
         """This rank's example indices, split into the (rank-independent) number of micro-batches."""

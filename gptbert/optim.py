@@ -35,12 +35,14 @@ class LAMB(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad.float()
+                # Moments in at least fp32 (bf16/fp16 parameters get fp32 state).
+                dtype = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+                grad = p.grad.to(dtype)
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
                 state["step"] += 1
                 t = state["step"]
                 m, v = state["exp_avg"], state["exp_avg_sq"]
@@ -50,7 +52,7 @@ class LAMB(torch.optim.Optimizer):
                 v_hat = v / (1 - beta2 ** t)
                 update = m_hat / (v_hat.sqrt() + eps)
                 if wd > 0:
-                    w = p.float()
+                    w = p.to(dtype)
                     update.add_(w, alpha=wd)
                     w_norm = torch.linalg.vector_norm(w)
                     u_norm = torch.linalg.vector_norm(update)

@@ -1,0 +1,50 @@
+"""CLI: `gptbert pretrain` (SPEC sections 2, 3, 5)."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(subparsers) -> None:
+    from gptbert.cli import add_config_args
+
+    p = subparsers.add_parser(
+        "pretrain", help="pretrain a GPT-BERT model (resumes from OUT/checkpoints; writes OUT/model)")
+    p.add_argument("--data", required=True,
+                   help="a shard folder (manifest.json) or a token file (.txt: one document per line "
+                        "of space-separated ids; .npz: arrays ids + offsets)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/ and the final model/")
+    p.add_argument("--tokenizer", help="tokenizer.json to ship with the model (default: the shard folder's)")
+    p.add_argument("--valid", help="token file of validation documents (default: the shards' valid split)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stop-after", type=int, help="stop after this many steps (resumable), without the model folder")
+    add_config_args(p)
+    p.set_defaults(func=pretrain_command)
+
+
+def pretrain_command(args) -> int:
+    from gptbert.cli import config_from_args
+
+    cfg = config_from_args(args)
+    if cfg.launch.backend == "ray":
+        # Distributed: Ray Train workers running the same loop with a DeepSpeed backend.
+        from gptbert.launch import pretrain_distributed
+
+        if args.stop_after is not None or args.valid is not None or args.tokenizer is not None:
+            raise ValueError("--stop-after/--valid/--tokenizer apply to the local backend only "
+                             "(launch.backend is 'ray')")
+        result = pretrain_distributed(cfg, args.data, args.out, cfg.launch.run_name)
+    else:
+        from gptbert.trainer import pretrain
+
+        result = pretrain(cfg, args.data, args.out, tokenizer=args.tokenizer, valid_data=args.valid,
+                          progress=not args.no_progress, stop_after=args.stop_after)
+    print(f"pretrain: wrote {result}")
+    from pathlib import Path
+
+    summary = Path(result) / "training.json" if result is not None else None
+    if summary is not None and summary.is_file():
+        final = json.loads(summary.read_text()).get("final", {})
+        keys = ("loss", "loss_masked", "loss_causal", "valid_loss_masked_ema", "valid_loss_causal_ema")
+        print("  " + "  ".join(f"{k}={final[k]:.4f}" for k in keys if isinstance(final.get(k), float)))
+    return 0

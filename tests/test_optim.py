@@ -1,0 +1,130 @@
+"""LAMB, parameter groups, the learning-rate schedule, EMA, precision selection, clipping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gptbert.config import ModelConfig, TrainConfig
+from gptbert.optim import EMA, LAMB, lr_at, param_groups, resolve_precision, schedule_lr
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_lamb_one_step_matches_hand_computation():
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, -2.0], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([0.5, -0.5], dtype=torch.float64))
+    opt = LAMB([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
+               lr=0.1, betas=(0.9, 0.98), eps=1e-8)
+    w.grad = torch.tensor([0.5, -1.0, 0.0], dtype=torch.float64)
+    b.grad = torch.tensor([2.0, -0.25], dtype=torch.float64)
+    opt.step()
+    # Step 1: bias-corrected moments are g and g^2, so the Adam direction is g / (|g| + eps).
+    adam_w = [0.5 / (0.5 + 1e-8), -1.0 / (1.0 + 1e-8), 0.0]
+    upd = [a + 0.1 * x for a, x in zip(adam_w, [1.0, 2.0, -2.0])]  # weight decay added to the update
+    w_norm = math.sqrt(1 + 4 + 4)
+    u_norm = math.sqrt(sum(u * u for u in upd))
+    trust = w_norm / u_norm
+    expected_w = [x - 0.1 * trust * u for x, u in zip([1.0, 2.0, -2.0], upd)]
+    assert w.detach().tolist() == pytest.approx(expected_w, abs=1e-12)
+    # No-decay group: a plain Adam step, no trust ratio.
+    expected_b = [0.5 - 0.1 * 2.0 / (2.0 + 1e-8), -0.5 + 0.1 * 0.25 / (0.25 + 1e-8)]
+    assert b.detach().tolist() == pytest.approx(expected_b, abs=1e-12)
+
+
+def test_lamb_second_step_uses_bias_correction():
+    p = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = LAMB([{"params": [p], "weight_decay": 0.0}], lr=0.01, betas=(0.9, 0.98), eps=1e-8)
+    p.grad = torch.tensor([1.0], dtype=torch.float64)
+    opt.step()
+    p.grad = torch.tensor([-3.0], dtype=torch.float64)
+    before = p.item()
+    opt.step()
+    m = (0.9 * 0.1 * 1.0 + 0.1 * -3.0) / (1 - 0.9 ** 2)
+    v = (0.98 * 0.02 * 1.0 + 0.02 * 9.0) / (1 - 0.98 ** 2)
+    assert p.item() == pytest.approx(before - 0.01 * m / (math.sqrt(v) + 1e-8), abs=1e-12)
+    state = opt.state_dict()
+    assert state["state"][0]["step"] == 2
+
+
+def test_param_groups_split_decay_and_no_decay():
+    from gptbert.model import GPTBERT
+
+    model = GPTBERT(ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2,
+                                intermediate_size=24))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert all(n.endswith("bias") or "norm" in n or "layer_weights" in n for n in no_decay_names)
+    assert any("layer_weights" in n for n in no_decay_names)
+    assert "relative_norm.weight" in no_decay_names and "head_bias" in no_decay_names
+    assert "word_embedding.weight" in decay_names and "relative_embedding" in decay_names
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
+
+
+def test_lr_schedule_key_steps():
+    total, peak = 1000, 1e-2  # warmup 16 steps, cooldown 16 steps, cosine in between
+    assert lr_at(0, total, peak) == pytest.approx(peak / 16)
+    assert lr_at(15, total, peak) == pytest.approx(peak)
+    assert lr_at(16, total, peak) == pytest.approx(peak)  # cosine starts at the peak
+    assert lr_at(500, total, peak) == pytest.approx(0.55 * peak)  # cosine midpoint
+    assert lr_at(984, total, peak) == pytest.approx(0.1 * peak)  # cooldown starts at 0.1x
+    assert lr_at(992, total, peak) == pytest.approx(0.05 * peak)
+    assert lr_at(999, total, peak) == pytest.approx(0.1 * peak / 16)
+    assert lr_at(1000, total, peak) == pytest.approx(0.0)
+    values = [lr_at(s, total, peak) for s in range(16, 985)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+    cfg = TrainConfig(steps=7812, lr=1.41e-2)
+    assert schedule_lr(int(round(0.016 * 7812)) - 1, cfg) == pytest.approx(1.41e-2)
+
+
+def test_ema_update_and_copy():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, -2.0]]))
+    ema.update(model)
+    expected = [0.999 * 1.0 + 0.001 * 3.0, 0.999 * 2.0 + 0.001 * -2.0]
+    assert ema.state_dict()["weight"][0].tolist() == pytest.approx(expected)
+    ema.copy_to(model)
+    assert model.weight[0].tolist() == pytest.approx(expected)
+
+
+def test_precision_selection_on_cpu():
+    from gptbert.optim import cpu_supports_bf16
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    # auto: bf16 only where the CPU computes it natively (AVX-512 BF16 / AMX).
+    assert resolve_precision("auto", cpu) is (torch.bfloat16 if cpu_supports_bf16() else None)
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        assert resolve_precision("auto", cpu) is None
+
+
+def test_plain_backend_clips_at_global_norm():
+    from gptbert.trainer import PlainBackend
+
+    model = torch.nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    backend = PlainBackend(model, torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=2.0)
+    model.weight.grad = torch.tensor([[3.0, 4.0, 0.0]])  # norm 5
+    norm = backend.step(lr=0.5)
+    assert norm == pytest.approx(5.0)
+    # clipped to norm 2, then an SGD step with the scheduled lr 0.5
+    assert model.weight[0].tolist() == pytest.approx([-0.5 * 1.2, -0.5 * 1.6, 0.0], rel=1e-5)
+    assert model.weight.grad is None
