@@ -1,0 +1,305 @@
+"""Distributed pretraining (gptbert/launch.py): DeepSpeed config merging, storage checks, the
+ZeRO-aware LAMB, and (slow) Ray Train + DeepSpeed runs on a two-node loopback Ray cluster.
+
+The slow tests share one Ray cluster (infra/ray/start_local_cluster.sh: two nodes with one CPU
+each, so two workers must land on different nodes) and compare every distributed run with the
+plain single-process loop on the same config: the objective does not depend on the number of
+ranks, so the loss curves agree up to float summation order (tolerance 1e-4 absolute on losses
+around 6). Worker start-up (imports of torch + deepspeed) dominates their time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptbert.config import ConfigError, LaunchConfig, load_config
+from gptbert.data import save_token_file
+from gptbert.launch import (ShardedLAMB, check_storage_path, deepspeed_config, device_peak_flops,
+                            zero_partition_segments)
+from gptbert.optim import LAMB, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-4
+
+
+# ----------------------------------------------------------------------------- fast unit tests
+
+def test_deepspeed_config_fills_auto_values_from_typed_config():
+    cfg = load_config("tiny", overrides=["train.micro_batch_tokens=256", "train.grad_clip=1.5",
+                                         "launch.zero_stage=2", "launch.offload=true"])
+    ds = deepspeed_config(cfg, world_size=4, bf16=True)
+    micro = 256 // cfg.train.seq_len_at(0)
+    assert ds["train_micro_batch_size_per_gpu"] == micro
+    assert ds["gradient_accumulation_steps"] == 1
+    assert ds["train_batch_size"] == micro * 4
+    assert ds["gradient_clipping"] == 1.5
+    assert ds["managed_gradient_accumulation"] is False
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["bf16"] == {"enabled": True}
+    for stage in range(4):
+        base = json.loads((REPO / "infra" / "deepspeed" / f"zero{stage}.json").read_text())
+        assert base["zero_optimization"]["stage"] == stage
+        c = load_config("tiny", overrides=[f"launch.zero_stage={stage}"])
+        assert deepspeed_config(c, 2, False)["bf16"]["enabled"] is False
+
+
+def test_deepspeed_config_rejects_explicit_values_that_disagree():
+    cfg = load_config("tiny")  # grad_clip 2.0
+    base = json.loads((REPO / "infra" / "deepspeed" / "zero1.json").read_text())
+    base["gradient_clipping"] = 1.0
+    with pytest.raises(ConfigError) as err:
+        deepspeed_config(cfg, 2, False, base=base)
+    assert err.value.field == "gradient_clipping" and "2.0" in str(err.value)
+    base["gradient_clipping"] = 2.0  # agreeing explicit values are fine
+    assert deepspeed_config(cfg, 2, False, base=base)["gradient_clipping"] == 2.0
+    base["bf16"] = {"enabled": True}
+    with pytest.raises(ConfigError, match="bf16"):
+        deepspeed_config(cfg, 2, False, base=base)
+    with pytest.raises(ConfigError, match="stage"):
+        deepspeed_config(load_config("tiny", overrides=["launch.zero_stage=2"]), 2, False, base=base | {"bf16": {}})
+    with pytest.raises(FileNotFoundError):
+        deepspeed_config(cfg, 2, False, base="/nonexistent/ds.json")
+
+
+def test_storage_path_checks(tmp_path):
+    # Locally it defaults to <out>/ray and is created.
+    assert check_storage_path(None, tmp_path / "out", cluster=False) == str((tmp_path / "out" / "ray").resolve())
+    assert (tmp_path / "out" / "ray").is_dir()
+    with pytest.raises(ConfigError, match="required when attaching to a Ray cluster") as err:
+        check_storage_path(None, tmp_path, cluster=True)
+    assert err.value.field == "launch.storage_path"
+    with pytest.raises(ConfigError, match="absolute"):
+        check_storage_path("relative/dir", tmp_path, cluster=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_storage_path(str(tmp_path / "missing"), tmp_path, cluster=True)
+    assert check_storage_path(str(tmp_path), tmp_path, cluster=True) == str(tmp_path)
+    assert check_storage_path("s3://bucket/runs", tmp_path, cluster=True) == "s3://bucket/runs"
+    with pytest.raises(ConfigError, match="URI"):
+        check_storage_path("://x", tmp_path, cluster=True)
+
+
+def test_launch_config_validation():
+    with pytest.raises(ConfigError) as err:
+        LaunchConfig(zero_stage=4)
+    assert err.value.field == "zero_stage"
+    with pytest.raises(ConfigError, match="fail_marker"):
+        LaunchConfig(fail_at_step=3)
+    with pytest.raises(ConfigError, match="offload"):
+        LaunchConfig(zero_stage=0, offload=True)
+    with pytest.raises(ConfigError, match="num_workers"):
+        LaunchConfig(num_workers=0)
+    with pytest.raises(ConfigError, match="run_name"):
+        LaunchConfig(run_name="a/b")
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", overrides=["launch.backend=slurm"])
+    assert err.value.field == "launch.backend"
+
+
+def test_device_peak_table():
+    assert device_peak_flops("NVIDIA H100 80GB HBM3", bf16=True) == 989e12
+    assert device_peak_flops("NVIDIA H100 PCIe", bf16=True) == 756e12
+    assert device_peak_flops("NVIDIA A100-SXM4-80GB", bf16=True) == 312e12
+    assert device_peak_flops(None, bf16=False) is None  # CPU: no invented peak
+    assert device_peak_flops("NVIDIA H100 80GB HBM3", bf16=False) is None
+
+
+class _FakeZero:
+    """The attributes of DeepSpeed's ZeRO 1/2 optimizer that describe the flat layout."""
+
+    def __init__(self, numels, padding, world):
+        self.round_robin_bit16_offsets, self.round_robin_bit16_meta = [[]], [[]]
+        off = 0
+        for n, pad in zip(numels, padding):
+            self.round_robin_bit16_offsets[0].append(off)
+            self.round_robin_bit16_meta[0].append(torch.zeros(n, device="meta"))
+            off += n + pad
+        total = -(-off // world) * world
+        self.partition_size = [total // world]
+
+
+def test_zero_partition_segments_layout():
+    fake = _FakeZero([5, 3, 4], [1, 0, 0], world=2)  # flat: p0 x5, pad, p1 x3, p2 x4 -> 13 -> 14
+    seg0, n = zero_partition_segments(fake, 0, rank=0)
+    seg1, _ = zero_partition_segments(fake, 0, rank=1)
+    assert n == 3
+    assert seg0.tolist() == [0, 0, 0, 0, 0, 3, 1]
+    assert seg1.tolist() == [1, 1, 2, 2, 2, 2, 3]
+
+
+def test_sharded_lamb_on_a_flat_tensor_equals_per_parameter_lamb():
+    """One flat tensor holding all parameters (ZeRO with one rank) with the layout attached must
+    step exactly like gptbert.optim.LAMB on the separate parameters (per-layer trust ratios)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    ref = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    mats = [p for p in ref if p.ndim >= 2]
+    flat = torch.cat([p.detach().reshape(-1) for p in mats] + [torch.zeros(2)]).requires_grad_()
+    seg = torch.cat([torch.full((p.numel(),), i) for i, p in enumerate(mats)] + [torch.full((2,), len(mats))])
+    lamb = LAMB([{"params": mats, "weight_decay": 0.1}], lr=0.05)
+    sharded = ShardedLAMB([{"params": [flat], "weight_decay": 0.1}], lr=0.05)
+    sharded.attach_partitions(flat, seg, len(mats))
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in mats]
+        for p, g in zip(mats, grads):
+            p.grad = g
+        flat.grad = torch.cat([g.reshape(-1) for g in grads] + [torch.zeros(2)])
+        lamb.step()
+        sharded.step()
+    expect = torch.cat([p.detach().reshape(-1) for p in mats])
+    assert torch.allclose(flat.detach()[:-2], expect, atol=1e-6, rtol=1e-5)
+
+
+def test_sharded_lamb_falls_back_to_plain_lamb_for_real_parameters():
+    torch.manual_seed(1)
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    b.load_state_dict(a.state_dict())
+    oa, ob = LAMB(param_groups(a, 0.1), lr=0.01), ShardedLAMB(param_groups(b, 0.1), lr=0.01)
+    for _ in range(2):
+        x = torch.randn(3, 4)
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+# ----------------------------------------------------------------------------- slow: Ray runs
+
+OVERRIDES = ["launch.backend=ray", "launch.threads_per_worker=1", "train.steps=8", "train.checkpoint_every=3",
+             "train.validate_every=0", "train.valid_examples=0", "train.seq_len_schedule=false",
+             "train.seq_len=32", "train.batch_tokens_start=512", "train.batch_tokens_end=512",
+             "train.micro_batch_tokens=256", "train.causal_fraction=0.25", "train.warmup_fraction=0.2",
+             "model.hidden_dropout=0.0", "model.attention_dropout=0.0"]
+
+
+def _corpus(path: Path) -> Path:
+    # Arithmetic token sequences: learnable, so a few steps already lower the loss.
+    rng = np.random.default_rng(0)
+    docs = [(rng.integers(16, 400) + 3 * np.arange(rng.integers(8, 60))) % 496 + 16 for _ in range(200)]
+    save_token_file(path, docs, num_words=5000)
+    return path
+
+
+def _curve(path: Path) -> dict[int, float]:
+    """step -> loss; a step trained again after a restart keeps its last value."""
+    from gptbert.launch import read_jsonl
+
+    return {int(r["step"]): r["loss"] for r in read_jsonl(path)}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A two-node Ray cluster on loopback, and the plain single-process loop's loss curve."""
+    import ray
+
+    from gptbert.launch import JsonlCallback
+    from gptbert.trainer import pretrain
+
+    root = tmp_path_factory.mktemp("launch")
+    data = _corpus(root / "corpus.npz")
+    port = str(6390 + os.getpid() % 50)
+    env = dict(os.environ, RAY_PORT=port, RAY_TEMP_DIR=str(root / "ray-tmp"))
+    t0 = time.time()
+    subprocess.run([str(REPO / "infra" / "ray" / "start_local_cluster.sh")], env=env, check=True,
+                   capture_output=True, timeout=180)
+    try:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        ray.init(address=f"127.0.0.1:{port}")
+        print(f"cluster up in {time.time() - t0:.1f}s")
+
+        # The reference: the plain loop in this process (no Ray, no DeepSpeed).
+        cfg = load_config("tiny", overrides=OVERRIDES + ["launch.backend=local"])
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            pretrain(cfg, data, root / "plain", callback=JsonlCallback(root / "plain.jsonl"))
+        finally:
+            torch.set_num_threads(n)
+        yield {"root": root, "data": data, "address": f"127.0.0.1:{port}",
+               "plain": _curve(root / "plain.jsonl")}
+    finally:
+        ray.shutdown()
+        subprocess.run([str(REPO / "infra" / "ray" / "stop_local_cluster.sh")], env=env, timeout=60)
+
+
+def _run(cluster, name: str, extra: list[str]) -> tuple[Path, dict[int, float]]:
+    from gptbert.launch import JsonlCallback, pretrain_distributed
+
+    root = cluster["root"]
+    storage = root / "storage"
+    storage.mkdir(exist_ok=True)
+    cfg = load_config("tiny", overrides=OVERRIDES + [f"launch.ray_address={cluster['address']}",
+                                                     f"launch.storage_path={storage}"] + extra)
+    model_dir = pretrain_distributed(cfg, cluster["data"], root / name, name,
+                                     callback=JsonlCallback(root / f"{name}.jsonl"))
+    return model_dir, _curve(root / f"{name}.jsonl")
+
+
+def _assert_same_curve(curve: dict[int, float], ref: dict[int, float]) -> None:
+    assert sorted(curve) == sorted(ref) == list(range(1, 9))
+    for step in ref:
+        assert abs(curve[step] - ref[step]) < TOL, (step, curve[step], ref[step])
+
+
+@pytest.mark.slow
+def test_zero1_two_workers_on_two_nodes_match_the_plain_loop(cluster):
+    import ray
+
+    model_dir, curve = _run(cluster, "zero1-2w", ["launch.num_workers=2", "launch.zero_stage=1"])
+    plain = cluster["plain"]
+    assert curve[8] < curve[1] - 0.1  # it learns
+    _assert_same_curve(curve, plain)
+    summary = json.loads((model_dir / "training.json").read_text())
+    nodes = {n["node_id"] for n in summary["launch"]["nodes"]}
+    assert len(summary["launch"]["nodes"]) == 2 and len(nodes) == 2  # one worker per node
+    assert nodes == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert summary["steps"] == 8 and summary["launch"]["zero_stage"] == 1
+    # The model folder matches the single-process output's layout and EMA weights.
+    plain_dir = cluster["root"] / "plain" / "model"
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(p.name for p in plain_dir.iterdir())
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(str(model_dir / "model.safetensors")), load_file(str(plain_dir / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-3
+
+
+@pytest.mark.slow
+def test_zero2_worker_fault_is_recovered_from_the_last_checkpoint(cluster):
+    marker = cluster["root"] / "zero2.failed"
+    model_dir, curve = _run(cluster, "zero2-fault", [
+        "launch.num_workers=2", "launch.zero_stage=2", "launch.max_failures=1",
+        "launch.fail_at_step=5", f"launch.fail_marker={marker}"])
+    assert marker.exists()  # the fault happened
+    rows = [json.loads(x) for x in (cluster["root"] / "zero2-fault.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]  # restarted after step 3
+    resumed = json.loads((model_dir / "training.json").read_text())["launch"]["resumed_from"]
+    assert resumed["step"] == 3
+    assert curve[8] < curve[1] - 0.1
+    _assert_same_curve(curve, cluster["plain"])
+
+
+@pytest.mark.slow
+def test_one_worker_stopped_run_resumes_under_the_same_name(cluster):
+    marker = cluster["root"] / "stop.failed"
+    extra = ["launch.num_workers=1", "launch.zero_stage=1", "launch.max_failures=0",
+             "launch.fail_at_step=5", f"launch.fail_marker={marker}"]
+    with pytest.raises(Exception, match="injected fault"):
+        _run(cluster, "one-worker", extra)
+    assert not (cluster["root"] / "one-worker" / "model").exists()
+    model_dir, curve = _run(cluster, "one-worker", extra)  # same name: resumes
+    summary = json.loads((model_dir / "training.json").read_text())
+    assert summary["launch"]["resumed_from"]["step"] == 3
+    assert summary["steps_this_session"] == 5
+    _assert_same_curve(curve, cluster["plain"])
