@@ -1,0 +1,599 @@
+"""Stage 1, ``gptbert clean``: raw text files -> one Parquet file of clean, deduplicated documents.
+
+Inputs are files or folders of ``.txt`` / ``.gz`` text (one document per line), ``.jsonl``
+(``.jsonl.gz``; the text under ``cfg.text_field``) and ``.parquet`` (the ``cfg.text_field``
+column). Per document: decode UTF-8 (invalid bytes replaced by U+FFFD and counted, or an error),
+Unicode normalisation (NFKC), control / invisible format characters removed, configurable regex
+rules, whitespace normalised (runs of spaces -> one space, at most one blank line), documents
+longer than ``max_document_chars`` split at sentence boundaries, empty and exact duplicate
+documents dropped (first occurrence kept).
+
+Memory stays bounded for arbitrarily long lines: text is read in 1 MiB blocks and a long document
+is processed in ~1 MiB segments cut just before whitespace, which leaves normalisation and
+whitespace handling unchanged (rules are matched within a segment, so a rule match that spans a
+cut, at most once per MiB, is missed). Duplicates are found on the documents as written, i.e.
+after splitting.
+
+Writes ``documents.parquet`` (columns ``text``, ``source``) and ``stats.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import json
+import re
+import time
+import unicodedata
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gptbert.config.data import CleanConfig
+
+from .common import (DataError, atomic_stage_dir, config_digest, progress, sha256_file,
+                     stage_identity, write_json)
+
+DOCUMENTS_FILE = "documents.parquet"
+STATS_FILE = "stats.json"
+SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string())])
+
+# File names taken from folders (a file named explicitly is read whatever its name).
+FOLDER_SUFFIXES = (".txt", ".gz", ".jsonl", ".parquet", ".train", ".dev", ".test")
+BLOCK = 1 << 20  # bytes read at a time
+SEGMENT = 1 << 20  # characters of one long document cleaned at a time
+
+# Control characters (C0/C1 minus the whitespace ones), lone surrogates, and invisible format
+# characters that carry no text: soft hyphen, zero-width space, bidi marks/embeddings/isolates,
+# word joiner, BOM, interlinear annotation. Zero-width (non-)joiners stay: emoji and scripts need them.
+_CONTROL = re.compile(
+    "[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u00ad\u200b\u200e\u200f\u202a-\u202e\u2060"
+    "\u2066-\u2069\ufeff\ufff9-\ufffb\ud800-\udfff]+"
+)
+_NEWLINES = re.compile("\r\n?|[\x0b\x0c\x85\u2028\u2029]")
+_SPACES = re.compile(r"[^\S\n]{2,}|[^\S\n ]")  # a run, or one unusual space
+_DOUBLE_SPACES = re.compile(r" {2,}")
+_SPACE_NEWLINE = re.compile(r" ?\n ?")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+# A sentence end (terminator plus closing quotes/brackets) followed by whitespace, or a newline.
+# The greedy ".*" makes match() find the last one, scanning back from the end of the window.
+_LAST_SENTENCE_END = re.compile(
+    r".*(?:[.!?\u2026\u3002\uff01\uff1f][\"'\u201d\u2019)\]]*(?=\s)|\n)", re.S)
+
+# Invalid UTF-8 replaced with U+FFFD is counted through this error handler.
+_replaced_bytes = [0]
+
+
+def _count_and_replace(exc: UnicodeDecodeError):
+    _replaced_bytes[0] += exc.end - exc.start
+    return "\ufffd", exc.end
+
+
+codecs.register_error("gptbert.count_replace", _count_and_replace)
+
+
+@dataclass
+class SourceStats:
+    files: int = 0
+    bytes_in: int = 0
+    documents_in: int = 0
+    words_in: int = 0
+    bytes_replaced: int = 0
+    documents_split: int = 0
+    dropped_empty: int = 0
+    dropped_duplicates: int = 0
+    documents_out: int = 0
+    words_out: int = 0
+    chars_out: int = 0
+
+
+@dataclass
+class InputFile:
+    path: Path
+    name: str  # path relative to the input it was found under
+    source: str
+    kind: str  # "text", "jsonl" or "parquet"
+
+
+def count_words(text: str) -> int:
+    """Whitespace-separated words of whitespace-normalised text (single spaces/newlines, at
+    most one blank line), without building the list that ``len(text.split())`` would."""
+    core = text.strip(" \n")
+    if not core:
+        return 0
+    return core.count(" ") + core.count("\n") - core.count("\n\n") + 1
+
+
+def source_name(path: Path) -> str:
+    return path.name.split(".")[0] or path.name
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return "jsonl"
+    return "text"
+
+
+def list_input_files(inputs: list[str]) -> list[InputFile]:
+    """Expand files and folders (recursively, sorted) into the ordered list of input files."""
+    if not inputs:
+        raise DataError("clean: no inputs given (set clean.inputs or pass paths)")
+    files: list[InputFile] = []
+    for entry in inputs:
+        root = Path(entry)
+        if not root.exists():
+            raise FileNotFoundError(f"input not found: {root}")
+        if root.is_file():
+            files.append(InputFile(root, root.name, source_name(root), _kind(root)))
+            continue
+        found = sorted(
+            p for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            and p.name.lower().endswith(FOLDER_SUFFIXES)
+        )
+        if not found:
+            raise DataError(f"{root}: folder holds no input files (looked for {', '.join(FOLDER_SUFFIXES)})")
+        for p in found:
+            files.append(InputFile(p, p.relative_to(root).as_posix(), source_name(p), _kind(p)))
+    return files
+
+
+def inputs_digest(files: list[InputFile]) -> tuple[str, list[dict[str, Any]]]:
+    """Content digest of the inputs (names relative to their input folder, sizes, sha256)."""
+    listing = [{"name": f.name, "source": f.source, "bytes": f.path.stat().st_size,
+                "sha256": sha256_file(f.path)} for f in files]
+    blob = json.dumps(listing, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest(), listing
+
+
+def clean_identity(cfg: CleanConfig) -> str:
+    """The clean stage's identity: digest of the inputs' content + the output-relevant config."""
+    digest, _ = inputs_digest(list_input_files(cfg.inputs))
+    return stage_identity(digest, config_digest(cfg))
+
+
+class _Rules:
+    def __init__(self, cfg: CleanConfig):
+        self.rules = [(re.compile(r.pattern), r.replacement, set(r.sources)) for r in cfg.rules]
+        self._cache: dict[str, list] = {}
+
+    def for_source(self, source: str) -> list:
+        if source not in self._cache:
+            self._cache[source] = [(p, rep) for p, rep, srcs in self.rules if not srcs or source in srcs]
+        return self._cache[source]
+
+
+class _DocumentCleaner:
+    """Cleans one document at a time, fed as text segments; emits finished documents."""
+
+    def __init__(self, cfg: CleanConfig, emit: Callable[[str], None]):
+        self.cfg = cfg
+        self.emit = emit
+        self.form = None if cfg.unicode_normalization == "none" else cfg.unicode_normalization
+        self.rules: list = []
+        self.stats = SourceStats()
+
+    def start(self) -> None:
+        self.raw = ""  # decoded input not yet cleaned
+        self.out = ""  # cleaned text not yet emitted as a document
+        self.pos = 0  # start of the unemitted part of self.out
+        self.pending_ws = ""  # whitespace held back between two cleaned segments
+        self.started = False  # any non-whitespace text in this document yet
+        self.split = False
+
+    def feed(self, text: str) -> None:
+        self.raw += text
+        while len(self.raw) > 2 * SEGMENT:
+            cut = self._safe_cut(self.raw, SEGMENT)
+            head, self.raw = self.raw[:cut], self.raw[cut:]
+            self._clean_segment(head)
+
+    def end(self) -> None:
+        if self.raw:
+            self._clean_segment(self.raw)
+            self.raw = ""
+        self.stats.documents_in += 1
+        self._split(final=True)
+
+    @staticmethod
+    def _safe_cut(text: str, near: int) -> int:
+        """A cut position <= near at the start of a whitespace run (or before a non-mark)."""
+        i = max(text.rfind(" ", 0, near), text.rfind("\n", 0, near))
+        if i > 0:
+            while i > 0 and text[i - 1].isspace():
+                i -= 1
+            if i > 0:
+                return i
+        # No whitespace at all in a whole segment: cut where no combining mark follows.
+        i = near
+        while i > 1 and unicodedata.category(text[i])[0] == "M":
+            i -= 1
+        return i
+
+    def _clean_segment(self, seg: str) -> None:
+        if self.form is not None:
+            seg = unicodedata.normalize(self.form, seg)
+        seg = self._normalise_whitespace(seg, controls=True)
+        self.stats.words_in += count_words(seg)
+        if self.rules:
+            for pattern, replacement in self.rules:
+                seg = pattern.sub(replacement, seg)
+            seg = self._normalise_whitespace(seg, controls=False)
+        core = seg.strip(" \n")
+        if not core:
+            self.pending_ws += seg
+            return
+        lead = seg[: len(seg) - len(seg.lstrip(" \n"))]
+        trail = seg[len(seg.rstrip(" \n")):]
+        ws = self.pending_ws + lead
+        if self.started and ws:
+            # The same result as normalising the two segments' whitespace run in one piece.
+            n = ws.count("\n")
+            self.out += "\n\n" if n >= 2 else "\n" if n == 1 else " "
+        self.out += core
+        self.pending_ws = trail
+        self.started = True
+        self._split(final=False)
+
+    def _normalise_whitespace(self, seg: str, controls: bool) -> str:
+        # Regexes scan at ~40 MB/s while isprintable(), `in` and replace() run at GB/s, so the
+        # common characters (tab, CR, newline) are handled with the latter and the regexes run
+        # only when other control or format characters are present.
+        if seg.isprintable():
+            return _DOUBLE_SPACES.sub(" ", seg) if "  " in seg else seg
+        if "\r" in seg:
+            seg = seg.replace("\r\n", "\n").replace("\r", "\n")
+        if "\t" in seg:
+            seg = seg.replace("\t", " ")
+        has_newline = "\n" in seg
+        if not (seg.replace("\n", "") if has_newline else seg).isprintable():
+            if controls:
+                seg = _NEWLINES.sub("\n", seg)
+                seg = _CONTROL.sub("", seg)
+            seg = _SPACES.sub(" ", seg)
+            has_newline = "\n" in seg
+        elif "  " in seg:
+            seg = _DOUBLE_SPACES.sub(" ", seg)
+        if has_newline:
+            if not self.cfg.keep_newlines:
+                return _DOUBLE_SPACES.sub(" ", seg.replace("\n", " "))
+            seg = _SPACE_NEWLINE.sub("\n", seg)
+            if "\n\n\n" in seg:
+                seg = _MANY_NEWLINES.sub("\n\n", seg)
+        return seg
+
+    def _split(self, final: bool) -> None:
+        limit = self.cfg.max_document_chars
+        out, pos = self.out, self.pos
+        while len(out) - pos > limit:
+            cut = self._split_point(out, pos, pos + limit)
+            self._emit(out[pos:cut])
+            pos = cut
+            self.split = True
+        if final:
+            if pos < len(out):
+                self._emit(out[pos:])
+            elif not self.started:
+                self.stats.dropped_empty += 1
+            if self.split:
+                self.stats.documents_split += 1
+            self.out, self.pos = "", 0
+        else:
+            self.out, self.pos = out[pos:], 0
+
+    @staticmethod
+    def _split_point(text: str, start: int, end: int) -> int:
+        """Where to end a piece of text[start:end+1]: after the last sentence end in its second
+        half, else at its last whitespace, else at ``end`` (a hard cut)."""
+        half = start + (end - start) // 2
+        m = _LAST_SENTENCE_END.match(text, half, end)
+        if m is not None and m.end() > start:
+            return m.end()
+        i = max(text.rfind(" ", start + 1, end + 1), text.rfind("\n", start + 1, end + 1))
+        if i > start:
+            return i
+        while end > start + 1 and unicodedata.category(text[end])[0] == "M":
+            end -= 1
+        return end
+
+    def _emit(self, text: str) -> None:
+        text = text.strip(" \n")
+        if len(text) < self.cfg.min_document_chars:
+            self.stats.dropped_empty += 1
+            return
+        self.emit(text)
+
+
+class _Writer:
+    """Deduplicates and writes documents to Parquet in bounded row groups."""
+
+    def __init__(self, path: Path, cfg: CleanConfig):
+        compression = None if cfg.parquet_compression == "none" else cfg.parquet_compression
+        self.writer = pq.ParquetWriter(path, SCHEMA, compression=compression,
+                                       use_dictionary=["source"])
+        self.cfg = cfg
+        self.seen: set[bytes] = set()
+        self.texts: list[str] = []
+        self.chars = 0
+        self.source = ""
+        self.sources: list[str] = []
+        self.stats = SourceStats()
+        self.total = 0
+
+    def add(self, text: str) -> None:
+        if self.cfg.deduplicate:
+            key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+            if key in self.seen:
+                self.stats.dropped_duplicates += 1
+                return
+            self.seen.add(key)
+        self.texts.append(text)
+        self.sources.append(self.source)
+        self.chars += len(text)
+        self.stats.documents_out += 1
+        self.stats.words_out += count_words(text)
+        self.stats.chars_out += len(text)
+        self.total += 1
+        if len(self.texts) >= self.cfg.row_group_documents or self.chars >= 2 << 20:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.texts:
+            table = pa.table({"text": pa.array(self.texts, pa.string()),
+                              "source": pa.array(self.sources, pa.string())}, schema=SCHEMA)
+            self.writer.write_table(table)
+            self.texts, self.sources, self.chars = [], [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def _open_binary(path: Path):
+    f = open(path, "rb")
+    magic = f.read(2)
+    f.seek(0)
+    if magic == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    return f
+
+
+def _decoder(cfg: CleanConfig):
+    errors = "strict" if cfg.invalid_utf8 == "strict" else "gptbert.count_replace"
+    return codecs.getincrementaldecoder("utf-8")(errors)
+
+
+def _check_binary(chunk: bytes, f: InputFile, line: int) -> None:
+    if b"\x00" in chunk:
+        raise DataError(f"{f.path}: line {line}: NUL byte found; this looks like a binary file, "
+                        "not text")
+
+
+def _decode_error(f: InputFile, where: str, exc: UnicodeDecodeError, offset: int) -> DataError:
+    return DataError(f"{f.path}: {where}: invalid UTF-8 at byte {offset + exc.start} of the "
+                     f"{'line' if where.startswith('line') else 'value'} "
+                     f"({exc.reason}); set clean.invalid_utf8=replace to replace such bytes")
+
+
+def _read_text(f: InputFile, cfg: CleanConfig, cleaner: _DocumentCleaner, stats: SourceStats) -> None:
+    """One document per line; a line of any length is fed to the cleaner in blocks."""
+    decoder = _decoder(cfg)
+    line_no, in_line, line_bytes, docs = 1, False, 0, 0
+    try:
+        with _open_binary(f.path) as stream:
+            while block := stream.read(BLOCK):
+                stats.bytes_in += len(block)
+                start = 0
+                while start < len(block):
+                    nl = block.find(b"\n", start)
+                    end = len(block) if nl < 0 else nl
+                    piece = block[start:end]
+                    if piece:
+                        _check_binary(piece, f, line_no)
+                        if not in_line:
+                            if not piece.strip():
+                                piece = b""  # leading blanks: not yet a document
+                            else:
+                                in_line = True
+                                cleaner.start()
+                        if piece:
+                            try:
+                                cleaner.feed(decoder.decode(piece))
+                            except UnicodeDecodeError as exc:
+                                raise _decode_error(f, f"line {line_no}", exc, line_bytes) from None
+                            line_bytes += len(piece)
+                    if nl < 0:
+                        break
+                    if in_line:
+                        try:
+                            cleaner.feed(decoder.decode(b"", final=True))
+                        except UnicodeDecodeError as exc:
+                            raise _decode_error(f, f"line {line_no}", exc, line_bytes) from None
+                        cleaner.end()
+                        docs += 1
+                    decoder.reset()
+                    in_line, line_bytes = False, 0
+                    line_no += 1
+                    start = nl + 1
+            if in_line:
+                try:
+                    cleaner.feed(decoder.decode(b"", final=True))
+                except UnicodeDecodeError as exc:
+                    raise _decode_error(f, f"line {line_no}", exc, line_bytes) from None
+                cleaner.end()
+                docs += 1
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{f.path}: not a readable gzip file ({exc})") from None
+    if docs == 0:
+        raise DataError(f"{f.path}: empty input (no non-blank lines)")
+
+
+def _read_jsonl(f: InputFile, cfg: CleanConfig, cleaner: _DocumentCleaner, stats: SourceStats) -> None:
+    errors = "strict" if cfg.invalid_utf8 == "strict" else "gptbert.count_replace"
+    key, docs = cfg.text_field, 0
+    try:
+        with _open_binary(f.path) as stream:
+            for line_no, raw in enumerate(stream, 1):
+                stats.bytes_in += len(raw)
+                if not raw.strip():
+                    continue
+                _check_binary(raw, f, line_no)
+                try:
+                    line = raw.decode("utf-8", errors)
+                except UnicodeDecodeError as exc:
+                    raise _decode_error(f, f"line {line_no}", exc, 0) from None
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{f.path}: line {line_no}: malformed JSON ({exc.msg} at "
+                                    f"column {exc.colno})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{f.path}: line {line_no}: expected a JSON object, got "
+                                    f"{type(record).__name__}")
+                if key not in record:
+                    raise DataError(f"{f.path}: line {line_no}: record has no field {key!r} "
+                                    f"(fields: {', '.join(sorted(record)) or 'none'}); set "
+                                    "clean.text_field")
+                text = record[key]
+                if text is not None and not isinstance(text, str):
+                    raise DataError(f"{f.path}: line {line_no}: field {key!r} must be a string, "
+                                    f"got {type(text).__name__}")
+                cleaner.start()
+                if text:
+                    cleaner.feed(text)
+                cleaner.end()
+                docs += 1
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{f.path}: not a readable gzip file ({exc})") from None
+    if docs == 0:
+        raise DataError(f"{f.path}: empty input (no JSON records)")
+
+
+def _read_parquet(f: InputFile, cfg: CleanConfig, cleaner: _DocumentCleaner, stats: SourceStats) -> None:
+    errors = "strict" if cfg.invalid_utf8 == "strict" else "gptbert.count_replace"
+    key = cfg.text_field
+    try:
+        pf = pq.ParquetFile(f.path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{f.path}: not a readable Parquet file ({exc})") from None
+    names = pf.schema_arrow.names
+    if key not in names:
+        raise DataError(f"{f.path}: Parquet file has no column {key!r} (columns: "
+                        f"{', '.join(names)}); set clean.text_field")
+    kind = pf.schema_arrow.field(key).type
+    is_binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+    if not (is_binary or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"{f.path}: column {key!r} must hold strings, has type {kind}")
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=[key]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if is_binary and value is not None:
+                stats.bytes_in += len(value)
+                try:
+                    value = value.decode("utf-8", errors)
+                except UnicodeDecodeError as exc:
+                    raise _decode_error(f, f"record {row - 1}", exc, 0) from None
+            elif value is not None:
+                stats.bytes_in += len(value)  # characters; exact bytes are not worth a copy
+            cleaner.start()
+            if value:
+                cleaner.feed(value)
+            cleaner.end()
+    if row == 0:
+        raise DataError(f"{f.path}: empty input (no rows)")
+
+
+_READERS = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}
+
+
+def clean_corpus(cfg: CleanConfig, out_dir: str | Path, progress_bar: bool = True) -> dict[str, Any]:
+    """Clean ``cfg.inputs`` into ``out_dir/documents.parquet`` + ``out_dir/stats.json``."""
+    t0 = time.perf_counter()
+    files = list_input_files(cfg.inputs)
+    in_digest, listing = inputs_digest(files)
+    cfg_digest = config_digest(cfg)
+    rules = _Rules(cfg)
+    per_source: dict[str, SourceStats] = {}
+
+    with atomic_stage_dir(out_dir, STATS_FILE) as tmp:
+        writer = _Writer(tmp / DOCUMENTS_FILE, cfg)
+        cleaner = _DocumentCleaner(cfg, writer.add)
+        bar = progress(total=sum(e["bytes"] for e in listing), enabled=progress_bar, unit="B",
+                       unit_scale=True, desc="clean")
+        try:
+            for f, entry in zip(files, listing):
+                stats = per_source.setdefault(f.source, SourceStats())
+                stats.files += 1
+                writer.stats = cleaner.stats = stats
+                writer.source = f.source
+                cleaner.rules = rules.for_source(f.source)
+                before = _replaced_bytes[0]
+                _READERS[f.kind](f, cfg, cleaner, stats)
+                stats.bytes_replaced += _replaced_bytes[0] - before
+                bar.update(entry["bytes"])
+        finally:
+            bar.close()
+            writer.close()
+        if writer.total == 0:
+            raise DataError(f"cleaning {', '.join(cfg.inputs)} left no documents")
+
+        totals = SourceStats()
+        for s in per_source.values():
+            for k, v in vars(s).items():
+                setattr(totals, k, getattr(totals, k) + v)
+        documents_sha256 = sha256_file(tmp / DOCUMENTS_FILE)
+        result = {
+            "stage": "clean",
+            "identity": stage_identity(in_digest, cfg_digest),
+            "inputs_digest": in_digest,
+            "config_digest": cfg_digest,
+            "config": cfg.identity_dict(),
+            "inputs": listing,
+            "documents_file": DOCUMENTS_FILE,
+            "documents_sha256": documents_sha256,
+            "sources": {k: vars(v) for k, v in sorted(per_source.items())},
+            "totals": vars(totals),
+        }
+        write_json(tmp / STATS_FILE, result)
+    # Timing is reported but not stored, so identical inputs give byte-identical stats.json.
+    return dict(result, seconds=time.perf_counter() - t0)
+
+
+def iter_documents(documents_parquet: str | Path, columns=("text",), batch_size: int = 1024,
+                   limit: int = 0) -> Iterator[list]:
+    """Batches (lists) of texts from a cleaned ``documents.parquet`` (all columns if several)."""
+    pf = open_documents(documents_parquet)
+    seen = 0
+    for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
+        cols = [batch.column(i).to_pylist() for i in range(len(columns))]
+        if limit:
+            cols = [c[: limit - seen] for c in cols]
+        seen += len(cols[0])
+        yield cols[0] if len(columns) == 1 else cols
+        if limit and seen >= limit:
+            return
+
+
+def open_documents(documents_parquet: str | Path) -> pq.ParquetFile:
+    path = Path(documents_parquet)
+    if not path.exists():
+        raise FileNotFoundError(f"documents file not found: {path}")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    if "text" not in pf.schema_arrow.names:
+        raise DataError(f"{path}: Parquet file has no column 'text' (columns: "
+                        f"{', '.join(pf.schema_arrow.names)}); expected the output of gptbert clean")
+    if pf.metadata.num_rows == 0:
+        raise DataError(f"{path}: empty input (no documents)")
+    return pf

@@ -1,0 +1,308 @@
+"""Stage 3, ``gptbert shard``: cleaned documents -> token ids in Arrow IPC shards, and the reader.
+
+A shard is an uncompressed Arrow IPC file holding one record batch with two columns:
+``tokens`` (list<uint16>, or list<uint32> when the vocabulary does not fit 16 bits; the list
+offsets are the per-document offsets) and ``words`` (int32, whitespace words per document). Its
+schema metadata repeats the tokenizer digest. Documents go to ``train`` or ``valid`` by a seeded
+hash of their text: exactly ``round(fraction * N)`` documents, the ones with the smallest hashes,
+are validation documents, so the split depends neither on batching nor on document order.
+
+``manifest.json`` records per shard: file, documents, tokens, words, sha256; and the corpus,
+tokenizer and config digests. ``ShardReader`` memory-maps the shards and hands out numpy views of
+the mapped file (no copies); it implements the DocumentSource protocol of docs/internals.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from gptbert.config.data import ShardConfig
+
+from .clean import DOCUMENTS_FILE, count_words, iter_documents, open_documents
+from .common import (DataError, DigestMismatchError, atomic_stage_dir, config_digest, progress,
+                     rayon_threads, read_json, resolve_file, sha256_file, stage_identity, write_json)
+from .tokenizer import TOKENIZER_FILE, load_tokenizer
+
+MANIFEST_FILE = "manifest.json"
+SPLITS = ("train", "valid")
+FORMAT_VERSION = 1
+
+
+def shard_identity(documents_parquet: str | Path, tokenizer_json: str | Path, cfg: ShardConfig) -> str:
+    docs = resolve_file(documents_parquet, DOCUMENTS_FILE, "documents file")
+    tok = resolve_file(tokenizer_json, TOKENIZER_FILE, "tokenizer")
+    return stage_identity(_inputs_digest(sha256_file(docs), sha256_file(tok)), config_digest(cfg))
+
+
+def _inputs_digest(corpus_sha256: str, tokenizer_sha256: str) -> str:
+    return hashlib.sha256(f"{corpus_sha256}:{tokenizer_sha256}".encode()).hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def validation_mask(documents_parquet: str | Path, fraction: float, seed: int) -> np.ndarray:
+    """Boolean per document: True for the round(fraction * N) documents whose seeded text hash is
+    smallest (at least one when fraction > 0 and N >= 2)."""
+    keys = []
+    salt = seed.to_bytes(8, "little", signed=True)
+    for texts in iter_documents(documents_parquet, batch_size=4096):
+        for t in texts:
+            h = hashlib.blake2b(t.encode("utf-8"), digest_size=8, salt=salt)
+            keys.append(int.from_bytes(h.digest(), "little"))
+    n = len(keys)
+    n_valid = int(round(fraction * n))
+    if fraction > 0 and n >= 2:
+        n_valid = min(max(n_valid, 1), n - 1)
+    mask = np.zeros(n, dtype=bool)
+    if n_valid:
+        order = np.lexsort((np.arange(n), np.array(keys, dtype=np.uint64)))  # ties by position
+        mask[order[:n_valid]] = True
+    return mask
+
+
+class _ShardWriter:
+    """Accumulates documents of one split and writes a shard once it holds shard_tokens tokens."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, cfg: ShardConfig, metadata: dict):
+        self.out, self.split, self.dtype, self.cfg = out, split, dtype, cfg
+        self.metadata = metadata
+        self.arrays: list[np.ndarray] = []
+        self.lengths: list[int] = []
+        self.words: list[int] = []
+        self.tokens = 0
+        self.shards: list[dict[str, Any]] = []
+        self.schema = pa.schema(
+            [("tokens", pa.list_(pa.from_numpy_dtype(dtype))), ("words", pa.int32())])
+
+    def add(self, ids: np.ndarray, words: int) -> None:
+        self.arrays.append(ids)
+        self.lengths.append(len(ids))
+        self.words.append(words)
+        self.tokens += len(ids)
+        if self.tokens >= self.cfg.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.lengths:
+            return
+        if self.tokens >= 2**31:
+            raise DataError(f"shard {self.split}-{len(self.shards):05d} would hold {self.tokens} "
+                            "tokens, more than int32 offsets allow; lower shard.shard_tokens")
+        values = np.concatenate(self.arrays) if self.arrays else np.zeros(0, self.dtype)
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int32)
+        np.cumsum(self.lengths, out=offsets[1:])
+        tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+        batch = pa.record_batch([tokens, pa.array(np.array(self.words, dtype=np.int32))],
+                                schema=self.schema)
+        name = f"{self.split}-{len(self.shards):05d}.arrow"
+        meta = dict(self.metadata, split=self.split, shard=str(len(self.shards)))
+        schema = self.schema.with_metadata({k: str(v) for k, v in meta.items()})
+        # Uncompressed IPC: the reader maps it and views the buffers in place.
+        with pa.OSFile(str(self.out / name), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+            w.write_batch(batch)
+        self.shards.append({"file": name, "documents": len(self.lengths), "tokens": int(self.tokens),
+                            "words": int(sum(self.words)), "sha256": sha256_file(self.out / name)})
+        self.arrays, self.lengths, self.words, self.tokens = [], [], [], 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"documents": sum(s["documents"] for s in self.shards),
+                "tokens": sum(s["tokens"] for s in self.shards),
+                "words": sum(s["words"] for s in self.shards),
+                "shards": self.shards}
+
+
+def write_shards(documents_parquet: str | Path, tokenizer_json: str | Path, cfg: ShardConfig,
+                 out_dir: str | Path, progress_bar: bool = True) -> dict[str, Any]:
+    """Encode the documents with batched parallel encoding into train/valid Arrow shards."""
+    t0 = time.perf_counter()
+    docs_path = resolve_file(documents_parquet, DOCUMENTS_FILE, "documents file")
+    tok_path = resolve_file(tokenizer_json, TOKENIZER_FILE, "tokenizer")
+    tok = load_tokenizer(tok_path)
+    num_docs = open_documents(docs_path).metadata.num_rows
+    corpus_sha256, tokenizer_sha256 = sha256_file(docs_path), sha256_file(tok_path)
+    in_digest = _inputs_digest(corpus_sha256, tokenizer_sha256)
+    cfg_digest = config_digest(cfg)
+    vocab_size = tok.get_vocab_size()
+    dtype = token_dtype(vocab_size)
+    is_valid = validation_mask(docs_path, cfg.validation_fraction, cfg.split_seed)
+    metadata = {"format_version": FORMAT_VERSION, "tokenizer_sha256": tokenizer_sha256,
+                "corpus_sha256": corpus_sha256}
+
+    def encode(texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        ids = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+        lengths = [len(x) for x in ids]
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=sum(lengths))
+        return flat, lengths
+
+    with atomic_stage_dir(out_dir, MANIFEST_FILE) as tmp, rayon_threads(cfg.num_threads), \
+            ThreadPoolExecutor(max_workers=1) as pool:
+        writers = {s: _ShardWriter(tmp, s, dtype, cfg, metadata) for s in SPLITS}
+        bar = progress(total=num_docs, enabled=progress_bar, unit="doc", desc="shard")
+        # Encoding (Rust, parallel, GIL released) of the next batch overlaps with turning the
+        # previous one into arrays here.
+        batches = iter_documents(docs_path, batch_size=cfg.batch_documents)
+        first = next(batches, None)
+        pending = pool.submit(encode, first) if first is not None else None
+        texts, index = first, 0
+        while pending is not None:
+            flat, lengths = pending.result()
+            nxt = next(batches, None)
+            pending = pool.submit(encode, nxt) if nxt is not None else None
+            start = 0
+            for text, n in zip(texts, lengths):
+                writer = writers["valid" if is_valid[index] else "train"]
+                writer.add(flat[start: start + n], count_words(text))
+                start += n
+                index += 1
+            bar.update(len(texts))
+            texts = nxt
+        bar.close()
+        for w in writers.values():
+            w.flush()
+        manifest = {
+            "stage": "shard",
+            "format_version": FORMAT_VERSION,
+            "identity": stage_identity(in_digest, cfg_digest),
+            "inputs_digest": in_digest,
+            "config_digest": cfg_digest,
+            "config": cfg.identity_dict(),
+            "corpus_sha256": corpus_sha256,
+            "tokenizer_sha256": tokenizer_sha256,
+            "vocab_size": vocab_size,
+            "dtype": dtype.name,
+            "splits": {s: w.summary() for s, w in writers.items()},
+        }
+        write_json(tmp / MANIFEST_FILE, manifest)
+    return dict(manifest, seconds=time.perf_counter() - t0)
+
+
+class ShardReader:
+    """Memory-mapped, zero-copy view of one split of a shard folder (the DocumentSource protocol).
+
+    ``document(i)`` is a numpy view into the mapped file; nothing is read until it is touched.
+    Given ``tokenizer_json``, the reader refuses shards made with a different tokenizer.
+    """
+
+    def __init__(self, shard_dir: str | Path, tokenizer_json: str | Path | None = None,
+                 split: str = "train"):
+        self.dir = Path(shard_dir)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.manifest = read_json(resolve_file(self.dir, MANIFEST_FILE, "shard manifest"))
+        self.split = split
+        expected = self.manifest["tokenizer_sha256"]
+        if tokenizer_json is not None:
+            tok_path = resolve_file(tokenizer_json, TOKENIZER_FILE, "tokenizer")
+            actual = sha256_file(tok_path)
+            if actual != expected:
+                raise DigestMismatchError(
+                    f"{self.dir}: shards were made with tokenizer sha256 {expected[:16]}..., but "
+                    f"{tok_path} has sha256 {actual[:16]}...; re-run gptbert shard with it")
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self._maps: list[pa.MemoryMappedFile] = []
+        self._values: list[np.ndarray] = []
+        self._offsets: list[np.ndarray] = []
+        words = []
+        for entry in self.manifest["splits"][split]["shards"]:
+            path = self.dir / entry["file"]
+            if not path.exists():
+                raise FileNotFoundError(f"shard listed in {self.dir / MANIFEST_FILE} not found: {path}")
+            source = pa.memory_map(str(path), "r")
+            try:
+                reader = pa.ipc.open_file(source)
+            except pa.ArrowInvalid as exc:
+                raise DataError(f"{path}: not a readable Arrow IPC shard ({exc})") from None
+            meta = {k.decode(): v.decode() for k, v in (reader.schema.metadata or {}).items()}
+            if meta.get("tokenizer_sha256") != expected:
+                raise DigestMismatchError(
+                    f"{path}: shard tokenizer sha256 {meta.get('tokenizer_sha256', 'missing')[:16]}"
+                    f"... differs from the manifest's {expected[:16]}...")
+            if reader.num_record_batches != 1:
+                raise DataError(f"{path}: expected one record batch, found {reader.num_record_batches}")
+            batch = reader.get_batch(0)
+            tokens = batch.column(0)
+            if batch.num_rows != entry["documents"]:
+                raise DataError(f"{path}: holds {batch.num_rows} documents, manifest says "
+                                f"{entry['documents']}")
+            # Views of the mapped buffers; the list's own offset shifts both (0 when written here).
+            offsets = np.frombuffer(tokens.buffers()[1], dtype=np.int32)[
+                tokens.offset: tokens.offset + len(tokens) + 1]
+            values = tokens.values.to_numpy(zero_copy_only=True)
+            if len(values) != entry["tokens"] or int(offsets[-1] - offsets[0]) != entry["tokens"]:
+                raise DataError(f"{path}: holds {len(values)} tokens, manifest says {entry['tokens']}")
+            self._maps.append(source)
+            self._offsets.append(offsets)
+            self._values.append(values)
+            words.append(batch.column(1).to_numpy(zero_copy_only=True))
+        self._doc_starts = np.zeros(len(self._offsets) + 1, dtype=np.int64)
+        np.cumsum([len(o) - 1 for o in self._offsets], out=self._doc_starts[1:])
+        self.lengths = (np.concatenate([np.diff(o).astype(np.int64) for o in self._offsets])
+                        if self._offsets else np.zeros(0, np.int64))
+        self.words = (np.concatenate(words).astype(np.int64) if words else np.zeros(0, np.int64))
+        self.num_tokens = int(self.lengths.sum())
+        self.num_words = int(self.words.sum())
+
+    def __len__(self) -> int:
+        return int(self._doc_starts[-1])
+
+    def document(self, i: int) -> np.ndarray:
+        """Token ids of document i (no specials): a read-only view of the mapped shard."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"document {i} out of range ({n} documents)")
+        i = i % n
+        s = int(np.searchsorted(self._doc_starts, i, side="right")) - 1
+        j = i - int(self._doc_starts[s])
+        off = self._offsets[s]
+        return self._values[s][off[j]: off[j + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for s, off in enumerate(self._offsets):
+            values = self._values[s]
+            for j in range(len(off) - 1):
+                yield values[off[j]: off[j + 1]]
+
+    def random_windows(self, length: int, count: int, seed: int = 0) -> Iterator[np.ndarray]:
+        """``count`` windows of ``length`` consecutive tokens at uniformly random positions of the
+        split's token stream (within one shard; they may cross document boundaries)."""
+        sizes = np.array([len(v) for v in self._values], dtype=np.int64)
+        usable = np.maximum(sizes - length + 1, 0)
+        if usable.sum() == 0:
+            raise ValueError(f"no shard of {self.dir} ({self.split}) holds {length} tokens")
+        rng = np.random.default_rng(seed)
+        starts = rng.integers(0, usable.sum(), size=count)
+        bounds = np.cumsum(usable)
+        for g in starts:
+            s = int(np.searchsorted(bounds, g, side="right"))
+            start = int(g - (bounds[s - 1] if s else 0))
+            yield self._values[s][start: start + length]
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against the manifest (reads all bytes)."""
+        for entry in self.manifest["splits"][self.split]["shards"]:
+            actual = sha256_file(self.dir / entry["file"])
+            if actual != entry["sha256"]:
+                raise DigestMismatchError(f"{self.dir / entry['file']}: sha256 {actual[:16]}... "
+                                          f"differs from the manifest's {entry['sha256'][:16]}...")
+
+    def close(self) -> None:
+        self._values, self._offsets = [], []
+        for m in self._maps:
+            m.close()
+        self._maps = []
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
