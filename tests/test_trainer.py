@@ -1,0 +1,188 @@
+"""The training loop end to end: learning in both modes, metrics, the model folder, token files, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptbert.config import load_config
+from gptbert.data import ListDocumentSource, load_token_file, save_token_file
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def repetitive_corpus(n_docs=120, seed=0):
+    """Documents that cycle through one of 4 fixed 8-token patterns: easy to learn both ways."""
+    rng = np.random.default_rng(seed)
+    patterns = [rng.integers(16, 512, size=8) for _ in range(4)]
+    docs = []
+    for i in range(n_docs):
+        p = patterns[i % 4]
+        n = int(rng.integers(12, 60))
+        docs.append(np.resize(p, n))
+    return docs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_loss_falls_in_both_pure_modes(tmp_path, fraction):
+    from gptbert.trainer import pretrain
+
+    history = []
+    cfg = load_config(preset="tiny", overrides=[
+        "train.steps=40", "train.lr=2e-2", f"train.causal_fraction={fraction}", "train.checkpoint_every=0",
+        "train.validate_every=0", "train.seq_len_schedule=false", "train.seq_len=32",
+        "train.batch_tokens_start=1024", "train.batch_tokens_end=1024", "train.micro_batch_tokens=1024"])
+    docs = repetitive_corpus()
+    pretrain(cfg, ListDocumentSource(docs), tmp_path / "run", callback=lambda m, s: history.append(m),
+             valid_data=ListDocumentSource(repetitive_corpus(136)[120:]))  # same patterns, unseen docs
+    key = "loss_causal" if fraction == 1.0 else "loss_masked"
+    other = "loss_masked" if fraction == 1.0 else "loss_causal"
+    first, last = history[0][key], np.mean([m[key] for m in history[-5:]])
+    assert first > 5.5  # about ln(512) at initialisation
+    assert last < 0.5 * first, (first, last)
+    assert all(np.isnan(m[other]) for m in history)  # the other kind is absent
+    summary = json.loads((tmp_path / "run" / "model" / "training.json").read_text())
+    valid_key = "valid_" + key
+    assert summary["final"][valid_key] < 0.5 * first
+
+
+def test_pretrain_metrics_and_model_folder(tmp_path):
+    from gptbert.io import load_model_dir
+    from gptbert.model import GPTBERT
+    from gptbert.trainer import pretrain
+
+    docs = repetitive_corpus(40)
+    data = tmp_path / "tokens.txt"
+    data.write_text("\n".join(" ".join(map(str, d)) for d in docs) + "\n")
+    valid = tmp_path / "valid.npz"
+    save_token_file(valid, repetitive_corpus(8, seed=3))
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text(_minimal_tokenizer_json())
+    calls = []
+    cfg = load_config(preset="tiny", overrides=["train.steps=4", "train.validate_every=2",
+                                                "train.checkpoint_every=0", "train.valid_examples=5"])
+    model_dir = pretrain(cfg, data, tmp_path / "run", callback=lambda m, s: calls.append((s, m)),
+                         tokenizer=tokenizer, valid_data=valid)
+    assert [s for s, _ in calls] == [1, 2, 3, 4]
+    m = calls[0][1]
+    for key in ("loss", "loss_masked", "loss_causal", "lr", "mask_rate", "grad_norm", "tokens_per_s",
+                "data_time_s", "step_time_s", "seq_len", "batch_size"):
+        assert np.isfinite(m[key]), key
+    assert "words_per_s" not in m  # a .txt token file has no word count
+    assert m["mask_rate"] == pytest.approx(0.30) and calls[-1][1]["mask_rate"] == pytest.approx(0.15)
+    assert m["batch_size"] == 1024 // 16 and m["seq_len"] == 16
+    assert "valid_loss_masked" in calls[1][1] and "valid_loss_causal" in calls[1][1]
+    assert "valid_loss_masked" not in calls[0][1]
+    model, tok = load_model_dir(model_dir)
+    assert isinstance(model, GPTBERT) and not model.training
+    assert tok is not None and tok.get_vocab_size() >= 1
+    summary = json.loads((model_dir / "training.json").read_text())
+    assert summary["steps"] == 4 and summary["tokens"] > 0
+    assert np.isfinite(summary["final"]["valid_loss_masked_ema"])
+    assert json.loads((model_dir / "config.json").read_text())["hidden_size"] == 64
+
+
+def _minimal_tokenizer_json() -> str:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    tok = Tokenizer(WordLevel({"<unk>": 0, "<s>": 1, "a": 2}, unk_token="<unk>"))
+    return tok.to_str()
+
+
+def test_words_per_second_uses_the_source_word_count():
+    from gptbert.trainer import PlainBackend, Trainer
+    from gptbert.model import GPTBERT
+    from gptbert.optim import build_optimizer
+
+    cfg = load_config(preset="tiny", overrides=["train.steps=2"])
+    docs = repetitive_corpus(20)
+    tokens = sum(len(d) for d in docs)
+    source = ListDocumentSource(docs, words=tokens // 2)
+    model = GPTBERT(cfg.model)
+    trainer = Trainer(cfg, source, PlainBackend(model, build_optimizer(model, cfg.train)))
+    m = trainer.train_step()
+    assert m["words_per_s"] == pytest.approx(m["tokens_per_s"] * (tokens // 2) / tokens)
+    assert trainer.step == 1 and m["tokens"] == trainer.tokens_seen > 0
+
+
+def test_token_files_roundtrip_and_errors(tmp_path):
+    docs = [[16, 17, 18], [], [20]]
+    save_token_file(tmp_path / "t.npz", docs, num_words=7)
+    src = load_token_file(tmp_path / "t.npz")
+    assert len(src) == 3 and src.lengths.tolist() == [3, 0, 1] and src.num_words == 7
+    assert src.document(0).tolist() == [16, 17, 18] and src.num_tokens == 4
+    (tmp_path / "bad.txt").write_text("1 2 3\n4 x 5\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2"):
+        load_token_file(tmp_path / "bad.txt")
+    with pytest.raises(ValueError, match="expected .txt or .npz"):
+        (tmp_path / "t.csv").write_text("1")
+        load_token_file(tmp_path / "t.csv")
+    with pytest.raises(FileNotFoundError):
+        load_token_file(tmp_path / "missing.txt")
+
+
+def test_find_tokenizer_from_manifest(tmp_path):
+    from gptbert.trainer import find_tokenizer
+
+    shard = tmp_path / "shards"
+    shard.mkdir()
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    (shard / "manifest.json").write_text(json.dumps({"tokenizer_path": str(tmp_path / "tok" / "tokenizer.json")}))
+    assert find_tokenizer(shard) == tmp_path / "tok" / "tokenizer.json"
+    (shard / "manifest.json").write_text("{}")
+    assert find_tokenizer(shard) is None
+    (shard / "tokenizer.json").write_text("{}")
+    assert find_tokenizer(shard) == shard / "tokenizer.json"
+
+
+def test_out_of_vocabulary_ids_fail_clearly(tmp_path):
+    from gptbert.trainer import pretrain
+
+    cfg = load_config(preset="tiny", overrides=["train.steps=1"])
+    with pytest.raises(ValueError, match="outside the model vocabulary"):
+        pretrain(cfg, ListDocumentSource([np.arange(500, 600)]), tmp_path / "run")
+
+
+def test_cli_pretrain(tmp_path, capsys):
+    from gptbert.commands.train import register
+
+    data = tmp_path / "tokens.txt"
+    data.write_text("\n".join(" ".join(map(str, d)) for d in repetitive_corpus(30)) + "\n")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["pretrain", "--preset", "tiny", "--set", "train.steps=2",
+                              "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "pretrain: wrote" in out and "loss=" in out
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_train_config_validation():
+    from gptbert.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="seq_len_boundaries"):
+        TrainConfig(seq_len_stages=[128, 512], seq_len_boundaries=[0.7, 0.9])
+    with pytest.raises(ConfigError, match="causal_fraction"):
+        TrainConfig(causal_fraction=1.5)
+    with pytest.raises(ConfigError, match="micro_batch_tokens"):
+        TrainConfig(micro_batch_tokens=100)
+    small = load_config(preset="small").train
+    assert (small.steps, small.lr, small.causal_fraction, small.ema_decay) == (7812, 1.41e-2, 0.0625, 0.999)
+    assert (small.beta1, small.beta2, small.eps, small.weight_decay, small.grad_clip) == (0.9, 0.98, 1e-8, 0.1, 2.0)
+    base = load_config(preset="base").train
+    assert (base.steps, base.lr) == (15625, 1e-2)
