@@ -103,8 +103,12 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def target_log_probs(logits: torch.Tensor, targets: torch.Tensor,
                      temperatures: Sequence[float]) -> torch.Tensor:
-    """log_softmax(logits / T)[target] for every T: (N, V), (N,) -> (N, len(temperatures)) float64."""
-    logits = logits.double()  # the sweep compares sums of many terms; keep them exact enough
+    """log_softmax(logits / T)[target] for every T: (N, V), (N,) -> (N, len(temperatures)) float64.
+
+    Computed in the logits' precision (at least float32); the per-sentence sums are float64.
+    """
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
     chosen = logits.gather(1, targets[:, None])[:, 0]
     out = torch.empty(logits.shape[0], len(temperatures), dtype=torch.float64, device=logits.device)
     for k, t in enumerate(temperatures):

@@ -135,3 +135,118 @@ def test_load_shared_blimp_dev():
     pairs = load_blimp(folder, max_pairs_per_paradigm=5)
     assert len({p.uid for p in pairs}) == 12 and len(pairs) == 60
     assert all(p.good != p.bad for p in pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end with a real (tiny) model whose preferences are known
+
+
+def _bias_model_and_tokenizer():
+    import torch
+
+    from test_generate import bias_only_model, descending_bias
+    from test_scoring import make_tokenizer
+
+    return bias_only_model(descending_bias()), make_tokenizer()
+
+
+def _expected_scores(model, tokenizer, sentence, temps):
+    """The bias-only model's log p(token) is log_softmax(bias / T) whatever the context or mask."""
+    import torch
+
+    ids = tokenizer.encode(sentence, add_special_tokens=False).ids
+    bias = model.head_bias.detach().double()
+    return np.array([torch.log_softmax(bias / t, -1)[ids].sum().item() for t in temps])
+
+
+HAND_MADE = {
+    "p_agree.jsonl": [_pair("agree", "agreement", "morphology", "The cat sat.", "The cats sat on."),
+                      _pair("agree", "agreement", "morphology", "Dogs ran far away.", "Dog ran."),
+                      _pair("agree", "agreement", "morphology", "A child read.", "A child reads.")],
+    "p_island.jsonl": [_pair("island", "island_effects", "syntax", "Who should Derek hug?", "Who should Derek hugs?"),
+                       _pair("island", "island_effects", "syntax", "The ships sailed away.", "The ship sailed.")],
+    "p_npi.jsonl": [_pair("npi", "npi_licensing", "semantics", "Every teacher praised them.", "Ever teacher praised.")],
+}
+
+
+def test_evaluate_blimp_end_to_end_matches_known_preferences(tmp_path):
+    from gptbert.evaluate import evaluate, evaluate_blimp
+
+    model, tok = _bias_model_and_tokenizer()
+    for name, items in HAND_MADE.items():
+        _write(tmp_path / "blimp", name, items)
+    temps = [0.5, 1.0, 3.0]
+    cfg = from_dict(EvalConfig, {"blimp_dir": str(tmp_path / "blimp"), "temperatures": temps, "max_tokens": 64})
+    result = evaluate_blimp(model, tok, cfg)
+    assert result["num_pairs"] == 6 and result["num_paradigms"] == 3 and result["temperatures"] == temps
+
+    # The same accuracies from the closed-form scores of this model.
+    pairs = load_blimp(tmp_path / "blimp")
+    good = np.stack([_expected_scores(model, tok, p.good, temps) for p in pairs])
+    bad = np.stack([_expected_scores(model, tok, p.bad, temps) for p in pairs])
+    for mode, factor in (("causal", 1), ("mntp", 1), ("fused", 2)):  # mask and context do not matter here
+        expected = blimp_accuracy(pairs, factor * good, factor * bad, temps)
+        got = result["modes"][mode]
+        assert got["macro_accuracy"] == pytest.approx(expected["macro_accuracy"], abs=1e-12)
+        assert got["best"]["paradigms"] == expected["best"]["paradigms"]
+    correct = (good > bad).mean()
+    assert 0 < correct < 1  # the hand-made data has both outcomes, so the test can tell them apart
+
+    full = evaluate(model, tok, cfg, model_dir="somewhere")
+    assert full["blimp"]["modes"]["mntp"]["macro_accuracy"] == result["modes"]["mntp"]["macro_accuracy"]
+    assert full["config"]["temperatures"] == temps and full["model_dir"] == "somewhere"
+    json.dumps(full)  # plain JSON
+
+
+def test_evaluate_cli_score_and_generate(tmp_path, capsys):
+    pytest.importorskip("gptbert.io")
+    from gptbert.cli import main
+    from gptbert.io import save_model_dir
+
+    model, tok = _bias_model_and_tokenizer()
+    tok.save(str(tmp_path / "tok.json"))
+    model_dir = save_model_dir(tmp_path / "model", model, model.config, tmp_path / "tok.json", {})
+    for name, items in HAND_MADE.items():
+        _write(tmp_path / "blimp", name, items)
+
+    out = tmp_path / "eval"
+    rc = main(["evaluate", str(model_dir), "--blimp", str(tmp_path / "blimp"), "--out", str(out),
+               "--set", "eval.temperatures=[1.0, 2.0]", "--set", "eval.modes=[causal, mntp]", "--max-pairs", "1"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["blimp"]["num_pairs"] == 3 and set(results["blimp"]["modes"]) == {"causal", "mntp"}
+    assert "blimp.mntp.t1_accuracy" in capsys.readouterr().out
+    assert "| mntp |" in (out / "report.md").read_text()
+
+    assert main(["score", str(model_dir), "The cat sat.", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    expected = _expected_scores(model, tok, "The cat sat.", [1.0])[0]
+    assert scored[0]["scores"]["causal"]["1.0"] == pytest.approx(expected, abs=1e-3)
+    assert scored[0]["scores"]["fused"]["1.0"] == pytest.approx(2 * expected, abs=1e-3)
+
+    assert main(["generate", str(model_dir), "The cat", "--greedy", "--repetition-penalty", "1.5",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == "The cat " + tok.decode([16, 17, 18, 19]).lstrip()
+
+    # A bad BLiMP file is a clear CLI error naming file and line.
+    (tmp_path / "blimp" / "p_npi.jsonl").write_text("{not json\n")
+    assert main(["evaluate", str(model_dir), "--blimp", str(tmp_path / "blimp"), "--out", str(out)]) == 1
+    assert "p_npi.jsonl:1: not valid JSON" in capsys.readouterr().err
+
+
+def test_evaluate_shared_blimp_dev_quick(tmp_path):
+    import torch
+
+    from gptbert.evaluate import evaluate_blimp
+    from test_scoring import make_model, make_tokenizer
+
+    folder = shared_path("blimp-dev")
+    cfg = from_dict(EvalConfig, {"blimp_dir": str(folder), "max_pairs_per_paradigm": 2,
+                                 "temperatures": [0.5, 1.0, 2.0]})
+    r = evaluate_blimp(make_model(dtype=torch.float32), make_tokenizer(), cfg)
+    assert r["num_pairs"] == 24 and r["num_paradigms"] == 12 and len(r["data_digest"]) == 64
+    for mode in ("causal", "mntp", "fused"):
+        m = r["modes"][mode]
+        assert len(m["macro_accuracy"]) == 3 and set(m["pairs_per_paradigm"].values()) == {2}
+        assert m["best"]["accuracy"] == max(m["macro_accuracy"]) and m["t1"]["temperature"] == 1.0
+        assert all(acc in (0.0, 0.5, 1.0) for acc in m["best"]["paradigms"].values())

@@ -1,0 +1,124 @@
+"""CLI: `gptbert score`, `gptbert generate`, `gptbert evaluate` (SPEC section 6)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    from gptbert.cli import add_config_args
+
+    p = subparsers.add_parser("score", help="log-likelihood of sentences in causal, mntp and fused mode")
+    p.add_argument("model_dir", help="a trained model folder (model.safetensors, config.json, tokenizer.json)")
+    p.add_argument("sentences", nargs="+", help="sentences to score")
+    p.add_argument("--mode", dest="modes", action="append", choices=["causal", "mntp", "fused"],
+                   help="scoring mode (repeatable; default: all three)")
+    p.add_argument("--temperature", dest="temperatures", action="append", type=float,
+                   help="divide logits by T before the log-softmax (repeatable; default 1)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=score_command)
+
+    g = subparsers.add_parser("generate", help="continue a prompt in causal mode")
+    g.add_argument("model_dir")
+    g.add_argument("prompt")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="CTRL repetition penalty (1 = off; the paper uses 1.5 to stop greedy loops)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.set_defaults(func=generate_command)
+
+    e = subparsers.add_parser("evaluate", help="BLiMP-style minimal pairs (and fine-tuning) -> results.json, report.md")
+    e.add_argument("model_dir")
+    e.add_argument("--blimp", help="folder of BLiMP jsonl files (overrides eval.blimp_dir)")
+    e.add_argument("--out", required=True, help="output folder for results.json and report.md")
+    e.add_argument("--max-pairs", type=int, help="at most this many pairs per paradigm (quick runs)")
+    add_config_args(e)
+    e.set_defaults(func=evaluate_command)
+
+
+def _load(model_dir: str):
+    import torch
+
+    from gptbert.io import load_model_dir
+
+    model, tokenizer = load_model_dir(model_dir)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model, tokenizer
+
+
+def score_command(args: argparse.Namespace) -> int:
+    import json
+
+    from gptbert.scoring import score_sentences
+
+    modes = args.modes or ["causal", "mntp", "fused"]
+    temperatures = args.temperatures or [1.0]
+    model, tokenizer = _load(args.model_dir)
+    scores = score_sentences(model, tokenizer, args.sentences, modes=modes, temperatures=temperatures)
+    if args.json:
+        out = [{"sentence": s, "scores": {m: {str(t): float(scores[m][i, k]) for k, t in enumerate(temperatures)}
+                                          for m in modes}} for i, s in enumerate(args.sentences)]
+        print(json.dumps(out, indent=2))
+        return 0
+    header = [f"{m}@T={t:g}" if len(temperatures) > 1 else m for m in modes for t in temperatures]
+    print("\t".join(header + ["sentence"]))
+    for i, s in enumerate(args.sentences):
+        cells = [f"{scores[m][i, k]:.4f}" for m in modes for k in range(len(temperatures))]
+        print("\t".join(cells + [s]))
+    return 0
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from gptbert.generate import GenerationSettings, generate
+
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  repetition_penalty=args.repetition_penalty, seed=args.seed)
+    settings.validate()
+    model, tokenizer = _load(args.model_dir)
+    print(args.prompt + " " + generate(model, tokenizer, args.prompt, settings).lstrip())
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from gptbert.cli import config_from_args
+    from gptbert.config import from_dict, to_dict
+    from gptbert.config.eval import EvalConfig
+    from gptbert.evaluate import evaluate, summary_metrics, write_results
+
+    cfg = config_from_args(args).eval
+    changes = {}
+    if args.blimp:
+        changes["blimp_dir"] = args.blimp
+    if args.max_pairs is not None:
+        changes["max_pairs_per_paradigm"] = args.max_pairs
+    cfg = from_dict(EvalConfig, {**to_dict(cfg), **changes})  # re-validates the overrides
+    if not cfg.blimp_dir and not cfg.finetune.tasks:
+        raise ValueError("nothing to evaluate: pass --blimp DIR or set eval.blimp_dir / eval.finetune.tasks")
+
+    model, tokenizer = _load(args.model_dir)
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="row", desc="scoring")
+        bar.update(done)
+
+    try:
+        results = evaluate(model, tokenizer, cfg, progress=progress, model_dir=args.model_dir)
+    finally:
+        if bar is not None:
+            bar.close()
+    path = write_results(results, args.out)
+    for name, value in summary_metrics(results).items():
+        print(f"{name}\t{value:.4f}")
+    print(f"wrote {path} and {path.parent / 'report.md'}")
+    return 0
