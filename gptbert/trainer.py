@@ -285,24 +285,26 @@ class Trainer:
 # ----------------------------------------------------------------------------- data opening
 
 def find_tokenizer(shard_dir: str | Path) -> Path | None:
-    """tokenizer.json of a shard folder: named in its manifest, or lying beside/above it."""
+    """tokenizer.json of a shard folder: named in its manifest, or lying beside/above it. When the
+    manifest records ``tokenizer_sha256``, only a file with that digest is accepted."""
+    import hashlib
     import json
 
     d = Path(shard_dir)
     manifest = d / "manifest.json"
-    if manifest.is_file():
-        meta = json.loads(manifest.read_text())
-        for key in ("tokenizer_path", "tokenizer_json", "tokenizer"):
-            value = meta.get(key)
-            if isinstance(value, dict):
-                value = value.get("path")
-            if isinstance(value, str) and value:
-                p = Path(value)
-                p = p if p.is_absolute() else d / p
-                if p.is_file():
-                    return p
-    for p in (d / "tokenizer.json", d.parent / "tokenizer.json"):
-        if p.is_file():
+    meta = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    candidates = []
+    for key in ("tokenizer_path", "tokenizer_json", "tokenizer"):
+        value = meta.get(key)
+        if isinstance(value, dict):
+            value = value.get("path")
+        if isinstance(value, str) and value:
+            p = Path(value)
+            candidates.append(p if p.is_absolute() else d / p)
+    candidates += [d / "tokenizer.json", d.parent / "tokenizer.json"]
+    expected = meta.get("tokenizer_sha256")
+    for p in candidates:
+        if p.is_file() and (expected is None or hashlib.sha256(p.read_bytes()).hexdigest() == expected):
             return p
     return None
 
@@ -369,6 +371,10 @@ def pretrain(cfg, data, out_dir: str | Path, callback: Callback | None = None, b
     if max_len > cfg.model.max_position_embeddings:
         raise ValueError(f"config field 'train.seq_len': {max_len} exceeds model.max_position_embeddings "
                          f"({cfg.model.max_position_embeddings})")
+    vocab = getattr(source, "manifest", {}).get("vocab_size")
+    if isinstance(vocab, int) and vocab > cfg.model.vocab_size:
+        raise ValueError(f"config field 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
+                         f"shards' tokenizer vocabulary ({vocab})")
     if backend is None:
         backend = build_plain_backend(cfg)
     trainer = Trainer(cfg, source, backend, valid, callback, progress)

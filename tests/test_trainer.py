@@ -147,6 +147,9 @@ def test_find_tokenizer_from_manifest(tmp_path):
     assert find_tokenizer(shard) is None
     (shard / "tokenizer.json").write_text("{}")
     assert find_tokenizer(shard) == shard / "tokenizer.json"
+    # A neighbour whose digest differs from the one the shards were made with is not taken.
+    (shard / "manifest.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))
+    assert find_tokenizer(shard) is None
 
 
 def test_out_of_vocabulary_ids_fail_clearly(tmp_path):
@@ -186,3 +189,32 @@ def test_train_config_validation():
     assert (small.beta1, small.beta2, small.eps, small.weight_decay, small.grad_clip) == (0.9, 0.98, 1e-8, 0.1, 2.0)
     base = load_config(preset="base").train
     assert (base.steps, base.lr) == (15625, 1e-2)
+
+
+@pytest.mark.slow
+def test_pretrain_from_real_shards(tmp_path):
+    """The shard reader of tokenization/ feeds the loop: words/s, validation split, tokenizer."""
+    from gptbert.config import CleanConfig, ShardConfig, TokenizerConfig
+    from gptbert.trainer import pretrain
+    from tokenization.clean import clean_corpus
+    from tokenization.shards import write_shards
+    from tokenization.tokenizer import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = "the cat dog sat ran on a mat log big small red".split()
+    lines = [" ".join(rng.choice(words, size=rng.integers(5, 30))) for _ in range(300)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    clean_corpus(CleanConfig(inputs=[str(tmp_path / "corpus.txt")]), tmp_path / "clean", progress_bar=False)
+    docs = tmp_path / "clean" / "documents.parquet"
+    train_tokenizer(docs, TokenizerConfig(vocab_size=512), tmp_path / "tok", progress_bar=False)
+    tok = tmp_path / "tok" / "tokenizer.json"
+    write_shards(docs, tok, ShardConfig(validation_fraction=0.1), tmp_path / "shards", progress_bar=False)
+    history = []
+    cfg = load_config(preset="tiny", overrides=["train.steps=2", "train.validate_every=1"])
+    model_dir = pretrain(cfg, tmp_path / "shards", tmp_path / "run", tokenizer=tok,
+                         callback=lambda m, s: history.append(m))
+    assert "words_per_s" in history[0] and history[0]["words_per_s"] > 0
+    assert np.isfinite(history[0]["valid_loss_masked"])  # the shards' valid split
+    assert (model_dir / "tokenizer.json").read_bytes() == tok.read_bytes()
+    summary = json.loads((model_dir / "training.json").read_text())
+    assert summary["data_manifest_digest"] and summary["words"] > 0
