@@ -95,11 +95,21 @@ def atomic_stage_dir(out_dir: str | Path, marker: str) -> Iterator[Path]:
         raise
 
 
-def progress(iterable=None, *, enabled: bool = True, **kwargs):
-    """tqdm when enabled (and installed), else the iterable unchanged / a no-op bar."""
-    from tqdm.auto import tqdm
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
 
-    return tqdm(iterable, disable=not enabled, **kwargs)
+    def close(self) -> None:
+        pass
+
+
+def progress(*, enabled: bool = True, **kwargs):
+    """A tqdm bar (to stderr) when enabled, else a no-op with the same update/close methods."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(**kwargs)
 
 
 @contextlib.contextmanager
