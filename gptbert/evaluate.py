@@ -175,7 +175,7 @@ def evaluate(model, tokenizer, cfg, progress=None, model_dir: str | Path | None 
     if cfg.finetune.tasks:
         from gptbert.finetune import finetune_tasks
 
-        results["finetune"] = finetune_tasks(model, tokenizer, cfg.finetune, max_tokens=cfg.max_tokens)
+        results["finetune"] = finetune_tasks(model, tokenizer, cfg.finetune)
     return results
 
 

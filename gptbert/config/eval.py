@@ -44,6 +44,7 @@ class FinetuneConfig(ConfigBase):
         check(self.max_length >= 4, "max_length", "must be at least 4 tokens")
         check(self.max_train_examples is None or self.max_train_examples > 0, "max_train_examples",
               "must be positive or null (all)")
+        check(not self.tasks or bool(self.data_dir), "data_dir", "must be set when tasks are given")
         for i, task in enumerate(self.tasks):
             check(bool(task) and "/" not in task, f"tasks[{i}]", f"must be a task file prefix, got {task!r}")
 
