@@ -72,6 +72,7 @@ class PackingPlanner:
             raise ValueError("the training data has no document with at least 2 tokens")
         self._order_epoch = -1
         self._order = self.usable
+        self._lengths_list = self.lengths.tolist()
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
@@ -83,24 +84,26 @@ class PackingPlanner:
     def plan(self, cursor: Cursor, batch_size: int, seq_len: int) -> tuple[list[list[Piece]], Cursor]:
         """``batch_size`` examples of ``seq_len + 1`` slots starting at ``cursor``; returns the new cursor."""
         epoch, pos, off = cursor.epoch, cursor.position, cursor.offset
-        order = self.order(epoch)
-        lengths = self.lengths
+        order = self.order(epoch).tolist()
+        lengths = self._lengths_list
+        longest = seq_len - 2
         examples: list[list[Piece]] = []
         for _ in range(batch_size):
             free = seq_len + 1
             pieces: list[Piece] = []
             while free >= 2:  # "<s>" plus at least one token still fits
-                doc = int(order[pos])
-                n = min(int(lengths[doc]) - off, seq_len - 2, free - 1)
+                doc = order[pos]
+                length = lengths[doc]
+                n = min(length - off, longest, free - 1)
                 pieces.append((doc, off, n))
                 free -= n + 1
                 off += n
-                if lengths[doc] - off < 2:  # consumed, or a one-token tail (dropped)
+                if length - off < 2:  # consumed, or a one-token tail (dropped)
                     off = 0
                     pos += 1
                     if pos == len(order):
                         epoch, pos = epoch + 1, 0
-                        order = self.order(epoch)
+                        order = self.order(epoch).tolist()
             examples.append(pieces)
         return examples, Cursor(epoch, pos, off)
 
@@ -227,39 +230,78 @@ def span_mask(
     tokens, at least one); each chosen span becomes all ``<mask>`` (80%), random non-special
     tokens (10%) or stays unchanged (10%). Specials are never masked.
     """
-    real = (segs != 0) & ~starts
-    span_starts: list[int] = []
-    span_lens: list[int] = []
-    for j in np.unique(segs[segs != 0]):
-        idx = np.flatnonzero(real & (segs == j))
-        if len(idx) == 0:
-            continue
-        first, n = int(idx[0]), len(idx)
-        draws = rng.integers(1, max_span + 1, size=n)
-        ends = np.cumsum(draws)
-        k = int(np.searchsorted(ends, n))  # spans 0..k cover the segment; clip the last one
-        begins = np.concatenate(([0], ends[:k]))
-        lens = np.minimum(ends[:k + 1], n) - begins
-        span_starts.extend((first + begins).tolist())
-        span_lens.extend(lens.tolist())
+    corrupted, masked = span_mask_rows(items[None], segs[None], starts[None], rate, [rng], vocab_size,
+                                       max_span, mask_prob, random_prob)
+    return corrupted[0], masked[0]
+
+
+def span_mask_rows(items, segs, starts, rate, rngs, vocab_size, max_span=3, mask_prob=0.8,
+                   random_prob=0.1):
+    """``span_mask`` of many rows (R, L) at once, row r drawing only from ``rngs[r]``.
+
+    Each row draws fixed-size blocks (span lengths, span order keys, span modes and replacement
+    tokens indexed by position), so the result of a row does not depend on the other rows.
+    """
+    R, L = items.shape
     corrupted = items.copy()
-    masked = np.zeros(len(items), dtype=bool)
-    total = int(real.sum())
-    if total == 0:
+    masked = np.zeros((R, L), dtype=bool)
+    draws = np.empty((R, L), dtype=np.int64)
+    keys = np.empty((R, L))
+    modes = np.empty((R, L))
+    replace = np.empty((R, L), dtype=np.int64)
+    coin = np.empty(R)
+    for r, rng in enumerate(rngs):
+        draws[r] = rng.integers(1, max_span + 1, size=L)
+        keys[r] = rng.random(L)
+        modes[r] = rng.random(L)
+        replace[r] = rng.integers(NUM_SPECIAL, vocab_size, size=L)
+        coin[r] = rng.random()
+    real = (segs != 0) & ~starts
+    # Segments as flat runs of real tokens: (row, first position, length).
+    flat_real = real.reshape(-1)
+    edges = np.diff(np.concatenate(([False], flat_real, [False])).astype(np.int8))
+    run_first = np.flatnonzero(edges == 1)
+    run_len = np.flatnonzero(edges == -1) - run_first
+    # Runs never cross rows: a row's first item is <s> and pads/<s> separate segments.
+    if len(run_first) == 0:
         return corrupted, masked
+    # Spans of every segment: a segment uses the draws at its own positions; spans beginning
+    # past the segment's end are discarded, the last one is clipped.
+    seg_of = np.repeat(np.arange(len(run_len)), run_len)
+    tok = np.repeat(run_first, run_len) + (np.arange(int(run_len.sum()))
+                                           - np.repeat(np.cumsum(run_len) - run_len, run_len))
+    d = draws.reshape(-1)[tok]
+    cum = np.cumsum(d)
+    seg_start_cum = (cum - d)[np.cumsum(run_len) - run_len]  # cum before each segment's first draw
+    ends = cum - seg_start_cum[seg_of]
+    begins = ends - d
+    keep = begins < run_len[seg_of]
+    span_seg = seg_of[keep]
+    span_len = np.minimum(ends[keep], run_len[span_seg]) - begins[keep]
+    span_pos = run_first[span_seg] + begins[keep]  # flat position of the span's first token
+    span_row = span_pos // L
+    # Per row: order spans by their key and take them until the goal is reached.
+    total = np.bincount(span_row, weights=span_len, minlength=R)
     want = rate * total
-    goal = max(1, int(np.floor(want)) + int(rng.random() < want - np.floor(want)))
-    order = rng.permutation(len(span_starts))
-    lens = np.asarray(span_lens)[order]
-    chosen = order[: int(np.searchsorted(np.cumsum(lens), goal)) + 1]
-    modes = rng.random(len(chosen))
-    for span, u in zip(chosen, modes):
-        a, n = span_starts[span], span_lens[span]
-        masked[a:a + n] = True
-        if u < mask_prob:
-            corrupted[a:a + n] = MASK_ID
-        elif u < mask_prob + random_prob:
-            corrupted[a:a + n] = rng.integers(NUM_SPECIAL, vocab_size, size=n)
+    goal = np.maximum(1, np.floor(want) + (coin < want - np.floor(want)))
+    order = np.lexsort((keys.reshape(-1)[span_pos], span_row))
+    lens_sorted = span_len[order]
+    row_sorted = span_row[order]
+    cum_len = np.cumsum(lens_sorted)
+    row_begin = np.concatenate(([0], np.cumsum(np.bincount(row_sorted, minlength=R))))[:-1]
+    before = (cum_len - lens_sorted) - (cum_len - lens_sorted)[row_begin][row_sorted] \
+        if len(order) else cum_len
+    chosen = order[before < goal[row_sorted]]
+    lens = span_len[chosen]
+    pos = np.repeat(span_pos[chosen], lens) + (np.arange(int(lens.sum()))
+                                               - np.repeat(np.cumsum(lens) - lens, lens))
+    mode = np.repeat(modes.reshape(-1)[span_pos[chosen]], lens)
+    flat_masked = masked.reshape(-1)
+    flat_corrupted = corrupted.reshape(-1)
+    flat_masked[pos] = True
+    flat_corrupted[pos[mode < mask_prob]] = MASK_ID
+    rand = pos[(mode >= mask_prob) & (mode < mask_prob + random_prob)]
+    flat_corrupted[rand] = replace.reshape(-1)[rand]
     return corrupted, masked
 
 
@@ -275,28 +317,27 @@ def build_batch(
 ) -> Batch:
     """Materialise examples ``indices`` of the global batch ``plan``."""
     indices = list(indices)
-    T = plan.seq_len
-    inputs = np.empty((len(indices), T), dtype=np.int64)
-    targets = np.empty((len(indices), T), dtype=np.int64)
-    segments = np.empty((len(indices), T), dtype=np.int64)
-    causal = np.empty(len(indices), dtype=bool)
+    T, R = plan.seq_len, len(indices)
+    items = np.empty((R, T + 1), dtype=np.int64)
+    segs = np.empty((R, T + 1), dtype=np.int64)
+    starts = np.empty((R, T + 1), dtype=bool)
     for row, i in enumerate(indices):
-        items, segs, starts = layout(source, plan.examples[i], T)
-        segments[row] = segs[:-1]
-        causal[row] = plan.causal[i]
-        if plan.causal[i]:
-            inputs[row] = items[:-1]
-            targets[row] = causal_targets(items, segs, starts)
-        else:
-            rng = np.random.default_rng([seed, plan.stream, plan.step, i])
-            corrupted, masked = span_mask(items, segs, starts, plan.mask_rate, rng, vocab_size,
-                                          max_span, mask_prob, random_prob)
-            inputs[row] = corrupted[:-1]
-            tgt = items[1:].copy()
-            tgt[~masked[1:]] = IGNORE
-            targets[row] = tgt
+        items[row], segs[row], starts[row] = layout(source, plan.examples[i], T)
+    causal = plan.causal[indices] if R else np.zeros(0, dtype=bool)
+    targets = items[:, 1:].copy()
+    targets[(segs[:, 1:] == 0) | starts[:, 1:]] = IGNORE  # causal targets
+    inputs = items[:, :-1].copy()
+    rows = np.flatnonzero(~causal)
+    if len(rows):
+        rngs = [np.random.default_rng([seed, plan.stream, plan.step, indices[r]]) for r in rows]
+        corrupted, masked = span_mask_rows(items[rows], segs[rows], starts[rows], plan.mask_rate, rngs,
+                                           vocab_size, max_span, mask_prob, random_prob)
+        inputs[rows] = corrupted[:, :-1]
+        tgt = items[rows, 1:].copy()
+        tgt[~masked[:, 1:]] = IGNORE  # masked examples: only where the next token was masked
+        targets[rows] = tgt
     return Batch(torch.from_numpy(inputs), torch.from_numpy(targets),
-                 torch.from_numpy(segments), torch.from_numpy(causal))
+                 torch.from_numpy(segs[:, :-1].copy()), torch.from_numpy(causal.astype(bool)))
 
 
 class TrainingStream:
@@ -311,11 +352,16 @@ class TrainingStream:
 
     def plan(self, step: int) -> StepPlan:
         """Plan global step ``step`` and advance the cursor past it."""
+        plan, self.cursor = self.plan_from(step, self.cursor)
+        return plan
+
+    def plan_from(self, step: int, cursor: Cursor) -> tuple[StepPlan, Cursor]:
+        """Plan global step ``step`` starting at ``cursor``; returns the plan and the next cursor."""
         seq_len = self.cfg.seq_len_at(step)
         batch_size = self.cfg.batch_size_at(step)
-        examples, self.cursor = self.planner.plan(self.cursor, batch_size, seq_len)
+        examples, nxt = self.planner.plan(cursor, batch_size, seq_len)
         return StepPlan(step, seq_len, self.cfg.mask_rate_at(step), examples,
-                        causal_flags(batch_size, self.cfg.causal_fraction))
+                        causal_flags(batch_size, self.cfg.causal_fraction)), nxt
 
     def batch(self, plan: StepPlan, indices) -> Batch:
         c = self.cfg

@@ -30,14 +30,15 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import digest, to_dict
-from .objective import (LossNorm, TrainingStream, hybrid_loss, objective_value, rank_slice,
+from .objective import (Cursor, LossNorm, TrainingStream, hybrid_loss, objective_value, rank_slice,
                         segment_pieces, validation_batches)
 from .optim import EMA, build_optimizer, resolve_device, resolve_precision, schedule_lr
 
 Callback = Callable[[dict, int], None]
 
 # Fields of TrainConfig that may change between a run and its resumption.
-_LOOP_FIELDS = ("checkpoint_every", "keep_checkpoints", "validate_every", "device", "precision")
+_LOOP_FIELDS = ("checkpoint_every", "keep_checkpoints", "validate_every", "device", "precision",
+                "prefetch")
 
 
 def _dist() -> bool:
@@ -120,8 +121,11 @@ class Trainer:
         self.words_per_token = (words / tokens) if words and tokens else None
         self.step = 0
         self.tokens_seen = 0
+        self.cursor = Cursor()  # data position after the last completed step
         self.last_metrics: dict[str, Any] = {}
         self._valid_cache: dict[bool, list] = {}
+        self._executor = None
+        self._pending = None  # (step, cursor it was planned from, future) of a prefetched step
 
     # -- identity of the run, for refusing to resume a different one -------------------------
     def run_digest(self) -> str:
@@ -133,13 +137,35 @@ class Trainer:
                               enabled=self.autocast_dtype is not None)
 
     # -- one optimiser step ------------------------------------------------------------------
+    def _prepare(self, step: int, cursor):
+        """This rank's micro-batches of global step ``step`` (a pure function of step and cursor)."""
+        plan, nxt = self.stream.plan_from(step, cursor)
+        chunks = self.stream.micro_batches(plan, self.rank, self.world_size)
+        return plan, [self.stream.batch(plan, c) if c else None for c in chunks], nxt
+
+    def _drop_prefetch(self) -> None:
+        if self._pending is not None:
+            try:
+                self._pending[2].result()
+            except Exception:
+                pass  # it is recomputed (and raises again) in the main thread if still needed
+            self._pending = None
+
     def train_step(self) -> dict[str, Any]:
         tc, module = self.tc, self.backend.module
         t0 = time.perf_counter()
-        plan = self.stream.plan(self.step)
-        chunks = self.stream.micro_batches(plan, self.rank, self.world_size)
-        batches = [self.stream.batch(plan, c) if c else None for c in chunks]
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == self.step and pending[1] == self.cursor:
+            plan, batches, nxt = pending[2].result()
+        else:
+            plan, batches, nxt = self._prepare(self.step, self.cursor)
         data_time = time.perf_counter() - t0
+        if tc.prefetch and self.step + 1 < tc.steps:
+            if self._executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="gptbert-data")
+            self._pending = (self.step + 1, nxt, self._executor.submit(self._prepare, self.step + 1, nxt))
 
         local = np.zeros(3)
         for b in batches:
@@ -167,6 +193,7 @@ class Trainer:
         values = objective_value({"ce_masked": g[0], "ce_causal": g[1], "z": g[2]}, norm,
                                  tc.causal_fraction, tc.z_loss)
         self.step += 1
+        self.cursor = self.stream.cursor = nxt
         self.tokens_seen += int(n_tokens)
         step_time = time.perf_counter() - t0
         metrics = {
@@ -231,7 +258,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "cursor": self.stream.cursor.to_dict(), "tokens_seen": self.tokens_seen,
+        return {"step": self.step, "cursor": self.cursor.to_dict(), "tokens_seen": self.tokens_seen,
                 "run_digest": self.run_digest()}
 
     def save(self, checkpoint_root: str | Path) -> Path:
@@ -239,15 +266,14 @@ class Trainer:
                                keep=self.tc.keep_checkpoints, rank=self.rank)
 
     def load(self, checkpoint: str | Path) -> None:
-        from .objective import Cursor
-
+        self._drop_prefetch()
         state = load_checkpoint(checkpoint, self.backend, self.ema, rank=self.rank)
         if state.get("run_digest") != self.run_digest():
             raise ValueError(f"checkpoint {checkpoint} was written by a run with a different model or "
                              "train config; use a new output folder or the original config")
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
-        self.stream.cursor = Cursor.from_dict(state["cursor"])
+        self.cursor = self.stream.cursor = Cursor.from_dict(state["cursor"])
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, checkpoint_root: str | Path | None = None, stop_after: int | None = None) -> dict:
@@ -275,6 +301,7 @@ class Trainer:
                         and self.step % tc.checkpoint_every == 0 and self.step < end:
                     self.save(checkpoint_root)
         finally:
+            self._drop_prefetch()
             if bar is not None:
                 bar.close()
         if checkpoint_root is not None and self.step > start_step:

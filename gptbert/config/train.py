@@ -62,6 +62,8 @@ class TrainConfig(ConfigBase):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     # --- loop ---
+    # Build the next step's examples in a background thread while this step trains.
+    prefetch: bool = True
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     validate_every: int = 500
