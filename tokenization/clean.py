@@ -190,11 +190,13 @@ class _DocumentCleaner:
         self.split = False
 
     def feed(self, text: str) -> None:
-        self.raw += text
-        while len(self.raw) > 2 * SEGMENT:
-            cut = self._safe_cut(self.raw, SEGMENT)
-            head, self.raw = self.raw[:cut], self.raw[cut:]
-            self._clean_segment(head)
+        raw = self.raw + text if self.raw else text
+        pos = 0  # an index rather than re-slicing keeps a huge single feed linear
+        while len(raw) - pos > 2 * SEGMENT:
+            cut = self._safe_cut(raw, pos, pos + SEGMENT)
+            self._clean_segment(raw[pos:cut])
+            pos = cut
+        self.raw = raw[pos:] if pos else raw
 
     def end(self) -> None:
         if self.raw:
@@ -204,17 +206,17 @@ class _DocumentCleaner:
         self._split(final=True)
 
     @staticmethod
-    def _safe_cut(text: str, near: int) -> int:
-        """A cut position <= near at the start of a whitespace run (or before a non-mark)."""
-        i = max(text.rfind(" ", 0, near), text.rfind("\n", 0, near))
-        if i > 0:
-            while i > 0 and text[i - 1].isspace():
+    def _safe_cut(text: str, lo: int, near: int) -> int:
+        """A cut in (lo, near] at the start of a whitespace run, else before a non-mark."""
+        i = max(text.rfind(" ", lo + 1, near), text.rfind("\n", lo + 1, near))
+        if i > lo:
+            while i > lo + 1 and text[i - 1].isspace():
                 i -= 1
-            if i > 0:
+            if not text[i - 1].isspace():
                 return i
-        # No whitespace at all in a whole segment: cut where no combining mark follows.
+        # No usable whitespace in a whole segment: cut where no combining mark follows.
         i = near
-        while i > 1 and unicodedata.category(text[i])[0] == "M":
+        while i > lo + 1 and unicodedata.category(text[i])[0] == "M":
             i -= 1
         return i
 
