@@ -127,9 +127,10 @@ def _log_stage(tracker, run_id: str, stage: str, artifact: Artifact) -> None:
 
 
 def _scalars(d: dict[str, Any]) -> dict[str, Any]:
+    """Numeric stats as flat names; a stage's echo of its own config is left to the params."""
     from .tracking import flat_metrics
 
-    return flat_metrics(d)
+    return {k: v for k, v in flat_metrics(d).items() if not k.startswith("config.")}
 
 
 # --- tasks -----------------------------------------------------------------------------------------
@@ -155,7 +156,8 @@ def shard_task(config: PipelineConfig, corpus: Artifact, tokenizer: Artifact,
 
 # Idempotent: the stage folder keeps checkpoints, so a retry resumes where the failed try stopped.
 @task(name="pretrain", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def pretrain_task(config: PipelineConfig, shards: Artifact, parent_run_id: Optional[str] = None) -> Artifact:
+def pretrain_task(config: PipelineConfig, shards: Artifact, tokenizer: Artifact,
+                  parent_run_id: Optional[str] = None) -> Artifact:
     def run(child: Optional[str]) -> Artifact:
         callback = None
         if child is not None:
@@ -163,7 +165,7 @@ def pretrain_task(config: PipelineConfig, shards: Artifact, parent_run_id: Optio
 
             callback = StepMetricsLogger(resolve_tracking_uri(config), child, config.tracking.log_every,
                                          last_step=config.train.steps)
-        artifact = stages.pretrain(config, shards, callback=callback, run_name=f"gptbert-{child or 'run'}")
+        artifact = stages.pretrain(config, shards, tokenizer, callback=callback)
         if callback is not None:
             callback.flush()  # the plain loop calls it in this process; Ray flushed on its worker
             tracker = _tracker(config)
@@ -300,7 +302,7 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
         if "shard" in want:
             arts["shard"] = shard_task(config, arts["clean"], arts["tokenizer"], parent)
         if "pretrain" in want:
-            arts["pretrain"] = pretrain_task(config, arts["shard"], parent)
+            arts["pretrain"] = pretrain_task(config, arts["shard"], arts["tokenizer"], parent)
         if "evaluate" in want:
             arts["evaluate"] = evaluate_task(config, arts["pretrain"], parent)
         registered = None

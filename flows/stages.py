@@ -6,6 +6,7 @@ was reused from an earlier run. The Prefect tasks in ``flows/pipeline.py`` wrap 
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -54,19 +55,26 @@ def launch_backend(cfg: PipelineConfig) -> str:
     return str(getattr(cfg.launch, "backend", "plain"))
 
 
-def pretrain(cfg: PipelineConfig, shards: Artifact, callback: Callable | None = None,
-             run_name: str = "gptbert") -> Artifact:
-    """Resumable: the folder keeps its checkpoints, so a retried or restarted run continues."""
+def pretrain(cfg: PipelineConfig, shards: Artifact, tokenizer: Artifact, callback: Callable | None = None,
+             run_name: str | None = None) -> Artifact:
+    """Resumable: the folder keeps its checkpoints, so a retried or restarted run continues.
+
+    With Ray, ``run_name`` None lets the launcher name the run after the stage folder, so a retry
+    finds (and resumes) the same run's checkpoints."""
+    tokenizer_json = tokenizer.file("tokenizer.json")
 
     def body(out: Path) -> dict[str, Any]:
         if launch_backend(cfg) == "ray":
             from gptbert.launch import pretrain_distributed
 
-            model_dir = pretrain_distributed(cfg, shards.path, str(out), run_name, callback=callback)
+            kwargs = {"callback": callback}
+            if "tokenizer" in inspect.signature(pretrain_distributed).parameters:
+                kwargs["tokenizer"] = tokenizer_json
+            model_dir = pretrain_distributed(cfg, shards.path, str(out), run_name, **kwargs)
         else:
             from gptbert.trainer import pretrain as train
 
-            model_dir = train(cfg, shards.path, str(out), callback=callback)
+            model_dir = train(cfg, shards.path, str(out), callback=callback, tokenizer=tokenizer_json)
         model_dir = Path(model_dir)
         if model_dir.resolve() != (out / "model").resolve():
             raise RuntimeError(f"pretrain wrote its model to {model_dir}, expected {out / 'model'}")
@@ -75,7 +83,7 @@ def pretrain(cfg: PipelineConfig, shards: Artifact, callback: Callable | None = 
     # Model + training config decide the weights; how the run is launched does not (SPEC 2: the
     # objective is independent of the worker count).
     config = {"model": config_identity(cfg.model), "train": config_identity(cfg.train)}
-    return run_stage(cfg.workdir, "pretrain", {"shards": shards.digest}, config, body,
+    return run_stage(cfg.workdir, "pretrain", {"shards": shards.digest, "tokenizer": tokenizer.digest}, config, body,
                      resumable=True, output_subdir="model")
 
 

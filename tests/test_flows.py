@@ -1,0 +1,321 @@
+"""Flows: identity-keyed stage cache, MLflow lineage and registry, the pipeline end to end.
+
+The fast tests cover the cache machinery with plain Python bodies. The slow ones run the real
+pipeline in Prefect's test harness (a session-scoped temporary server, PREFECT_HOME in a tmp dir)
+with MLflow on sqlite in a tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from flows.artifacts import MARKER, read_complete, run_stage, stage_dir, tree_digest
+
+# --- the cache machinery (fast, no Prefect / MLflow) ----------------------------------------------
+
+
+def _writer(calls: list, text: str = "hello"):
+    def body(out: Path) -> dict:
+        calls.append(out)
+        (out / "data.txt").write_text(text)
+        return {"bytes": len(text)}
+
+    return body
+
+
+def test_stage_runs_once_per_identity(tmp_path):
+    calls: list = []
+    a = run_stage(tmp_path, "demo", {"in": "abc"}, {"k": 1}, _writer(calls))
+    assert not a.cached and len(calls) == 1
+    assert Path(a.path) == stage_dir(tmp_path, "demo", a.identity)
+    assert a.digest == tree_digest(a.path) and a.record["stats"] == {"bytes": 5}
+    b = run_stage(tmp_path, "demo", {"in": "abc"}, {"k": 1}, _writer(calls))
+    assert b.cached and len(calls) == 1 and b.path == a.path and b.digest == a.digest
+    # Another config or another input digest is another identity, in another folder.
+    c = run_stage(tmp_path, "demo", {"in": "abc"}, {"k": 2}, _writer(calls))
+    d = run_stage(tmp_path, "demo", {"in": "abd"}, {"k": 1}, _writer(calls))
+    assert len(calls) == 3 and len({a.path, c.path, d.path}) == 3
+    # Equal output content gives equal digests, whatever the identity.
+    assert a.digest == c.digest == d.digest
+    record = json.loads((Path(a.path) / MARKER).read_text())
+    assert record["inputs"] == {"in": "abc"} and record["config"] == {"k": 1}
+
+
+def test_failed_stage_leaves_nothing_that_looks_finished(tmp_path):
+    def broken(out: Path) -> dict:
+        (out / "half.txt").write_text("partial")
+        raise RuntimeError("transient")
+
+    with pytest.raises(RuntimeError, match="transient"):
+        run_stage(tmp_path, "demo", {}, {}, broken)
+    assert list((tmp_path / "artifacts" / "demo").iterdir()) == []
+    calls: list = []
+    a = run_stage(tmp_path, "demo", {}, {}, _writer(calls))
+    assert not a.cached and len(calls) == 1
+
+
+def test_resumable_stage_keeps_its_folder_for_the_retry(tmp_path):
+    attempts: list = []
+
+    def resumable(out: Path) -> dict:
+        attempts.append(sorted(p.name for p in out.iterdir()))
+        ckpt = out / "checkpoints"
+        if not ckpt.exists():
+            ckpt.mkdir()
+            (ckpt / "step-5").write_text("5")
+            raise RuntimeError("killed")
+        (out / "model").mkdir()
+        (out / "model" / "weights").write_text("w")
+        return {"resumed_from": (ckpt / "step-5").read_text()}
+
+    with pytest.raises(RuntimeError):
+        run_stage(tmp_path, "train", {}, {}, resumable, resumable=True, output_subdir="model")
+    a = run_stage(tmp_path, "train", {}, {}, resumable, resumable=True, output_subdir="model")
+    assert attempts == [[], ["checkpoints"]]  # the retry saw the first try's checkpoint
+    assert a.record["stats"] == {"resumed_from": "5"}
+    assert a.digest == tree_digest(Path(a.path) / "model")  # checkpoints are not the output
+
+
+def test_marker_of_another_identity_is_not_trusted(tmp_path):
+    a = run_stage(tmp_path, "demo", {}, {"k": 1}, _writer([]))
+    marker = Path(a.path) / MARKER
+    record = json.loads(marker.read_text())
+    record["identity"] = "0" * 64
+    marker.write_text(json.dumps(record))
+    assert read_complete(Path(a.path), a.identity) is None
+    calls: list = []
+    b = run_stage(tmp_path, "demo", {}, {"k": 1}, _writer(calls))
+    assert not b.cached and len(calls) == 1 and read_complete(Path(b.path), b.identity) is not None
+
+
+def test_tree_digest_sees_names_and_contents(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("1")
+    d1 = tree_digest(tmp_path / "a")
+    (tmp_path / "a" / MARKER).write_text("ignored")
+    assert tree_digest(tmp_path / "a") == d1
+    (tmp_path / "a" / "x").write_text("2")
+    assert tree_digest(tmp_path / "a") != d1
+    with pytest.raises(FileNotFoundError, match="missing artifact"):
+        tree_digest(tmp_path / "nope")
+
+
+def test_tracking_config_and_uri(tmp_path, monkeypatch):
+    from gptbert.config import ConfigError, load_config
+    from flows.tracking import default_artifact_root, resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(overrides=[f"workdir={tmp_path}"])
+    uri = resolve_tracking_uri(cfg)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow/mlflow.db"
+    assert default_artifact_root(cfg, uri) == (tmp_path.resolve() / "mlflow" / "artifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(cfg) == "http://127.0.0.1:5000"
+    assert default_artifact_root(cfg, "http://127.0.0.1:5000") is None
+    with pytest.raises(ConfigError, match="tracking.log_every"):
+        load_config(overrides=["tracking.log_every=0"])
+
+
+# --- MLflow helpers on a real sqlite store -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory):
+    from flows.tracking import Tracker
+
+    root = tmp_path_factory.mktemp("mlflow")
+    return Tracker(f"sqlite:///{root}/mlflow.db", "unit", (root / "artifacts").as_uri())
+
+
+@pytest.mark.slow
+def test_step_logger_batches_and_pickles(tracker):
+    from flows.tracking import StepMetricsLogger
+
+    run = tracker.start_run("steps")
+    logger = StepMetricsLogger(tracker.uri, run, every=10, last_step=23)
+    logger({"loss": 5.0, "loss_masked": 5.5, "note": "text is skipped"}, 1)
+    assert tracker.client.get_metric_history(run, "loss") == []  # still buffered
+    logger = pickle.loads(pickle.dumps(logger))  # what Ray does to ship it to a worker
+    for step in range(2, 24):
+        logger({"loss": 5.0 - step * 0.1, "loss_masked": 5.5}, step)
+    hist = tracker.client.get_metric_history(run, "loss")
+    assert sorted(m.step for m in hist) == list(range(1, 24))  # flushed at 10, 20 and the last step
+    assert "note" not in tracker.client.get_run(run).data.metrics
+
+
+@pytest.mark.slow
+def test_champion_moves_only_to_a_better_model(tracker):
+    from flows.tracking import register_model
+
+    run = tracker.start_run("models")
+    tracker.log_text(run, "weights", "model/weights.txt")
+    got = [register_model(tracker, "unit-model", run, "model", s, "acc", "max", {"model_digest": str(i)})
+           for i, s in enumerate([0.6, 0.5, 0.7, 0.7])]
+    assert [g["alias"] for g in got] == ["champion", "challenger", "champion", "challenger"]
+    assert [g["version"] for g in got] == [1, 2, 3, 4]
+    client = tracker.client
+    assert str(client.get_model_version_by_alias("unit-model", "champion").version) == "3"
+    assert str(client.get_model_version_by_alias("unit-model", "challenger").version) == "4"
+    assert client.get_model_version("unit-model", "1").source == f"runs:/{run}/model"
+
+
+# --- the pipeline end to end (Prefect test harness + MLflow sqlite) ------------------------------
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.testing.utilities import prefect_test_harness
+
+    try:
+        with prefect_test_harness(server_startup_timeout=180):
+            yield home
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+STEPS = 4
+
+
+def _test_config(workdir: Path, *extra: str):
+    from flows.demo import demo_config, with_demo_data
+
+    overrides = [
+        # A few tiny steps: this checks plumbing, not learning (the demo shows learning).
+        f"train.steps={STEPS}", "train.checkpoint_every=2", "train.validate_every=2", "train.valid_examples=8",
+        "train.batch_tokens_start=512", "train.batch_tokens_end=512", "train.micro_batch_tokens=512",
+        "launch.num_workers=1", "eval.max_pairs_per_paradigm=10", "eval.temperatures=[1.0, 2.0]",
+        "tracking.log_every=5", "tracking.experiment=flows-test", "tracking.registered_model=flows-test",
+        *extra,
+    ]
+    return with_demo_data(demo_config(str(workdir), overrides))
+
+
+def _runs(client, experiment_id: str, parent: str):
+    runs = client.search_runs([experiment_id], max_results=500)
+    return {r.data.tags["gptbert.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import STAGE_ORDER, pipeline
+    from flows.tracking import client_for
+
+    cfg = _test_config(tmp_path / "run")
+    first = pipeline(config=cfg)
+    assert first["ran"] == list(STAGE_ORDER) and first["cached"] == []
+    client = client_for(first["tracking_uri"])
+    assert first["tracking_uri"] == f"sqlite:///{(tmp_path / 'run').resolve()}/mlflow/mlflow.db"
+
+    # One parent run linked to the Prefect flow run both ways, one child per stage.
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.data.tags["prefect.flow_run_id"] == first["flow_run_id"]
+    assert parent.data.params["train.steps"] == str(STEPS)
+    assert parent.data.params["tokenizer.vocab_size"] == str(cfg.tokenizer.vocab_size)
+    with get_client(sync_client=True) as pc:
+        flow_run = pc.read_flow_run(first["flow_run_id"])
+    assert f"mlflow_run_id:{first['mlflow_run_id']}" in flow_run.tags
+    children = _runs(client, first["experiment_id"], first["mlflow_run_id"])
+    assert sorted(children) == sorted(STAGE_ORDER)
+    for stage, run in children.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["gptbert.cached"] == "false"
+        assert run.data.tags["gptbert.digest"] == first["stages"][stage]["digest"]
+        assert run.data.tags["prefect.flow_run_id"] == first["flow_run_id"]
+    # Lineage: each stage's inputs are the digests of the stage before it.
+    tags = {s: children[s].data.tags for s in STAGE_ORDER}
+    assert tags["tokenizer"]["gptbert.input.corpus"] == first["stages"]["clean"]["digest"]
+    assert tags["shard"]["gptbert.input.tokenizer"] == first["stages"]["tokenizer"]["digest"]
+    assert tags["pretrain"]["gptbert.input.shards"] == first["stages"]["shard"]["digest"]
+    assert tags["evaluate"]["gptbert.input.model"] == first["stages"]["pretrain"]["digest"]
+    for stage in STAGE_ORDER:
+        assert parent.data.tags[f"gptbert.lineage.{stage}"] == first["stages"][stage]["digest"]
+
+    # The trainer's per-step metrics reached the pretrain child run, every step.
+    pre = children["pretrain"].info.run_id
+    assert sorted(m.step for m in client.get_metric_history(pre, "loss")) == list(range(1, STEPS + 1))
+    # Evaluation results are metrics of the evaluate run and of the parent.
+    ev = children["evaluate"].data.metrics
+    for mode in cfg.eval.modes:
+        assert 0.0 <= ev[f"blimp.{mode}.best_accuracy"] <= 1.0
+        assert client.get_run(first["mlflow_run_id"]).data.metrics[f"blimp.{mode}.best_accuracy"] == \
+            ev[f"blimp.{mode}.best_accuracy"]
+
+    def artifacts(run_id: str, path: str | None = None) -> set[str]:
+        return {a.path for a in client.list_artifacts(run_id, path)}
+
+    assert "config.yaml" in artifacts(first["mlflow_run_id"])
+    assert "clean/stats.json" in artifacts(children["clean"].info.run_id, "clean")
+    assert "tokenizer/tokenizer.json" in artifacts(children["tokenizer"].info.run_id, "tokenizer")
+    assert "shard/manifest.json" in artifacts(children["shard"].info.run_id, "shard")
+    assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json", "model/training.json"} <= \
+        artifacts(pre, "model")
+    assert "pretrain/loss_curves.png" in artifacts(pre, "pretrain")
+    assert {"evaluate/results.json", "evaluate/by_phenomenon.png", "evaluate/report.md"} <= \
+        artifacts(children["evaluate"].info.run_id, "evaluate")
+
+    # Registered: version 1, the first model is the champion.
+    reg = first["registered"]
+    assert reg["new"] and reg["version"] == 1 and reg["alias"] == "champion"
+    v1 = client.get_model_version_by_alias("flows-test", "champion")
+    assert str(v1.version) == "1" and v1.tags["model_digest"] == first["stages"]["pretrain"]["digest"]
+    assert v1.source == f"runs:/{pre}/model"
+
+    # Same inputs again: every stage is skipped, and MLflow says so.
+    second = pipeline(config=cfg)
+    assert second["cached"] == list(STAGE_ORDER) and second["ran"] == []
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
+    assert {s: second["stages"][s]["digest"] for s in STAGE_ORDER} == \
+        {s: first["stages"][s]["digest"] for s in STAGE_ORDER}
+    parent2 = client.get_run(second["mlflow_run_id"])
+    assert parent2.data.tags["gptbert.cached_stages"] == ",".join(STAGE_ORDER)
+    children2 = _runs(client, second["experiment_id"], second["mlflow_run_id"])
+    for stage in STAGE_ORDER:
+        assert children2[stage].data.tags["gptbert.cached"] == "true"
+        assert children2[stage].data.tags["gptbert.source_run_id"] == children[stage].info.run_id
+    assert not second["registered"]["new"] and second["registered"]["version"] == 1
+    assert client.get_metric_history(children2["pretrain"].info.run_id, "loss") == []  # nothing retrained
+
+    # A tokenizer change reruns the tokenizer and everything after it, not the cleaning.
+    third = pipeline(config=_test_config(tmp_path / "run", "tokenizer.min_frequency=3"))
+    assert third["cached"] == ["clean"] and third["ran"] == ["tokenizer", "shard", "pretrain", "evaluate"]
+    assert third["stages"]["clean"]["digest"] == first["stages"]["clean"]["digest"]
+    assert third["stages"]["tokenizer"]["identity"] != first["stages"]["tokenizer"]["identity"]
+    reg3 = third["registered"]
+    assert reg3["new"] and reg3["version"] == 2
+    metric = cfg.tracking.champion_metric
+    s1, s3 = first["evaluation"][metric], third["evaluation"][metric]
+    assert reg3["alias"] == ("champion" if s3 > s1 else "challenger")
+    champion = client.get_model_version_by_alias("flows-test", "champion")
+    assert str(champion.version) == ("2" if s3 > s1 else "1")
+
+
+@pytest.mark.slow
+def test_demo_command_prints_the_headline(prefect_harness, tmp_path, capsys):
+    from gptbert.cli import main
+
+    rc = main(["demo", "--workdir", str(tmp_path / "demo"), "--set", "train.steps=4",
+               "--set", "train.checkpoint_every=2", "--set", "train.validate_every=2",
+               "--set", "train.valid_examples=8", "--set", "launch.num_workers=1",
+               "--set", "eval.max_pairs_per_paradigm=5", "--set", "eval.temperatures=[1.0]"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Prefect flow run" in out and "MLflow run" in out
+    assert "chance 50.0%" in out and "causal" in out and "mntp" in out
+    db = (tmp_path / "demo").resolve() / "mlflow" / "mlflow.db"
+    assert f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1" in out
+    assert "registered model : gptbert-demo version 1 alias champion" in out
