@@ -597,7 +597,8 @@ def _train_worker(config: dict) -> None:
     if rank == 0:
         save_model_dir(folder / "model", model, cfg.model, tokenizer_path, summary)
     trainer.report(folder=folder, extra={"final": 1})
-    shutil.rmtree(scratch, ignore_errors=True) if local_rank == 0 else None
+    if local_rank == 0:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def cfg_digest(obj) -> str:

@@ -8,7 +8,10 @@
 #   infra/ray/start_local_cluster.sh            # port 6390, 1 CPU per node
 #   RAY_PORT=6400 CPUS_PER_NODE=2 infra/ray/start_local_cluster.sh
 #
-# Stop with infra/ray/stop_local_cluster.sh (same RAY_TEMP_DIR).
+# Stop with infra/ray/stop_local_cluster.sh (same RAY_PORT and RAY_TEMP_DIR). Keep RAY_TEMP_DIR
+# short: Ray's unix socket paths under it must stay below 107 bytes.
+# Ray advertises the host's IP even when given 127.0.0.1 (it resolves loopback to a reachable IP)
+# and its GCS listens on all interfaces; token authentication is what keeps others out.
 set -euo pipefail
 
 PORT="${RAY_PORT:-6390}"
@@ -29,4 +32,4 @@ ray start --head --port "$PORT" --temp-dir "$TEMP_DIR" --include-dashboard false
 ray start --address "127.0.0.1:$PORT" \
     --resources '{"gptbert_node_worker": 1}' "${common[@]}"
 
-echo "ray cluster up: RAY_ADDRESS=127.0.0.1:$PORT"
+echo "ray cluster up; clients: export RAY_AUTH_MODE=token RAY_ADDRESS=127.0.0.1:$PORT"

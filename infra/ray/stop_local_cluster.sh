@@ -21,7 +21,7 @@ if [ -z "$targets" ]; then
     exit 0
 fi
 kill -TERM $targets 2>/dev/null || true
-for _ in $(seq 1 20); do
+for _ in $(seq 1 10); do
     left=$(for p in $targets; do kill -0 "$p" 2>/dev/null && echo "$p"; done)
     [ -z "$left" ] && break
     sleep 0.5
