@@ -218,3 +218,21 @@ def test_pretrain_from_real_shards(tmp_path):
     assert (model_dir / "tokenizer.json").read_bytes() == tok.read_bytes()
     summary = json.loads((model_dir / "training.json").read_text())
     assert summary["data_manifest_digest"] and summary["words"] > 0
+
+
+@pytest.mark.slow
+def test_forced_bf16_autocast_step_runs():
+    """precision=bf16 (forced: slow on AVX2 CPUs) trains with fp32 master weights and a finite loss."""
+    from gptbert.trainer import Trainer, build_plain_backend
+
+    cfg = load_config(preset="tiny", overrides=[
+        "train.steps=2", "train.precision=bf16", "train.batch_tokens_start=128",
+        "train.batch_tokens_end=128", "train.micro_batch_tokens=128", "train.prefetch=false"])
+    backend = build_plain_backend(cfg)
+    trainer = Trainer(cfg, ListDocumentSource(repetitive_corpus(20)), backend)
+    assert trainer.autocast_dtype is torch.bfloat16
+    before = {n: p.detach().clone() for n, p in backend.module.named_parameters()}
+    m = trainer.train_step()
+    assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])
+    assert all(p.dtype == torch.float32 for p in backend.module.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in backend.module.named_parameters())
