@@ -29,6 +29,7 @@ MODES = ("causal", "mntp", "fused")
 # Special token ids fixed by the tokenizer contract (SPEC section 4).
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, MASK_ID = 0, 1, 2, 3, 4
 NUM_SPECIAL = 16
+HEAD_CHUNK = 2048  # scored positions per LM-head call
 
 Progress = Callable[[int, int], None]  # (rows just finished, total rows)
 
@@ -169,11 +170,15 @@ def score_ids(
                 owner += [r.mode * n + r.sentence] * len(r.positions)
             input_ids, segment_ids, causal = input_ids.to(device), segment_ids.to(device), causal.to(device)
             hidden = model(input_ids, build_blocked_mask(segment_ids, causal))
-            # The LM head runs only at the scored positions.
+            # The LM head runs only at the scored positions, in chunks so that the (targets x vocab)
+            # logits stay small whatever the budget.
             picked = hidden[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)]
-            logits = model.lm_logits(picked)
-            lp = target_log_probs(logits, torch.tensor(targets, device=device), temperatures)
-            totals.index_add_(0, torch.tensor(owner, device=device), lp)
+            targets_t = torch.tensor(targets, device=device)
+            owner_t = torch.tensor(owner, device=device)
+            for c in range(0, len(targets), HEAD_CHUNK):
+                logits = model.lm_logits(picked[c: c + HEAD_CHUNK])
+                lp = target_log_probs(logits, targets_t[c: c + HEAD_CHUNK], temperatures)
+                totals.index_add_(0, owner_t[c: c + HEAD_CHUNK], lp)
             if progress is not None:
                 progress(len(batch), len(rows))
     finally:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
+from test_scoring import one_thread  # noqa: F401 (autouse fixture)
 from gptbert.config import EvalConfig, from_dict
 from gptbert.evaluate import (
     BlimpFormatError,

@@ -24,7 +24,7 @@ from gptbert.finetune import (
     predict,
     task_metric,
 )
-from test_scoring import make_model, make_tokenizer
+from test_scoring import make_model, make_tokenizer, one_thread  # noqa: F401 (autouse fixture)
 
 
 def test_metrics_match_hand_computation():

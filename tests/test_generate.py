@@ -15,7 +15,7 @@ from gptbert.generate import (
     generate,
     generate_ids,
 )
-from test_scoring import make_model, make_tokenizer
+from test_scoring import make_model, make_tokenizer, one_thread  # noqa: F401 (autouse fixture)
 
 VOCAB = 512  # the tiny preset
 

@@ -45,9 +45,9 @@ def _load(model_dir: str):
 
     from gptbert.io import load_model_dir
 
-    model, tokenizer = load_model_dir(model_dir)
-    if torch.cuda.is_available():
-        model = model.cuda()
+    model, tokenizer = load_model_dir(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    if tokenizer is None:
+        raise FileNotFoundError(f"model folder {model_dir} lacks tokenizer.json (needed to encode text)")
     return model, tokenizer
 
 
