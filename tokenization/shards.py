@@ -282,10 +282,11 @@ class ShardReader:
         rng = np.random.default_rng(seed)
         starts = rng.integers(0, usable.sum(), size=count)
         bounds = np.cumsum(usable)
-        for g in starts:
-            s = int(np.searchsorted(bounds, g, side="right"))
-            start = int(g - (bounds[s - 1] if s else 0))
-            yield self._values[s][start: start + length]
+        shard = np.searchsorted(bounds, starts, side="right")
+        starts = (starts - np.where(shard > 0, bounds[shard - 1], 0)).tolist()
+        values = self._values
+        for s, start in zip(shard.tolist(), starts):
+            yield values[s][start: start + length]
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (reads all bytes)."""
