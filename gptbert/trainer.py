@@ -425,7 +425,8 @@ def pretrain(cfg, data, out_dir: str | Path, callback: Callback | None = None, b
         "tokens": trainer.tokens_seen,
         "words": round(trainer.tokens_seen * words) if words else None,
         "train_seconds_this_session": round(time.time() - started, 3),
-        "final": {k: v for k, v in final.items() if isinstance(v, (int, float))},
+        # NaN (no example of that kind, e.g. loss_masked of a causal-only run) becomes null: strict JSON.
+        "final": {k: (v if math.isfinite(v) else None) for k, v in final.items() if isinstance(v, (int, float))},
         "model_config_digest": digest(cfg.model),
         "train_config_digest": digest(cfg.train),
         "run_digest": trainer.run_digest(),

@@ -56,6 +56,7 @@ def test_loss_falls_in_both_pure_modes(tmp_path, fraction):
     summary = json.loads((tmp_path / "run" / "model" / "training.json").read_text())
     valid_key = "valid_" + key
     assert summary["final"][valid_key] < 0.5 * first
+    assert summary["final"][other] is None  # strict JSON: no NaN
 
 
 def test_pretrain_metrics_and_model_folder(tmp_path):
