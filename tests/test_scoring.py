@@ -22,18 +22,15 @@ TRAIN_TEXT = [
 
 
 def make_tokenizer():
-    """A tiny byte-level BPE with the project's special-token layout (ids 0..15) and `<s> $A`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """The project's SPEC tokenizer (tokenization/tokenizer.py), trained on a few sentences: ids
+    0..15 are the specials, `<s> $A` / `<s> $A </s> $B` post-processing."""
+    from gptbert.config.data import TokenizerConfig
+    from tokenization.tokenizer import build_tokenizer, build_trainer
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TRAIN_TEXT * 3, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A </s> $B", special_tokens=[("<s>", 1), ("</s>", 2)])
-    assert [tok.token_to_id(t) for t in SPECIALS[:5]] == [0, 1, 2, 3, 4]
+    cfg = TokenizerConfig(vocab_size=400)
+    tok = build_tokenizer(cfg)
+    tok.train_from_iterator(TRAIN_TEXT * 3, build_trainer(cfg))
+    assert [tok.token_to_id(t) for t in SPECIALS] == list(range(16))
     return tok
 
 
