@@ -153,3 +153,21 @@ def test_wrong_special_ids_are_rejected(trained, tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(DataError, match="special token <mask> must have id 4"):
         load_tokenizer(tmp_path)
+
+
+def test_training_is_identical_in_a_fresh_parallel_process(trained, tmp_path):
+    # Rust's hash maps are seeded per process and rayon splits work by thread count: neither may
+    # change the result. (The tests run with TOKENIZERS_PARALLELISM=false; the child runs parallel.)
+    import os
+    import subprocess
+    import sys
+
+    root = trained[0]
+    code = ("from gptbert.config.data import TokenizerConfig\n"
+            "from tokenization.tokenizer import train_tokenizer\n"
+            f"train_tokenizer({str(root / 'documents.parquet')!r}, TokenizerConfig(vocab_size=400), "
+            f"{str(tmp_path / 'tok')!r}, progress_bar=False)\n")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="true", RAYON_NUM_THREADS="2",
+               PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == (root / "tok" / "tokenizer.json").read_bytes()
