@@ -257,12 +257,12 @@ def span_mask_rows(items, segs, starts, rate, rngs, vocab_size, max_span=3, mask
         replace[r] = rng.integers(NUM_SPECIAL, vocab_size, size=L)
         coin[r] = rng.random()
     real = (segs != 0) & ~starts
-    # Segments as flat runs of real tokens: (row, first position, length).
-    flat_real = real.reshape(-1)
-    edges = np.diff(np.concatenate(([False], flat_real, [False])).astype(np.int8))
-    run_first = np.flatnonzero(edges == 1)
-    run_len = np.flatnonzero(edges == -1) - run_first
-    # Runs never cross rows: a row's first item is <s> and pads/<s> separate segments.
+    # Segments as flat runs of real tokens (a False column keeps runs from crossing rows).
+    padded = np.concatenate([real, np.zeros((R, 1), dtype=bool)], axis=1).reshape(-1)
+    edges = np.diff(np.concatenate(([False], padded)).astype(np.int8))
+    first_padded = np.flatnonzero(edges == 1)
+    run_len = np.flatnonzero(edges == -1) - first_padded
+    run_first = (first_padded // (L + 1)) * L + first_padded % (L + 1)  # flat index in (R, L)
     if len(run_first) == 0:
         return corrupted, masked
     # Spans of every segment: a segment uses the draws at its own positions; spans beginning

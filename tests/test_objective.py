@@ -317,3 +317,26 @@ def test_hybrid_loss_matches_definition_and_is_rank_invariant(fraction):
                 total += part.item()
         per_rank.append(total)
     assert np.mean(per_rank) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_batched_masking_rows_are_independent():
+    """A row's masking depends only on its own RNG, not on which rows are masked with it."""
+    from gptbert.objective import span_mask_rows
+
+    src = docs_source([60] * 8, start=16)
+    rows = [layout(src, [(i, 0, 20 + i)], 31) for i in range(6)]
+    items, segs, starts = (np.stack([r[k] for r in rows]) for k in range(3))
+    rngs = lambda idx: [np.random.default_rng([1, 0, 0, i]) for i in idx]  # noqa: E731
+    all_c, all_m = span_mask_rows(items, segs, starts, 0.3, rngs(range(6)), 512)
+    for i in range(6):
+        c, m = span_mask_rows(items[i:i + 1], segs[i:i + 1], starts[i:i + 1], 0.3, rngs([i]), 512)
+        assert np.array_equal(c[0], all_c[i]) and np.array_equal(m[0], all_m[i])
+    # Full rows back to back: row i's last real token and row i+1's tokens never share a span.
+    full = [layout(src, [(i, 0, 31)], 31) for i in range(4)]
+    items, segs, starts = (np.stack([r[k] for r in full]) for k in range(3))
+    assert (segs[:, -1] != 0).all()
+    c, m = span_mask_rows(items, segs, starts, 0.5, rngs(range(4)), 512)
+    assert not m[:, 0].any()  # <s> at every row start stays unmasked
+    for i in range(4):
+        ci, mi = span_mask_rows(items[i:i + 1], segs[i:i + 1], starts[i:i + 1], 0.5, rngs([i]), 512)
+        assert np.array_equal(mi[0], m[i])
