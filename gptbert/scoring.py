@@ -18,7 +18,6 @@ keeps out of attention, so a sentence's score does not depend on its batch neigh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -32,17 +31,6 @@ NUM_SPECIAL = 16
 HEAD_CHUNK = 2048  # scored positions per LM-head call
 
 Progress = Callable[[int, int], None]  # (rows just finished, total rows)
-
-
-@dataclass
-class _Row:
-    """One model input: which sentence it belongs to, its tokens, and the targets it scores."""
-
-    sentence: int
-    mode: int  # 0 = causal, 1 = mntp
-    ids: list[int]
-    positions: list[int]  # output positions whose next-token prediction is scored
-    targets: list[int]
 
 
 def special_ids(tokenizer) -> dict[str, int]:
@@ -63,38 +51,34 @@ def encode_sentences(tokenizer, sentences: Iterable[str]) -> list[list[int]]:
     return [[bos] + list(e.ids) for e in encodings]
 
 
-def _build_rows(sequences: Sequence[Sequence[int]], use_causal: bool, use_mntp: bool,
-                score_from: Sequence[int] | None, mask_id: int) -> list[_Row]:
-    rows: list[_Row] = []
-    for s, ids in enumerate(sequences):
-        ids = [int(t) for t in ids]
-        start = 1 if score_from is None else max(1, int(score_from[s]))
-        if start >= len(ids):
+def _plan_rows(lengths: np.ndarray, starts: np.ndarray, use_causal: bool, use_mntp: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every model row as (sentence, j), in sentence order: j = 0 is the sentence's causal row,
+    j >= 1 its MNTP copy with token j masked. Kept as two integer arrays (not token copies) so
+    that a full BLiMP run (~10^6 rows) plans in little memory; rows are materialised per batch."""
+    sent: list[int] = []
+    js: list[int] = []
+    for s, (n, start) in enumerate(zip(lengths.tolist(), starts.tolist())):
+        if start >= n:
             continue  # nothing to score: the sentence's score is 0
         if use_causal:
-            # Under the causal mask the last token influences nothing that is scored: drop it.
-            rows.append(_Row(s, 0, ids[:-1], list(range(start - 1, len(ids) - 1)), ids[start:]))
+            sent.append(s)
+            js.append(0)
         if use_mntp:
-            for j in range(start, len(ids)):
-                copy = list(ids)
-                copy[j] = mask_id
-                rows.append(_Row(s, 1, copy, [j - 1], [ids[j]]))
-    return rows
+            sent.extend([s] * (n - start))
+            js.extend(range(start, n))
+    return np.asarray(sent, dtype=np.int64), np.asarray(js, dtype=np.int64)
 
 
-def _batches(rows: list[_Row], max_tokens: int) -> list[list[_Row]]:
-    """Longest rows first (a memory problem shows up at once); each batch holds at most max_tokens."""
-    order = sorted(rows, key=lambda r: -len(r.ids))
-    batches, current, width = [], [], 0
-    for row in order:
-        width_if_added = max(width, len(row.ids))
-        if current and width_if_added * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current, width_if_added = [], len(row.ids)
-        current.append(row)
-        width = width_if_added
-    if current:
-        batches.append(current)
+def _batches(row_lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Row indices per batch: longest rows first (a memory problem shows up at once), then each
+    batch takes rows while rows x padded length stays within max_tokens (at least one row)."""
+    order = np.argsort(-row_lengths, kind="stable")
+    batches, begin = [], 0
+    while begin < len(order):
+        width = int(row_lengths[order[begin]])  # the longest row of this batch comes first
+        end = min(len(order), begin + max(1, max_tokens // max(width, 1)))
+        batches.append(order[begin:end])
+        begin = end
     return batches
 
 
@@ -148,26 +132,39 @@ def score_ids(
     use_causal = any(m in ("causal", "fused") for m in modes)
     use_mntp = any(m in ("mntp", "fused") for m in modes)
 
-    rows = _build_rows(sequences, use_causal, use_mntp, score_from, mask_id)
+    lengths = np.asarray([len(ids) for ids in sequences], dtype=np.int64)
+    starts = np.ones(len(sequences), dtype=np.int64) if score_from is None else \
+        np.maximum(1, np.asarray(score_from, dtype=np.int64))
+    row_sent, row_j = _plan_rows(lengths, starts, use_causal, use_mntp)
+    # Under the causal mask the last token influences nothing that is scored: the causal row drops it.
+    row_lengths = lengths[row_sent] - (row_j == 0)
     device = _model_device(model)
     n = len(sequences)
     totals = torch.zeros(2 * n, len(temperatures), dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(rows, max_tokens):
-            width = max(len(r.ids) for r in batch)
+        for batch in _batches(row_lengths, max_tokens):
+            width = int(row_lengths[batch].max())
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             segment_ids = torch.zeros((len(batch), width), dtype=torch.long)
-            causal = torch.tensor([r.mode == 0 for r in batch], dtype=torch.bool)
+            causal = torch.from_numpy(row_j[batch] == 0)
             row_idx, pos_idx, targets, owner = [], [], [], []
-            for i, r in enumerate(batch):
-                input_ids[i, : len(r.ids)] = torch.tensor(r.ids)
-                segment_ids[i, : len(r.ids)] = 1
-                row_idx += [i] * len(r.positions)
-                pos_idx += r.positions
-                targets += r.targets
-                owner += [r.mode * n + r.sentence] * len(r.positions)
+            for i, r in enumerate(batch.tolist()):
+                s, j = int(row_sent[r]), int(row_j[r])
+                ids = [int(t) for t in sequences[s]]
+                start = int(starts[s])
+                if j == 0:  # causal: outputs start-1 .. L-2 predict tokens start .. L-1
+                    row, positions, tgt = ids[:-1], list(range(start - 1, len(ids) - 1)), ids[start:]
+                else:  # MNTP copy: token j masked, predicted at j - 1
+                    row, positions, tgt = list(ids), [j - 1], [ids[j]]
+                    row[j] = mask_id
+                input_ids[i, : len(row)] = torch.tensor(row)
+                segment_ids[i, : len(row)] = 1
+                row_idx += [i] * len(positions)
+                pos_idx += positions
+                targets += tgt
+                owner += [(j > 0) * n + s] * len(positions)
             input_ids, segment_ids, causal = input_ids.to(device), segment_ids.to(device), causal.to(device)
             hidden = model(input_ids, build_blocked_mask(segment_ids, causal))
             # The LM head runs only at the scored positions, in chunks so that the (targets x vocab)
@@ -180,7 +177,7 @@ def score_ids(
                 lp = target_log_probs(logits, targets_t[c: c + HEAD_CHUNK], temperatures)
                 totals.index_add_(0, owner_t[c: c + HEAD_CHUNK], lp)
             if progress is not None:
-                progress(len(batch), len(rows))
+                progress(len(batch), len(row_sent))
     finally:
         model.train(was_training)
 
