@@ -222,3 +222,16 @@ def test_50mb_single_line_streams_with_bounded_memory(tmp_path):
     assert result["totals"]["words_out"] == result["totals"]["words_in"] == 13 * 100 * (50_000_000 // len(sentence) + 1)
     assert result["totals"]["documents_out"] >= size // 100_000
     assert result["growth"] < 2.5 * size, f"peak RSS grew by {result['growth'] / 1e6:.0f} MB"
+
+
+def test_newline_and_normalisation_options(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "ﬁrst line \n\n second\tline"}) + "\n")
+    clean_corpus(CleanConfig(inputs=[str(tmp_path / "a.jsonl")], keep_newlines=False,
+                             unicode_normalization="none", min_document_chars=5), tmp_path / "o",
+                 progress_bar=False)
+    assert _docs(tmp_path / "o") == [{"text": "ﬁrst line second line", "source": "a"}]
+    (tmp_path / "b.txt").write_text("tiny\nlong enough\n")
+    s = clean_corpus(CleanConfig(inputs=[str(tmp_path / "b.txt")], min_document_chars=5), tmp_path / "o2",
+                     progress_bar=False)
+    assert _docs(tmp_path / "o2") == [{"text": "long enough", "source": "b"}]
+    assert s["totals"]["dropped_empty"] == 1

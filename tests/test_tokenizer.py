@@ -171,3 +171,10 @@ def test_training_is_identical_in_a_fresh_parallel_process(trained, tmp_path):
                PYTHONPATH=os.pathsep.join(sys.path))
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
     assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == (root / "tok" / "tokenizer.json").read_bytes()
+
+
+def test_max_documents_limits_the_training_text(trained, tmp_path):
+    root, docs, _, _ = trained
+    stats = train_tokenizer(root / "documents.parquet", TokenizerConfig(vocab_size=400, max_documents=50),
+                            tmp_path / "tok", progress_bar=False)
+    assert stats["documents"] == 50 and stats["characters"] == sum(map(len, docs[:50]))
