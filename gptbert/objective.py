@@ -193,16 +193,21 @@ def layout(source, pieces: list[Piece], seq_len: int) -> tuple[np.ndarray, np.nd
     items = np.full(seq_len + 1, PAD_ID, dtype=np.int64)
     segs = np.zeros(seq_len + 1, dtype=np.int64)
     starts = np.zeros(seq_len + 1, dtype=bool)
-    pos = 0
+    _layout_into(source, pieces, items, segs, starts)
+    return items, segs, starts
+
+
+def _layout_into(source, pieces: list[Piece], items, segs, starts) -> None:
+    # Writes into pre-filled rows (items = PAD, segs = 0, starts = False).
+    pos, slots = 0, len(items)
     for j, (doc, start, n) in enumerate(pieces, 1):
-        if pos + n + 1 > seq_len + 1:
-            raise ValueError(f"pieces overflow an example of {seq_len + 1} slots")
+        if pos + n + 1 > slots:
+            raise ValueError(f"pieces overflow an example of {slots} slots")
         items[pos] = BOS_ID
         starts[pos] = True
         items[pos + 1:pos + 1 + n] = source.document(doc)[start:start + n]
         segs[pos:pos + 1 + n] = j
         pos += n + 1
-    return items, segs, starts
 
 
 def causal_targets(items: np.ndarray, segs: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -245,17 +250,15 @@ def span_mask_rows(items, segs, starts, rate, rngs, vocab_size, max_span=3, mask
     R, L = items.shape
     corrupted = items.copy()
     masked = np.zeros((R, L), dtype=bool)
-    draws = np.empty((R, L), dtype=np.int64)
-    keys = np.empty((R, L))
-    modes = np.empty((R, L))
-    replace = np.empty((R, L), dtype=np.int64)
-    coin = np.empty(R)
-    for r, rng in enumerate(rngs):
-        draws[r] = rng.integers(1, max_span + 1, size=L)
-        keys[r] = rng.random(L)
-        modes[r] = rng.random(L)
-        replace[r] = rng.integers(NUM_SPECIAL, vocab_size, size=L)
-        coin[r] = rng.random()
+    # One block of uniforms per row (a single RNG call): span lengths, span order keys, span modes,
+    # replacement tokens (all indexed by position) and the stochastic-rounding coin.
+    u = np.stack([rng.random(4 * L + 1) for rng in rngs]) if R else np.zeros((0, 4 * L + 1))
+    draws = 1 + np.minimum((u[:, :L] * max_span).astype(np.int64), max_span - 1)
+    keys = u[:, L:2 * L]
+    modes = u[:, 2 * L:3 * L]
+    replace = NUM_SPECIAL + np.minimum((u[:, 3 * L:4 * L] * (vocab_size - NUM_SPECIAL)).astype(np.int64),
+                                       vocab_size - NUM_SPECIAL - 1)
+    coin = u[:, 4 * L]
     real = (segs != 0) & ~starts
     # Segments as flat runs of real tokens (a False column keeps runs from crossing rows).
     padded = np.concatenate([real, np.zeros((R, 1), dtype=bool)], axis=1).reshape(-1)
@@ -318,11 +321,11 @@ def build_batch(
     """Materialise examples ``indices`` of the global batch ``plan``."""
     indices = list(indices)
     T, R = plan.seq_len, len(indices)
-    items = np.empty((R, T + 1), dtype=np.int64)
-    segs = np.empty((R, T + 1), dtype=np.int64)
-    starts = np.empty((R, T + 1), dtype=bool)
+    items = np.full((R, T + 1), PAD_ID, dtype=np.int64)
+    segs = np.zeros((R, T + 1), dtype=np.int64)
+    starts = np.zeros((R, T + 1), dtype=bool)
     for row, i in enumerate(indices):
-        items[row], segs[row], starts[row] = layout(source, plan.examples[i], T)
+        _layout_into(source, plan.examples[i], items[row], segs[row], starts[row])
     causal = plan.causal[indices] if R else np.zeros(0, dtype=bool)
     targets = items[:, 1:].copy()
     targets[(segs[:, 1:] == 0) | starts[:, 1:]] = IGNORE  # causal targets
