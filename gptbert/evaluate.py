@@ -4,7 +4,8 @@ A pair is right when the good sentence scores strictly higher than the bad one (
 computed per paradigm (UID); a phenomenon's (linguistics_term) and a field's accuracy are the mean
 of their paradigms' accuracies, and the headline number is the macro-average over paradigms. Every
 scoring mode (causal, mntp, fused) is reported at every temperature of the sweep, with the best T
-(the paper's protocol: it picks T on the same data) and T=1 for an honest comparison.
+(the paper's protocol: it picks T on the same data; ties go to the T closest to 1) and T=1 for an
+honest comparison.
 """
 
 from __future__ import annotations
@@ -124,7 +125,9 @@ def blimp_accuracy(pairs: Sequence[MinimalPair], good: np.ndarray, bad: np.ndarr
             "fields": {name: float(acc[k]) for name, acc in field_acc.items()},
         }
 
-    best = int(np.argmax(macro))  # first maximum: the lowest T among ties
+    # Among temperatures that tie for the best accuracy, the one closest to T=1 (plain scoring).
+    tied = np.flatnonzero(macro == macro.max())
+    best = int(tied[np.argmin([abs(temperatures[k] - 1.0) for k in tied])])
     t1 = next((k for k, t in enumerate(temperatures) if abs(t - 1.0) < 1e-9), None)
     return {
         "macro_accuracy": [float(a) for a in macro],  # aligned with the temperature list

@@ -94,9 +94,9 @@ def test_blimp_accuracy_bookkeeping():
     assert r["t1"]["temperature"] == 1.0 and r["t1"]["accuracy"] == pytest.approx(1.75 / 3)
     assert r["t1"]["paradigms"] == {"u1": 0.25, "u2": 0.5, "u3": 1.0}
     assert r["pairs_per_paradigm"] == {"u1": 4, "u2": 2, "u3": 1}
-    # No T=1 in the sweep: no t1 entry; ties between temperatures go to the lowest T.
-    r2 = blimp_accuracy(pairs, good[:, [0, 0]], bad[:, :2], [0.3, 0.6])
-    assert r2["t1"] is None and r2["best"]["temperature"] == 0.3
+    # No T=1 in the sweep: no t1 entry; ties between temperatures go to the T closest to 1.
+    r2 = blimp_accuracy(pairs, good[:, [0, 0, 0]], bad, [0.3, 1.6, 0.6])
+    assert r2["t1"] is None and r2["best"]["temperature"] == 0.6
     with pytest.raises(ValueError, match="shape"):
         blimp_accuracy(pairs, good[:3], bad[:3], temps)
 
