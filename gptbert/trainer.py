@@ -176,14 +176,14 @@ class Trainer:
         norm = LossNorm(int(n_masked), int(n_causal), self.world_size)
 
         module.train()
-        sums = np.zeros(3)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # summed on device: no sync per micro-batch
         for i, b in enumerate(batches):
             if b is None:
                 loss = _zero_loss(module)
             else:
                 with self._autocast():
                     loss, s = hybrid_loss(module, b.to(self.device), norm, tc.causal_fraction, tc.z_loss)
-                sums += (float(s["ce_masked"]), float(s["ce_causal"]), float(s["z"]))
+                sums += torch.stack([s["ce_masked"], s["ce_causal"], s["z"]]).double()
             self.backend.backward(loss, boundary=i == len(batches) - 1)
         lr = schedule_lr(self.step, tc)
         grad_norm = self.backend.step(lr)
