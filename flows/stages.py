@@ -34,7 +34,7 @@ def train_tokenizer(cfg: PipelineConfig, corpus: Artifact) -> Artifact:
     from tokenization.tokenizer import train_tokenizer as train
 
     def body(out: Path) -> dict[str, Any]:
-        stats = train(corpus.file("documents.parquet"), cfg.tokenizer, out)
+        stats = train(corpus.file("documents.parquet"), cfg.tokenizer, out, progress_bar=False)
         return stats if isinstance(stats, dict) else _read_stats(out)
 
     return run_stage(cfg.workdir, "tokenizer", {"corpus": corpus.digest}, cfg.tokenizer, body)
@@ -44,7 +44,8 @@ def shard(cfg: PipelineConfig, corpus: Artifact, tokenizer: Artifact) -> Artifac
     from tokenization.shards import write_shards
 
     def body(out: Path) -> dict[str, Any]:
-        stats = write_shards(corpus.file("documents.parquet"), tokenizer.file("tokenizer.json"), cfg.shard, out)
+        stats = write_shards(corpus.file("documents.parquet"), tokenizer.file("tokenizer.json"), cfg.shard, out,
+                             progress_bar=False)
         return stats if isinstance(stats, dict) else _read_json(out / "manifest.json", summary=True)
 
     return run_stage(cfg.workdir, "shard", {"corpus": corpus.digest, "tokenizer": tokenizer.digest},

@@ -189,10 +189,8 @@ def prefect_harness(tmp_path_factory):
 STEPS = 4
 
 
-def _test_config(workdir: Path, *extra: str):
-    from flows.demo import demo_config, with_demo_data
-
-    overrides = [
+def _test_overrides(*extra: str) -> list[str]:
+    return [
         # A few tiny steps: this checks plumbing, not learning (the demo shows learning).
         f"train.steps={STEPS}", "train.checkpoint_every=2", "train.validate_every=2", "train.valid_examples=8",
         "train.batch_tokens_start=512", "train.batch_tokens_end=512", "train.micro_batch_tokens=512",
@@ -200,7 +198,12 @@ def _test_config(workdir: Path, *extra: str):
         "tracking.log_every=5", "tracking.experiment=flows-test", "tracking.registered_model=flows-test",
         *extra,
     ]
-    return with_demo_data(demo_config(str(workdir), overrides))
+
+
+def _test_config(workdir: Path, *extra: str):
+    from flows.demo import demo_config, with_demo_data
+
+    return with_demo_data(demo_config(str(workdir), _test_overrides(*extra)))
 
 
 def _runs(client, experiment_id: str, parent: str):
@@ -209,7 +212,7 @@ def _runs(client, experiment_id: str, parent: str):
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp_path):
+def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp_path, capsys):
     from prefect.client.orchestration import get_client
 
     from flows.pipeline import STAGE_ORDER, pipeline
@@ -275,8 +278,17 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
     assert str(v1.version) == "1" and v1.tags["model_digest"] == first["stages"]["pretrain"]["digest"]
     assert v1.source == f"runs:/{pre}/model"
 
-    # Same inputs again: every stage is skipped, and MLflow says so.
-    second = pipeline(config=cfg)
+    # Same inputs again, through the CLI (`gptbert demo --json` on the same config): every stage
+    # is skipped, and MLflow says so.
+    from gptbert.cli import main
+
+    capsys.readouterr()
+    argv = ["demo", "--workdir", str(tmp_path / "run"), "--json"]
+    for item in _test_overrides():
+        argv += ["--set", item]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    second, _ = json.JSONDecoder().raw_decode(out[out.index('{\n  "flow_run_id"'):])
     assert second["cached"] == list(STAGE_ORDER) and second["ran"] == []
     assert second["mlflow_run_id"] != first["mlflow_run_id"]
     assert {s: second["stages"][s]["digest"] for s in STAGE_ORDER} == \
@@ -304,18 +316,31 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
     assert str(champion.version) == ("2" if s3 > s1 else "1")
 
 
-@pytest.mark.slow
-def test_demo_command_prints_the_headline(prefect_harness, tmp_path, capsys):
-    from gptbert.cli import main
+def test_summary_headline():
+    from flows.commands import print_summary
 
-    rc = main(["demo", "--workdir", str(tmp_path / "demo"), "--set", "train.steps=4",
-               "--set", "train.checkpoint_every=2", "--set", "train.validate_every=2",
-               "--set", "train.valid_examples=8", "--set", "launch.num_workers=1",
-               "--set", "eval.max_pairs_per_paradigm=5", "--set", "eval.temperatures=[1.0]"])
-    out = capsys.readouterr().out
-    assert rc == 0
-    assert "Prefect flow run" in out and "MLflow run" in out
-    assert "chance 50.0%" in out and "causal" in out and "mntp" in out
-    db = (tmp_path / "demo").resolve() / "mlflow" / "mlflow.db"
-    assert f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1" in out
-    assert "registered model : gptbert-demo version 1 alias champion" in out
+    summary = {
+        "flow_run_id": "f-1", "mlflow_run_id": "m-1", "experiment_id": "3", "duration_s": 12.0,
+        "ran": ["pretrain", "evaluate"], "cached": ["clean", "tokenizer", "shard"], "workdir": "/w",
+        "tracking_uri": "sqlite:////w/mlflow/mlflow.db",
+        "training": {"final.loss_causal": 2.5, "final.loss_masked": 2.25, "steps": 10},
+        "evaluation": {"blimp.causal.best_accuracy": 0.75, "blimp.causal.t1_accuracy": 0.7,
+                       "blimp.causal.best_temperature": 1.5, "blimp.mntp.best_accuracy": 0.8,
+                       "blimp.mntp.t1_accuracy": 0.8, "blimp.mntp.best_temperature": 1.0},
+        "registered": {"name": "gptbert-demo", "version": 2, "alias": "challenger"},
+    }
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print_summary(summary, 61.0)
+    out = buf.getvalue()
+    assert "finished in 61 s" in out and "f-1" in out and "m-1" in out
+    assert "stages cached    : clean, tokenizer, shard" in out
+    assert "final.loss_causal 2.500, final.loss_masked 2.250" in out
+    assert "chance 50.0%" in out
+    assert "causal  T=1:  70.0%   best T=1.5:  75.0%" in out
+    assert "mntp    T=1:  80.0%   best T=1:  80.0%" in out
+    assert "gptbert-demo version 2 alias challenger" in out
+    assert "mlflow ui --backend-store-uri sqlite:////w/mlflow/mlflow.db --host 127.0.0.1" in out
