@@ -513,7 +513,7 @@ def _train_worker(config: dict) -> None:
 
     from .io import save_model_dir
     from .optim import resolve_precision
-    from .trainer import _manifest_digest, open_data, unwrap
+    from .trainer import _manifest_digest, open_data
 
     cfg = from_dict(PipelineConfig, config["cfg"])
     lc = cfg.launch
@@ -536,7 +536,7 @@ def _train_worker(config: dict) -> None:
         device = torch.device("cpu")
         device_name = None
 
-    source, tokenizer_path, valid = open_data(config["shard_dir"])
+    source, tokenizer_path, valid = open_data(config["shard_dir"], config.get("tokenizer"))
     backend = build_deepspeed_backend(cfg, device, rank, world)
     bf16 = resolve_precision(cfg.train.precision, device) is not None
     callback = MetricsCallback(cfg, world, device_name, bf16, config.get("callback")) if rank == 0 else None
@@ -569,8 +569,6 @@ def _train_worker(config: dict) -> None:
     final = dict(trainer.last_metrics)
     final.update(trainer.validate())
     final.update(trainer.validate_ema())
-    model = unwrap(backend.module)
-    trainer.ema.copy_to(model)
     folder = trainer.final_checkpoint
     if folder is None:
         # Resumed a finished run: nothing trained, the final checkpoint is the one restored.
@@ -595,7 +593,13 @@ def _train_worker(config: dict) -> None:
                    "resumed_from": resumed_from, "nodes": nodes},
     }
     if rank == 0:
-        save_model_dir(folder / "model", model, cfg.model, tokenizer_path, summary)
+        # The final model is the EMA in fp32, in a fresh CPU model: independent of the engine's
+        # dtype (bf16 params under DeepSpeed bf16) and device.
+        from .model import GPTBERT
+
+        final_model = GPTBERT(cfg.model)
+        trainer.ema.copy_to(final_model)
+        save_model_dir(folder / "model", final_model, cfg.model, tokenizer_path, summary)
     trainer.report(folder=folder, extra={"final": 1})
     if local_rank == 0:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -610,12 +614,14 @@ def cfg_digest(obj) -> str:
 # ----------------------------------------------------------------------------- the driver
 
 def pretrain_distributed(cfg: PipelineConfig, shard_dir: str | Path, out_dir: str | Path,
-                         run_name: str | None = None, callback: Callable[[dict, int], None] | None = None) -> Path:
+                         run_name: str | None = None, callback: Callable[[dict, int], None] | None = None,
+                         tokenizer: str | Path | None = None) -> Path:
     """Pretrain with Ray Train + DeepSpeed; returns ``<out_dir>/model``.
 
     ``run_name`` (else ``cfg.launch.run_name``, else derived from ``out_dir``) names the run in
     ``storage_path``; rerunning with the same name resumes from its latest checkpoint.
-    ``callback(metrics, step)`` runs in the rank-0 worker (it must be picklable).
+    ``callback(metrics, step)`` runs in the rank-0 worker (it must be picklable). ``tokenizer``:
+    the tokenizer.json shipped in the model folder (default: the shard folder's).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -631,6 +637,10 @@ def pretrain_distributed(cfg: PipelineConfig, shard_dir: str | Path, out_dir: st
     shard_dir = str(Path(shard_dir).resolve())
     if not Path(shard_dir).exists():
         raise FileNotFoundError(f"training data not found: {shard_dir}")
+    if tokenizer is not None:
+        tokenizer = str(Path(tokenizer).resolve())
+        if not Path(tokenizer).is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {tokenizer}")
     address = resolve_ray_address(cfg)
     storage = check_storage_path(lc.storage_path, out, cluster=address is not None)
     name = run_name or lc.run_name or default_run_name(out)
@@ -652,7 +662,8 @@ def pretrain_distributed(cfg: PipelineConfig, shard_dir: str | Path, out_dir: st
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={"cfg": to_dict(cfg), "shard_dir": shard_dir, "out_dir": str(out),
-                               "storage_path": storage, "run_name": name, "callback": callback},
+                               "storage_path": storage, "run_name": name, "callback": callback,
+                               "tokenizer": tokenizer},
             scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(
