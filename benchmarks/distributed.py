@@ -6,7 +6,9 @@
 Tokens/s is the median of the loop's per-step ``tokens_per_s`` after ``--warmup`` steps (start-up,
 first-touch allocation and Ray/DeepSpeed initialisation are excluded; they are reported
 separately as wall time). The plain loop uses all cores in one process; N workers use cores/N
-threads each. Ratios are against the plain loop measured in the same run.
+threads each (``--threads`` fixes it for all). Ratios are against the plain loop measured in the
+same run. tokens/s is global (all workers) per optimizer step. On a machine shared with other
+work the numbers swing widely; compare only rows of one run.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--zero-stage", type=int, default=1)
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads per process for every run (0 = cores for the plain loop, cores/N per "
+                         "worker); 1 keeps a loaded machine from oversubscribing")
     args = ap.parse_args()
 
     import ray
@@ -62,24 +67,24 @@ def main() -> None:
     data = corpus(root / "corpus.npz", cfg0.model.vocab_size)
     rows = []
 
-    torch.set_num_threads(cores)
+    torch.set_num_threads(args.threads or cores)
     t0 = time.time()
     pretrain(cfg0, data, root / "plain", callback=JsonlCallback(root / "plain.jsonl"))
     plain_wall = time.time() - t0
     plain = steady(read_jsonl(root / "plain.jsonl"), args.warmup)
-    rows.append(("plain loop (1 process)", cores, plain, plain_wall))
+    rows.append(("plain loop (1 process)", args.threads or cores, plain, plain_wall))
 
     ray.init(num_cpus=cores, include_dashboard=False)
     try:
         for n in [int(x) for x in args.workers.split(",")]:
             cfg = load_config(args.preset, overrides=base + [
                 "launch.backend=ray", f"launch.num_workers={n}", f"launch.zero_stage={args.zero_stage}",
-                f"launch.threads_per_worker={max(1, cores // n)}"])
+                f"launch.threads_per_worker={args.threads or max(1, cores // n)}"])
             t0 = time.time()
             pretrain_distributed(cfg, data, root / f"ds{n}", f"bench-{n}-{int(t0)}",
                                  callback=JsonlCallback(root / f"ds{n}.jsonl"))
             wall = time.time() - t0
-            rows.append((f"Ray+DeepSpeed ZeRO-{args.zero_stage}, {n} worker(s)", max(1, cores // n),
+            rows.append((f"Ray+DeepSpeed ZeRO-{args.zero_stage}, {n} worker(s)", args.threads or max(1, cores // n),
                          steady(read_jsonl(root / f"ds{n}.jsonl"), args.warmup), wall))
     finally:
         ray.shutdown()
