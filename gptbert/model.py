@@ -143,7 +143,8 @@ class Attention(nn.Module):
         B, T, H = x.shape
         h, d = self.num_heads, self.head_dim
         x = F.layer_norm(x, (H,), eps=self.eps)
-        q, k = self.in_proj_qk(x).view(B, T, 2, h, d).permute(2, 0, 3, 1, 4)  # each (B, h, T, d)
+        # One copy into head-major layout; q and k are then contiguous (B, h, T, d) views.
+        q, k = self.in_proj_qk(x).view(B, T, 2, h, d).permute(2, 0, 3, 1, 4).contiguous()
         vg = self.in_proj_vg(x)
         v = vg[..., :H].reshape(B, T, h, d).transpose(1, 2)
         # The shared table (dropped out per layer) through this layer's own [Q|K] projection.
@@ -175,15 +176,47 @@ class Attention(nn.Module):
     def _fused(self, q, k, v, pos, pos_index, masks, p_drop):
         B, h, T, d = q.shape
         R = pos.size(0)
-        q_pos, k_pos = pos.view(R, 2, h, d).permute(1, 2, 3, 0)  # each (h, d, R)
+        # The scale goes on the small (h, d, R) tables and into the score GEMM, never on a big tensor.
+        q_pos, k_pos = (pos * self.scale).view(R, 2, h, d).permute(1, 2, 3, 0)  # each (h, d, R)
         idx = pos_index.expand(B, h, T, T)
         # content->position: q_i . K_pos[idx(i, j)]; position->content: k_j . Q_pos[idx(i, j)].
         c2p = torch.gather(q @ k_pos, 3, idx)  # (B, h, T, R) -> (B, h, T, T)
         p2c = torch.gather((k @ q_pos).transpose(-1, -2), 2, idx)  # (B, h, R, T) -> (B, h, T, T)
-        bias = torch.add(c2p, p2c).mul_(self.scale).add_(masks["additive"])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop, scale=self.scale)
+        bias = c2p.add_(p2c)
+        if masks["any_blocked"]:
+            bias = bias.add_(masks["additive"])
+        if torch.is_grad_enabled() and bias.requires_grad:
+            # Training: SDPA on CPU would take its unfused math path here (the bias needs a
+            # gradient); doing it by hand saves its extra passes over the (T, T) scores.
+            scores = torch.baddbmm(bias.view(B * h, T, T), q.view(B * h, T, d),
+                                   k.view(B * h, T, d).transpose(1, 2), alpha=self.scale)
+            probs = F.dropout(torch.softmax(scores, dim=-1), p_drop, self.training)
+            out = (probs @ v.reshape(B * h, T, d)).view(B, h, T, d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop, scale=self.scale)
         # Fully blocked rows (pads) got a finite dummy row in "additive"; their output is zero.
-        return out * masks["row_keep"]
+        return out * masks["row_keep"] if masks["any_empty_row"] else out
+
+
+class _GEGLU(torch.autograd.Function):
+    """value * GELU-tanh(gate) for x = [value | gate]; backward writes both halves of the input
+    gradient into one buffer (no concatenation) and keeps only x, not GELU(gate)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        value, gate = x.chunk(2, dim=-1)
+        ctx.save_for_backward(x)
+        return value * F.gelu(gate, approximate="tanh")
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        value, gate = x.chunk(2, dim=-1)
+        grad_x = torch.empty_like(x)
+        grad_value, grad_gate = grad_x.chunk(2, dim=-1)
+        torch.mul(grad, F.gelu(gate, approximate="tanh"), out=grad_value)
+        grad_gate.copy_(torch.ops.aten.gelu_backward(grad * value, gate, approximate="tanh"))
+        return grad_x
 
 
 class FeedForward(nn.Module):
@@ -197,8 +230,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.up(F.layer_norm(x, (x.size(-1),), eps=self.eps))
-        value, gate = x.chunk(2, dim=-1)
-        x = value * F.gelu(gate, approximate="tanh")  # GEGLU
+        x = _GEGLU.apply(x)  # first half * GELU-tanh(second half)
         x = F.layer_norm(x, (self.intermediate_size,), eps=self.eps)
         return F.dropout(self.down(x), self.dropout, self.training)
 
@@ -313,6 +345,9 @@ class GPTBERT(nn.Module):
             "blocked": blocked,
             "additive": additive[:, None],
             "row_keep": (~full_rows).to(dtype)[:, None],
+            # Python bools (one sync per forward) let the common cases skip whole passes.
+            "any_blocked": bool(blocked.any()),
+            "any_empty_row": bool(full_rows.any()),
         }
 
     # -- forward ------------------------------------------------------------------------------

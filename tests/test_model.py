@@ -350,3 +350,12 @@ def test_forward_rejects_bad_mask():
     model = make_model()
     with pytest.raises(ValueError, match="blocked"):
         model(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 5, 4, dtype=torch.bool))
+
+
+def test_geglu_function_matches_autograd():
+    from gptbert.model import _GEGLU
+
+    x = torch.randn(3, 5, 8, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(_GEGLU.apply, (x,))
+    value, gate = x.chunk(2, dim=-1)
+    assert torch.allclose(_GEGLU.apply(x), value * torch.nn.functional.gelu(gate, approximate="tanh"))
