@@ -310,3 +310,16 @@ def test_zero2_stopped_run_resumes_under_the_same_name(cluster):
     assert summary["steps_this_session"] == 5
     assert curve[8] < curve[1] - 0.1
     _assert_same_curve(curve, cluster["plain"])
+
+
+def test_ray_infra_manifests_parse_and_match_the_installed_ray():
+    import ray
+    import yaml
+
+    kube = yaml.safe_load((REPO / "infra" / "ray" / "kuberay-raycluster.yaml").read_text())
+    assert kube["kind"] == "RayCluster" and kube["spec"]["rayVersion"] == ray.__version__
+    assert kube["spec"]["workerGroupSpecs"][0]["replicas"] >= 1
+    launcher = yaml.safe_load((REPO / "infra" / "ray" / "cluster.yaml").read_text())
+    assert launcher["provider"]["type"] == "local" and launcher["cluster_name"] == "gptbert"
+    for script in ("start_local_cluster.sh", "stop_local_cluster.sh"):
+        assert os.access(REPO / "infra" / "ray" / script, os.X_OK)
