@@ -12,20 +12,32 @@ pids() {
     # Ray's daemons carry --session_dir=<temp dir>/session_... or the GCS address on their
     # command line; worker processes carry the session dir too.
     { pgrep -f -- "${TEMP_DIR}/session" || true; pgrep -f -- "127.0.0.1:${PORT}" || true; } \
-        | grep -vx "$$" | sort -u
+        | { grep -vx "$$" || true; } | sort -u
 }
 
-targets=$(pids)
-if [ -z "$targets" ]; then
-    echo "no ray processes of the cluster in $TEMP_DIR (port $PORT)"
-    exit 0
-fi
-kill -TERM $targets 2>/dev/null || true
-for _ in $(seq 1 10); do
-    left=$(for p in $targets; do kill -0 "$p" 2>/dev/null && echo "$p"; done)
-    [ -z "$left" ] && break
-    sleep 0.5
+alive() { for p in "$@"; do kill -0 "$p" 2>/dev/null && echo "$p"; done; true; }
+
+# A few rounds: a daemon may still be starting (or spawning workers) while the first round runs.
+stopped=0
+for round in 1 2 3; do
+    targets=$(pids)
+    [ -z "$targets" ] && break
+    stopped=1
+    kill -TERM $targets 2>/dev/null || true
+    for _ in $(seq 1 10); do
+        [ -z "$(alive $targets)" ] && break
+        sleep 0.5
+    done
+    left=$(alive $targets)
+    if [ -n "$left" ]; then kill -KILL $left 2>/dev/null || true; sleep 0.5; fi
 done
-left=$(for p in $targets; do kill -0 "$p" 2>/dev/null && echo "$p"; done)
-[ -n "$left" ] && kill -KILL $left 2>/dev/null || true
-echo "ray cluster on port $PORT stopped"
+left=$(pids)
+if [ -n "$left" ]; then
+    echo "ray processes still running: $left" >&2
+    exit 1
+fi
+if [ "$stopped" = 1 ]; then
+    echo "ray cluster on port $PORT stopped"
+else
+    echo "no ray processes of the cluster in $TEMP_DIR (port $PORT)"
+fi
