@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +48,9 @@ def shard(cfg: PipelineConfig, corpus: Artifact, tokenizer: Artifact) -> Artifac
     def body(out: Path) -> dict[str, Any]:
         stats = write_shards(corpus.file("documents.parquet"), tokenizer.file("tokenizer.json"), cfg.shard, out,
                              progress_bar=False)
+        # The shard folder carries its tokenizer, so a trainer (or a Ray worker) given only the
+        # folder finds it (the manifest pins its sha256).
+        shutil.copyfile(tokenizer.file("tokenizer.json"), out / "tokenizer.json")
         return stats if isinstance(stats, dict) else _read_json(out / "manifest.json", summary=True)
 
     return run_stage(cfg.workdir, "shard", {"corpus": corpus.digest, "tokenizer": tokenizer.digest},
@@ -79,6 +84,12 @@ def pretrain(cfg: PipelineConfig, shards: Artifact, tokenizer: Artifact, callbac
         model_dir = Path(model_dir)
         if model_dir.resolve() != (out / "model").resolve():
             raise RuntimeError(f"pretrain wrote its model to {model_dir}, expected {out / 'model'}")
+        if not (model_dir / "tokenizer.json").exists():
+            # The model folder contract includes the tokenizer; a launcher that could not find it
+            # from the shard manifest leaves it out, so the stage adds the one it trained with.
+            tmp = model_dir / ".tokenizer.json.tmp"
+            shutil.copyfile(tokenizer_json, tmp)
+            os.replace(tmp, model_dir / "tokenizer.json")
         return _read_json(model_dir / "training.json")
 
     # Model + training config decide the weights; how the run is launched does not (SPEC 2: the
