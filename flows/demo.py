@@ -11,7 +11,7 @@ from gptbert.config import PipelineConfig, from_dict, load_config, to_dict
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 DEMO_DOCUMENTS = 3000
-DEMO_PAIRS_PER_PARADIGM = 100
+DEMO_PAIRS_PER_PARADIGM = 50
 DEMO_SEED = 0
 
 

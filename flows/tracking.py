@@ -238,10 +238,10 @@ def plot_by_phenomenon(by_phenomenon: dict[str, dict[str, float]], out_png: str 
     ax.axhline(chance, color="k", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(phenomena))])
     ax.set_xticklabels(phenomena, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.15)  # headroom for the legend above bars that reach 1.0
     ax.set_ylabel("accuracy")
     ax.set_title("Minimal-pair accuracy by phenomenon")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(modes) + 1)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
