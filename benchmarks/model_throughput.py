@@ -7,7 +7,7 @@ measurement of the paper's code: ~220 tokens/s for `small` on 2 threads).
 Timing runs all variants of a preset in one process and interleaves their steps, so load from other
 processes on a shared machine hits every variant alike; compare the ratio column, not absolute
 numbers across runs. Peak memory is measured per variant in a fresh subprocess (peak RSS from
-``resource.getrusage``, minus the RSS after the model and optimiser were built).
+/proc/self/status VmHWM, minus the RSS after the model and optimiser were built).
 
     python benchmarks/model_throughput.py                      # tiny and small, 2 threads
     python benchmarks/model_throughput.py --presets small --steps 6 --no-memory
@@ -82,6 +82,16 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def peak_rss_mb() -> float:
+    # VmHWM belongs to this process image; getrusage's ru_maxrss would carry over the parent's
+    # peak across fork + exec.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def memory_probe(args) -> None:
     """Subprocess mode: build one variant, run two steps, print the peak RSS increase as JSON."""
     torch.set_num_threads(args.threads)
@@ -90,7 +100,7 @@ def memory_probe(args) -> None:
     before = rss_mb()
     for _ in range(2):
         runner.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(json.dumps({"peak_rss_mb": peak, "increase_mb": peak - before}))
 
 
