@@ -292,7 +292,7 @@ class GPTBERT(nn.Module):
         self.head_dense = nn.Linear(H, H)
         self.head_bias = nn.Parameter(torch.empty(V))
         self.classifier: ClassifierHead | None = None
-        self._pos_index_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._pos_index_cache: dict[str, torch.Tensor] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -325,13 +325,16 @@ class GPTBERT(nn.Module):
     # -- helpers ------------------------------------------------------------------------------
 
     def position_index(self, length: int, device: torch.device) -> torch.Tensor:
-        key = (length, str(device))
+        """(length, length) bucket-index table. The index depends only on query - key, so one table
+        per device (at least max_position_embeddings long) serves every length as its corner."""
+        key = str(device)
         table = self._pos_index_cache.get(key)
-        if table is None:
-            table = position_index_table(length, self.config.position_buckets,
+        if table is None or table.size(0) < length:
+            size = max(length, self.config.max_position_embeddings)
+            table = position_index_table(size, self.config.position_buckets,
                                          self.config.max_position_embeddings, device)
             self._pos_index_cache[key] = table
-        return table
+        return table[:length, :length]
 
     @staticmethod
     def _attention_masks(blocked: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
