@@ -68,11 +68,16 @@ def main() -> None:
     rows = []
 
     torch.set_num_threads(args.threads or cores)
-    t0 = time.time()
-    pretrain(cfg0, data, root / "plain", callback=JsonlCallback(root / "plain.jsonl"))
-    plain_wall = time.time() - t0
-    plain = steady(read_jsonl(root / "plain.jsonl"), args.warmup)
-    rows.append(("plain loop (1 process)", args.threads or cores, plain, plain_wall))
+
+    def run_plain(tag: str) -> float:
+        # Run before and after the Ray runs: on a shared machine the background load drifts.
+        t0 = time.time()
+        pretrain(cfg0, data, root / f"plain-{tag}", callback=JsonlCallback(root / f"plain-{tag}.jsonl"))
+        tps = steady(read_jsonl(root / f"plain-{tag}.jsonl"), args.warmup)
+        rows.append((f"plain loop (1 process), {tag}", args.threads or cores, tps, time.time() - t0))
+        return tps
+
+    plain = run_plain("first")
 
     ray.init(num_cpus=cores, include_dashboard=False)
     try:
@@ -88,6 +93,7 @@ def main() -> None:
                          steady(read_jsonl(root / f"ds{n}.jsonl"), args.warmup), wall))
     finally:
         ray.shutdown()
+    run_plain("last")
 
     print(f"\npreset={args.preset} steps={args.steps} (median tokens/s over steps > {args.warmup}), "
           f"{cores} cores, torch {torch.__version__}")
