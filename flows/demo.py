@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -16,14 +15,10 @@ DEMO_SEED = 0
 
 
 def demo_config(workdir: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """flows/demo.yaml (mini preset, short schedule) with the launcher set for this machine."""
+    """flows/demo.yaml (mini preset, short schedule, Ray + DeepSpeed with two CPU workers)."""
     extra = list(overrides)
     if workdir is not None:
         extra = [f"workdir={workdir}"] + extra
-    launch_fields = {f.name for f in dataclasses.fields(load_config(path=DEMO_CONFIG).launch)}
-    if "backend" in launch_fields and not any(o.startswith("launch.") for o in extra):
-        # The real Ray + DeepSpeed path with two workers when the launcher supports it.
-        extra = ["launch.backend=ray", "launch.num_workers=2"] + extra
     return load_config(path=DEMO_CONFIG, overrides=extra)
 
 
