@@ -84,37 +84,47 @@ class _History:
     def __init__(self, first: torch.Tensor, num_blocks: int):
         self.buf = first.new_empty((num_blocks + 1, first.numel()))
         self.buf[0].copy_(first.detach().reshape(-1))
-        self.grad: torch.Tensor | None = None
-        self.top = -1  # the last block written; its backward starts a fresh gradient buffer
+        self.alphas: list[torch.Tensor] = [None] * num_blocks  # each mix's weights (detached)
+        self.upstream: torch.Tensor | None = None  # backward: row k = gradient of mix k's output
+        self.hi = -1  # backward: the highest mix whose gradient this pass has written
+        self.last_k = -1  # backward: the mix that ran last (mixes run in decreasing k in a pass)
 
 
 class _LayerMix(torch.autograd.Function):
     """After block k: write its output into the history, return sum_j alpha_j * history_j.
 
-    Backward accumulates the gradient of every history entry in a shared buffer; block k's entry is
-    complete once this node runs (all later mixes, its only other readers, ran before it).
+    Backward stores its incoming gradient g_k as row k of an upstream buffer; the gradient of block
+    k's output (history entry k+1) is then sum_{k' >= k} alpha^{k'}_{k+1} g_{k'}, one matrix-vector
+    product over rows already written (every later mix, its only other reader, ran before it). This
+    reads each row once instead of accumulating into a zeroed per-entry buffer (read + write).
     """
 
     @staticmethod
     def forward(ctx, alpha, x, first, history: _History, k: int):
         history.buf[k + 1].copy_(x.reshape(-1))
-        history.top = k
+        history.alphas[k] = alpha.detach()
         ctx.history, ctx.k, ctx.shape = history, k, x.shape
-        ctx.save_for_backward(alpha)
         # mv, not mm: a weighted sum, and FLOP counters leave it out of the matmul FLOPs.
         return torch.mv(history.buf[: k + 2].t(), alpha).view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (alpha,) = ctx.saved_tensors
         history, k = ctx.history, ctx.k
-        if k == history.top or history.grad is None:  # a (new) backward pass begins here
-            history.grad = torch.zeros_like(history.buf)
+        if history.upstream is None:
+            history.upstream = history.buf.new_empty((len(history.alphas), history.buf.size(1)))
+        if k >= history.last_k:  # a (new) backward pass begins here
+            history.hi = k
+        history.last_k = k
         g = grad_out.reshape(-1)
         grad_alpha = torch.mv(history.buf[: k + 2], g)
-        history.grad[: k + 2].addr_(alpha, g)
-        grad_x = history.grad[k + 1].view(ctx.shape)
-        grad_first = history.grad[0].view(ctx.shape) if k == 0 else None
+        history.upstream[k].copy_(g)
+        rows = history.upstream[k: history.hi + 1]
+        coeff = torch.stack([history.alphas[j][k + 1] for j in range(k, history.hi + 1)])
+        grad_x = torch.mv(rows.t(), coeff).view(ctx.shape)
+        grad_first = None
+        if k == 0:
+            coeff0 = torch.stack([history.alphas[j][0] for j in range(0, history.hi + 1)])
+            grad_first = torch.mv(history.upstream[: history.hi + 1].t(), coeff0).view(ctx.shape)
         return grad_alpha, grad_x, grad_first, None, None
 
 
