@@ -5,6 +5,8 @@ runs a ``TorchTrainer`` with ``cfg.launch.num_workers`` workers, and in every wo
 
 - builds the model and our LAMB (gptbert.optim) and wraps them with ``deepspeed.initialize``
   (ZeRO stage from ``cfg.launch``, the JSON in ``infra/deepspeed/`` filled from the typed config);
+  under ZeRO-3 the model's cross-module parameter uses are registered (``prepare_zero3_model``)
+  and the EMA runs over local partitions (``Zero3EMA``);
 - runs ``gptbert.trainer.Trainer`` unchanged through ``DeepSpeedBackend`` (the step-backend
   contract of trainer.py). Every rank plans the same global batch from document lengths and
   reads only its own examples from the memory-mapped shards, so 1 and N workers train the same
@@ -290,6 +292,180 @@ def attach_zero_partitions(optimizer: ShardedLAMB, zero_optimizer) -> int:
     return len(flats)
 
 
+def zero3_partition_segments(numels: list[int], partition_numels: list[int], rank: int):
+    """Parameter index of every element of this rank's ZeRO-3 flat fp32 partition of one sub group.
+
+    ZeRO-3 splits every parameter on its own: rank r holds elements [r*P, (r+1)*P) of the flattened
+    parameter (P = its partition size, the last rank's slice zero-padded past the end), and the
+    optimizer's flat tensor is these slices concatenated in sub-group order. Padding gets the index
+    ``len(numels)``."""
+    import torch
+
+    parts = []
+    for j, (n, size) in enumerate(zip(numels, partition_numels)):
+        valid = max(0, min(size, n - rank * size))
+        parts.append(torch.full((valid,), j, dtype=torch.long))
+        parts.append(torch.full((size - valid,), len(numels), dtype=torch.long))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long), len(numels)
+
+
+def attach_zero3_partitions(optimizer: ShardedLAMB, zero_optimizer) -> int:
+    """Tell ``optimizer`` the layout of ZeRO-3's flat fp32 sub-group partitions (the tensors DeepSpeed
+    hands the client optimizer, one sub group per step call); returns how many were attached."""
+    import torch.distributed as dist
+
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
+    groups = getattr(zero_optimizer, "fp16_groups", None)
+    if not flats or groups is None:
+        return 0
+    pg = zero_optimizer.dp_process_group
+    rank = dist.get_rank(group=pg)
+    for flat, params in zip(flats, groups):
+        seg, n = zero3_partition_segments([int(p.ds_numel) for p in params],
+                                          [int(p.partition_numel()) for p in params], rank)
+        if seg.numel() != flat.numel():
+            raise RuntimeError(f"ZeRO-3 partition: {flat.numel()} elements, layout says {seg.numel()}")
+        optimizer.attach_partitions(flat, seg, n, pg)
+    return len(flats)
+
+
+def prepare_zero3_model(model) -> None:
+    """Make GPTBERT's parameter uses that happen outside their owning module's forward visible to
+    ZeRO-3, which gathers parameters per module in forward/backward hooks.
+
+    - ``lm_logits`` (the tied LM head) runs after the model's forward and uses
+      ``word_embedding.weight`` and ``head_bias``: it is routed through a parameterless child module
+      (so DeepSpeed hooks its forward and backward) with both registered as its external
+      parameters. ``state_dict`` names are unchanged (the child owns no parameters).
+    - ``layer_weights`` (a ParameterList, never called itself) are read in the root forward:
+      registered as external parameters of the root module.
+    The relative-position table is owned by the root module and normalised in its forward, so the
+    layers only see an activation. Call before ``deepspeed.initialize`` (which hooks submodules).
+    """
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    from .model import GPTBERT
+
+    class Zero3LMHead(torch.nn.Module):
+        def __init__(self, owner):
+            super().__init__()
+            self._owner = [owner]  # a list: not a child module (no cycle, no parameters)
+
+        def forward(self, hidden):
+            return GPTBERT.lm_logits(self._owner[0], hidden)
+
+    head = Zero3LMHead(model)
+    model.add_module("zero3_lm_head", head)
+    model.__dict__["lm_logits"] = head  # instance attribute wins over the class method
+    register_external_parameter(head, model.word_embedding.weight)
+    register_external_parameter(head, model.head_bias)
+    if model.layer_weights is not None:
+        for alpha in model.layer_weights:
+            register_external_parameter(model, alpha)
+
+
+class Zero3EMA:
+    """The trainer's EMA under ZeRO-3, over this rank's parameter partitions (``param.ds_tensor``).
+
+    The average is elementwise, so averaging each rank's slice equals slicing the full average; no
+    communication per step and 1/world of the memory. ``full_state()`` (every rank calls it: an
+    all-gather per parameter) rebuilds the full fp32 tensors for checkpoints and the final model;
+    ``state_dict()`` returns them once gathered for the current step (checkpoint.py calls it on rank
+    0 only). ``load_state_dict`` takes full tensors (any world size) and keeps this rank's slice.
+    """
+
+    def __init__(self, model, decay: float, process_group=None):
+        self.decay = decay
+        self.group = process_group
+        self.params = dict(model.named_parameters())
+        self.shadow = {n: p.ds_tensor.detach().float().clone() for n, p in self.params.items()}
+        self._version = 0
+        self._full: tuple[int, dict] | None = None
+
+    def update(self, model=None) -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, p in self.params.items():
+                self.shadow[n].lerp_(p.ds_tensor.detach().float(), 1.0 - self.decay)
+        self._version += 1
+
+    def _gather(self, tensors: dict) -> dict:
+        import torch
+        import torch.distributed as dist
+
+        world = dist.get_world_size(group=self.group)
+        out = {}
+        for n, p in self.params.items():
+            part = tensors[n].contiguous()
+            pieces = [torch.empty_like(part) for _ in range(world)]
+            dist.all_gather(pieces, part, group=self.group)
+            out[n] = torch.cat(pieces)[: p.ds_numel].view(p.ds_shape).cpu()
+        return out
+
+    def full_state(self) -> dict:
+        """Full fp32 EMA tensors by parameter name (collective: every rank calls it)."""
+        if self._full is None or self._full[0] != self._version:
+            self._full = (self._version, self._gather(self.shadow))
+        return self._full[1]
+
+    def state_dict(self) -> dict:
+        if self._full is None or self._full[0] != self._version:
+            raise RuntimeError("Zero3EMA.state_dict: call full_state() on every rank first")
+        return dict(self._full[1])
+
+    def _slice(self, name: str, full):
+        import torch
+        import torch.distributed as dist
+
+        p = self.params[name]
+        size = int(p.partition_numel())
+        start = dist.get_rank(group=self.group) * size
+        flat = full.detach().reshape(-1).float()
+        out = torch.zeros(size, dtype=torch.float32, device=p.ds_tensor.device)
+        valid = max(0, min(size, flat.numel() - start))
+        out[:valid] = flat[start:start + valid]
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise ValueError(f"EMA state lacks parameters: {sorted(missing)[:3]}")
+        for n in self.shadow:
+            if tuple(state[n].shape) != tuple(self.params[n].ds_shape):
+                raise ValueError(f"EMA state: {n} has shape {tuple(state[n].shape)}, "
+                                 f"model has {tuple(self.params[n].ds_shape)}")
+            self.shadow[n].copy_(self._slice(n, state[n]))
+        self._version += 1
+        self._full = None
+
+    def _write(self, partitions: dict, full: dict | None) -> None:
+        import torch
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.ds_tensor.copy_(partitions[n].to(p.ds_tensor.dtype))
+                # Persistent (small) parameters stay gathered between forwards: refresh their data.
+                if p.ds_status == ZeroParamStatus.AVAILABLE and p.numel() == p.ds_numel:
+                    p.data.copy_(full[n].to(p.device, p.dtype).view_as(p))
+
+    def backup(self, model=None) -> tuple[dict, dict]:
+        """This rank's current partitions and full copies of gathered parameters, for ``restore``."""
+        parts = {n: p.ds_tensor.detach().clone() for n, p in self.params.items()}
+        full = {n: p.detach().clone() for n, p in self.params.items() if p.numel() == p.ds_numel}
+        return parts, full
+
+    def restore(self, model, saved: tuple[dict, dict]) -> None:
+        parts, full = saved
+        self._write(parts, full)
+
+    def copy_to(self, model=None) -> None:
+        """Write the average into the engine's partitions (collective: every rank calls it)."""
+        self._write(self.shadow, self.full_state())
+
+
 # ----------------------------------------------------------------------------- the step backend
 
 class DeepSpeedBackend:
@@ -306,6 +482,14 @@ class DeepSpeedBackend:
         self.device = device
         self.rank = rank
         self.world_size = world_size
+
+    def make_ema(self, model, decay: float):
+        """The trainer's EMA: over local partitions under ZeRO-3, else gptbert.optim.EMA."""
+        from .optim import EMA
+
+        if self.engine.zero_optimization_stage() == 3:
+            return Zero3EMA(model, decay, self.engine.optimizer.dp_process_group)
+        return EMA(model, decay)
 
     def backward(self, loss, boundary: bool = True) -> None:
         # The loop already normalised the loss over the global batch: no 1/GAS scaling.
@@ -361,11 +545,16 @@ def build_deepspeed_backend(cfg: PipelineConfig, device, rank: int, world_size: 
         optimizer = ShardedLAMB(groups, lr=tc.lr, betas=betas, eps=tc.eps, weight_decay=tc.weight_decay)
     else:
         optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=betas, eps=tc.eps, weight_decay=tc.weight_decay)
+    if cfg.launch.zero_stage == 3:
+        prepare_zero3_model(model)
     ds_cfg = deepspeed_config(cfg, world_size, bf16)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     if isinstance(optimizer, ShardedLAMB) and cfg.launch.zero_stage in (1, 2):
         if attach_zero_partitions(optimizer, ds_optimizer) == 0:
             raise RuntimeError("ZeRO optimizer exposes no flat partitions; cannot keep LAMB per-layer")
+    if isinstance(optimizer, ShardedLAMB) and cfg.launch.zero_stage == 3:
+        if attach_zero3_partitions(optimizer, ds_optimizer) == 0:
+            raise RuntimeError("ZeRO-3 optimizer exposes no fp32 partitions; cannot keep LAMB per-layer")
     if rank > 0:
         # Dropout streams must differ between ranks; rank 0 keeps the plain loop's stream.
         torch.manual_seed(tc.seed + 1_000_003 * rank)
@@ -457,6 +646,8 @@ class RayTrainer(_trainer_class()):
         return metrics
 
     def save(self, checkpoint_root: str | Path) -> Path:
+        if isinstance(self.ema, Zero3EMA):
+            self.ema.full_state()  # collective; checkpoint.py then reads it on rank 0
         path = super().save(checkpoint_root)
         if self.step >= self.tc.steps:
             # The last checkpoint is reported once the model folder is inside it.
@@ -592,13 +783,20 @@ def _train_worker(config: dict) -> None:
                    "bf16": bf16, "run_name": config["run_name"], "storage_path": config["storage_path"],
                    "resumed_from": resumed_from, "nodes": nodes},
     }
+    # ZeRO-3: every rank joins the gather of the partitioned EMA; rank 0 writes it.
+    full_ema = trainer.ema.full_state() if isinstance(trainer.ema, Zero3EMA) else None
     if rank == 0:
         # The final model is the EMA in fp32, in a fresh CPU model: independent of the engine's
         # dtype (bf16 params under DeepSpeed bf16) and device.
         from .model import GPTBERT
 
         final_model = GPTBERT(cfg.model)
-        trainer.ema.copy_to(final_model)
+        if full_ema is not None:
+            with torch.no_grad():
+                for n, p in final_model.named_parameters():
+                    p.copy_(full_ema[n])
+        else:
+            trainer.ema.copy_to(final_model)
         save_model_dir(folder / "model", final_model, cfg.model, tokenizer_path, summary)
     trainer.report(folder=folder, extra={"final": 1})
     if local_rank == 0:
@@ -628,10 +826,6 @@ def pretrain_distributed(cfg: PipelineConfig, shard_dir: str | Path, out_dir: st
     from ray.train.torch import TorchTrainer
 
     lc = cfg.launch
-    if lc.zero_stage == 3:
-        raise ConfigError("launch.zero_stage", "ZeRO stage 3 is not supported by the training loop yet: "
-                                               "the EMA reads every full parameter after each step, which "
-                                               "ZeRO-3 partitions away; use stage 0, 1 or 2")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     shard_dir = str(Path(shard_dir).resolve())
@@ -705,6 +899,7 @@ def _install_model_dir(src: Path, dest: Path) -> Path:
 
 
 __all__ = ["DeepSpeedBackend", "JsonlCallback", "MetricsCallback", "RayTrainer", "ShardedLAMB",
-           "attach_zero_partitions", "build_deepspeed_backend", "check_storage_path", "deepspeed_config",
-           "default_run_name", "device_peak_flops", "pretrain_distributed", "read_jsonl",
-           "resolve_ray_address", "zero_partition_segments"]
+           "Zero3EMA", "attach_zero3_partitions", "attach_zero_partitions", "build_deepspeed_backend",
+           "check_storage_path", "deepspeed_config", "default_run_name", "device_peak_flops",
+           "prepare_zero3_model", "pretrain_distributed", "read_jsonl", "resolve_ray_address",
+           "zero3_partition_segments", "zero_partition_segments"]

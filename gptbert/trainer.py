@@ -13,6 +13,8 @@ process; a DeepSpeed backend lives in ``gptbert/launch.py``). A backend provides
   zero the gradients; returns the global gradient norm before clipping;
 - ``save(dir)`` / ``load(dir)``: model + optimizer state into / from a checkpoint folder (every
   rank calls them).
+- optionally ``make_ema(model, decay)``: the EMA the loop updates after each step (a backend that
+  partitions parameters keeps it over its partitions); default ``optim.EMA``.
 
 Metrics leave through ``callback(metrics: dict, step: int)`` on rank 0; the library logs nowhere.
 """
@@ -115,7 +117,9 @@ class Trainer:
         self.valid_source = valid_source
         self.callback = callback
         self.progress = progress
-        self.ema = EMA(unwrap(backend.module), self.tc.ema_decay)
+        # A backend may keep the EMA itself (ZeRO-3: over its local parameter partitions).
+        make_ema = getattr(backend, "make_ema", None)
+        self.ema = (make_ema or EMA)(unwrap(backend.module), self.tc.ema_decay)
         self.autocast_dtype = resolve_precision(self.tc.precision, self.device)
         words, tokens = source.num_words, source.num_tokens
         self.words_per_token = (words / tokens) if words and tokens else None
@@ -248,13 +252,17 @@ class Trainer:
     def validate_ema(self) -> dict[str, float]:
         """Validation with the EMA weights swapped in (the weights of the final model)."""
         model = unwrap(self.backend.module)
-        saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+        backup = getattr(self.ema, "backup", None)  # an EMA over partitions saves/restores its own
+        saved = backup(model) if backup else {n: p.detach().clone() for n, p in model.named_parameters()}
         self.ema.copy_to(model)
         try:
             return {k + "_ema": v for k, v in self.validate().items()}
         finally:
-            for n, p in model.named_parameters():
-                p.copy_(saved[n])
+            if backup:
+                self.ema.restore(model, saved)
+            else:
+                for n, p in model.named_parameters():
+                    p.copy_(saved[n])
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
