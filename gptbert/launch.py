@@ -634,6 +634,21 @@ class RayTrainer(_trainer_class()):
         self.local_rank = local_rank
         self.final_checkpoint: Path | None = None
 
+    def _prepare(self, step: int, cursor):
+        out = super()._prepare(step, cursor)
+        if self.cfg.launch.zero_stage == 3:
+            # ZeRO-3 gathers parameters with collectives inside every forward, so every rank must run
+            # a real forward per micro-batch; the loop's zero loss for a rank without examples runs
+            # none. Every rank checks every rank's share (rank-independent), so all stop together.
+            plan = out[0]
+            for r in range(self.world_size):
+                if any(len(c) == 0 for c in self.stream.micro_batches(plan, r, self.world_size)):
+                    raise ConfigError("train.micro_batch_tokens",
+                                      f"step {step}: {plan.batch_size} examples over {self.world_size} ranks "
+                                      "leave a rank without examples in a micro-batch, which ZeRO-3 cannot "
+                                      "run (every rank must run each forward); use larger batches or ZeRO 0-2")
+        return out
+
     def train_step(self):
         metrics = super().train_step()
         lc = self.cfg.launch
@@ -696,6 +711,24 @@ def _stored_checkpoints(storage_path: str, run_name: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _check_zero3_validation(cfg: PipelineConfig, valid, world: int) -> None:
+    """Under ZeRO-3 every rank must run the same number of validation forwards (each one gathers
+    parameters collectively); refuse a validation set whose split leaves ranks uneven."""
+    from .objective import rank_slice, segment_pieces
+
+    tc = cfg.train
+    if valid is None or tc.valid_examples == 0:
+        return
+    n = len(segment_pieces(valid.lengths, tc.max_seq_len, tc.valid_examples))
+    micro = max(1, tc.micro_batch_tokens // tc.max_seq_len)
+    counts = {-(-len(rank_slice(n, r, world)) // micro) for r in range(world)}
+    if len(counts) > 1:
+        raise ConfigError("train.valid_examples",
+                          f"{n} validation examples in micro-batches of {micro} give the {world} ranks "
+                          f"different numbers of forwards ({sorted(counts)}), which ZeRO-3 cannot run; "
+                          f"use a multiple of {world * micro} examples or ZeRO 0-2")
+
+
 def _train_worker(config: dict) -> None:
     """The per-worker function of the Ray ``TorchTrainer``."""
     import ray
@@ -732,6 +765,8 @@ def _train_worker(config: dict) -> None:
     bf16 = resolve_precision(cfg.train.precision, device) is not None
     callback = MetricsCallback(cfg, world, device_name, bf16, config.get("callback")) if rank == 0 else None
     trainer = RayTrainer(cfg, source, backend, valid, callback, local_rank=local_rank)
+    if lc.zero_stage == 3:
+        _check_zero3_validation(cfg, valid, world)
 
     # Which node every rank runs on (recorded in training.json: proves multi-node placement).
     node = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),

@@ -146,6 +146,20 @@ def test_zero3_partition_segments_layout():
     assert seg1.tolist() == [0, 0, 2, 1]
 
 
+def test_zero3_refuses_uneven_validation_forwards():
+    from gptbert.launch import _check_zero3_validation
+
+    class Valid:
+        lengths = np.full(10, 30)  # one 30-token segment per document at seq_len 32
+
+    over = ["train.micro_batch_tokens=64", "train.seq_len=32", "train.seq_len_schedule=false"]
+    with pytest.raises(ConfigError, match="different numbers of forwards") as err:
+        _check_zero3_validation(load_config("tiny", overrides=over + ["train.valid_examples=5"]), Valid(), 2)
+    assert err.value.field == "train.valid_examples"
+    _check_zero3_validation(load_config("tiny", overrides=over + ["train.valid_examples=8"]), Valid(), 2)
+    _check_zero3_validation(load_config("tiny", overrides=over + ["train.valid_examples=0"]), Valid(), 2)
+
+
 def test_sharded_lamb_on_a_flat_tensor_equals_per_parameter_lamb():
     """One flat tensor holding all parameters (ZeRO with one rank) with the layout attached must
     step exactly like gptbert.optim.LAMB on the separate parameters (per-layer trust ratios)."""
