@@ -16,7 +16,7 @@ from torch import nn
 
 
 class LAMB(torch.optim.Optimizer):
-    chunk_elements = 2_000_000
+    chunk_elements = 250_000
 
     def __init__(self, params, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.98),
                  eps: float = 1e-8, weight_decay: float = 0.1):
@@ -49,8 +49,10 @@ class LAMB(torch.optim.Optimizer):
                 state["step"] += 1
                 buckets.setdefault((state["step"], dtype, p.device), []).append(p)
             for (t, dtype, _), params in buckets.items():
-                # Chunks of ~2M elements: the temporaries of one chunk stay small enough for the
-                # allocator to reuse them, where whole-model temporaries are fresh pages every step.
+                # Chunks of ~250K elements (measured: 250K 1.1-1.2x the per-parameter loop, 2M 1.0x, one
+                # chunk for the whole model 0.6x): a chunk stays in cache across its ops and its
+                # temporaries small enough for the allocator to reuse (whole-model temporaries are
+                # fresh pages every step). Small tensors are grouped, which saves the Python loop.
                 chunk: list[torch.Tensor] = []
                 size = 0
                 for p in params:
