@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from gptbert.jsonl import iter_objects
+
 REQUIRED_FIELDS = ("sentence_good", "sentence_bad", "UID", "linguistics_term", "field")
 
 
@@ -49,31 +51,21 @@ def load_blimp(folder: str | Path, max_pairs_per_paradigm: int | None = None) ->
     pairs: list[MinimalPair] = []
     per_uid: dict[str, int] = defaultdict(int)
     for path in files:
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise BlimpFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(item, dict):
-                    raise BlimpFormatError(f"{where}: expected a JSON object, got {type(item).__name__}")
-                for name in REQUIRED_FIELDS:
-                    if name not in item:
-                        raise BlimpFormatError(f"{where}: missing field '{name}' (required: {', '.join(REQUIRED_FIELDS)})")
-                    if not isinstance(item[name], str):
-                        raise BlimpFormatError(f"{where}: field '{name}' must be a string, got {item[name]!r}")
-                for name in ("UID", "sentence_good", "sentence_bad"):
-                    if not item[name].strip():
-                        raise BlimpFormatError(f"{where}: field '{name}' is empty")
-                uid = item["UID"]
-                if max_pairs_per_paradigm is not None and per_uid[uid] >= max_pairs_per_paradigm:
-                    continue
-                per_uid[uid] += 1
-                pairs.append(MinimalPair(item["sentence_good"], item["sentence_bad"], uid,
-                                         item["linguistics_term"], item["field"], f"{path.name}:{lineno}"))
+        for where, lineno, item in iter_objects(path, BlimpFormatError):
+            for name in REQUIRED_FIELDS:
+                if name not in item:
+                    raise BlimpFormatError(f"{where}: missing field '{name}' (required: {', '.join(REQUIRED_FIELDS)})")
+                if not isinstance(item[name], str):
+                    raise BlimpFormatError(f"{where}: field '{name}' must be a string, got {item[name]!r}")
+            for name in ("UID", "sentence_good", "sentence_bad"):
+                if not item[name].strip():
+                    raise BlimpFormatError(f"{where}: field '{name}' is empty")
+            uid = item["UID"]
+            if max_pairs_per_paradigm is not None and per_uid[uid] >= max_pairs_per_paradigm:
+                continue
+            per_uid[uid] += 1
+            pairs.append(MinimalPair(item["sentence_good"], item["sentence_bad"], uid,
+                                     item["linguistics_term"], item["field"], f"{path.name}:{lineno}"))
     if not pairs:
         raise BlimpFormatError(f"{folder}: the jsonl files hold no minimal pairs")
     return pairs

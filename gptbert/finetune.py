@@ -13,7 +13,6 @@ Data: `<data_dir>/<task>.train.jsonl` and `<task>.valid.jsonl`, one JSON object 
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from gptbert.jsonl import iter_objects
 from gptbert.scoring import special_ids
 
 TASK_METRIC = {"cola": "mcc", "mrpc": "f1", "qqp": "f1"}
@@ -43,28 +43,18 @@ def load_task_file(path: str | Path, max_examples: int | None = None) -> list[Ex
     if not path.is_file():
         raise FileNotFoundError(f"fine-tuning data file not found: {path}")
     examples: list[Example] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(item, dict):
-                raise TaskFormatError(f"{where}: expected a JSON object, got {type(item).__name__}")
-            if not isinstance(item.get("sentence1"), str):
-                raise TaskFormatError(f"{where}: field 'sentence1' must be a string, got {item.get('sentence1')!r}")
-            b = item.get("sentence2")
-            if b is not None and not isinstance(b, str):
-                raise TaskFormatError(f"{where}: field 'sentence2' must be a string or absent, got {b!r}")
-            label = item.get("label")
-            if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-                raise TaskFormatError(f"{where}: field 'label' must be an integer >= 0, got {label!r}")
-            examples.append(Example(item["sentence1"], b, label))
-            if max_examples is not None and len(examples) >= max_examples:
-                break
+    for where, _, item in iter_objects(path, TaskFormatError):
+        if not isinstance(item.get("sentence1"), str):
+            raise TaskFormatError(f"{where}: field 'sentence1' must be a string, got {item.get('sentence1')!r}")
+        b = item.get("sentence2")
+        if b is not None and not isinstance(b, str):
+            raise TaskFormatError(f"{where}: field 'sentence2' must be a string or absent, got {b!r}")
+        label = item.get("label")
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise TaskFormatError(f"{where}: field 'label' must be an integer >= 0, got {label!r}")
+        examples.append(Example(item["sentence1"], b, label))
+        if max_examples is not None and len(examples) >= max_examples:
+            break
     if not examples:
         raise TaskFormatError(f"{path}: no examples")
     return examples

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -257,5 +256,4 @@ __all__ = [
     "parse_overrides",
     "replace",
     "to_dict",
-    "typing",
 ]
