@@ -15,6 +15,19 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig, from_dict, to_dict
 
 
+def replace_dir(tmp: Path, dest: Path) -> Path:
+    """Put the finished folder ``tmp`` at ``dest``; an existing ``dest`` is moved aside first and
+    removed only after the rename, so a reader never sees a half-written folder."""
+    if dest.exists():
+        old = dest.parent / f".old-{dest.name}-{uuid.uuid4().hex[:8]}"
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dest)
+    return dest
+
+
 def save_model_dir(out_dir: str | Path, model: torch.nn.Module, model_cfg: ModelConfig,
                    tokenizer_path: str | Path | None, summary: dict[str, Any]) -> Path:
     """Write the model folder to a temporary sibling, then rename it into place."""
@@ -29,13 +42,7 @@ def save_model_dir(out_dir: str | Path, model: torch.nn.Module, model_cfg: Model
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
         (tmp / "training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        if out.exists():
-            old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

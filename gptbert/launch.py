@@ -25,7 +25,6 @@ config helpers can be used (and tested) without starting either.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -737,7 +736,7 @@ def _train_worker(config: dict) -> None:
 
     from .io import save_model_dir
     from .optim import resolve_precision
-    from .trainer import _manifest_digest, open_data
+    from .trainer import _manifest_digest, open_data, training_summary
 
     cfg = from_dict(PipelineConfig, config["cfg"])
     lc = cfg.launch
@@ -792,32 +791,16 @@ def _train_worker(config: dict) -> None:
     start_step = trainer.step
     trainer.fit(scratch)
 
-    final = dict(trainer.last_metrics)
-    final.update(trainer.validate())
-    final.update(trainer.validate_ema())
     folder = trainer.final_checkpoint
     if folder is None:
         # Resumed a finished run: nothing trained, the final checkpoint is the one restored.
         return
-    words = trainer.words_per_token
-    summary = {
-        "steps": trainer.step,
-        "tokens": trainer.tokens_seen,
-        "words": round(trainer.tokens_seen * words) if words else None,
-        "train_seconds_this_session": round(time.time() - started, 3),
-        "steps_this_session": trainer.step - start_step,
-        "final": {k: v for k, v in final.items() if isinstance(v, (int, float))},
-        "model_config_digest": cfg_digest(cfg.model),
-        "train_config_digest": cfg_digest(cfg.train),
-        "run_digest": trainer.run_digest(),
-        "data": config["shard_dir"],
-        "data_manifest_digest": _manifest_digest(config["shard_dir"]),
-        "tokenizer": str(tokenizer_path) if tokenizer_path else None,
-        "ema_decay": cfg.train.ema_decay,
-        "launch": {"backend": "ray+deepspeed", "workers": world, "zero_stage": lc.zero_stage,
-                   "bf16": bf16, "run_name": config["run_name"], "storage_path": config["storage_path"],
-                   "resumed_from": resumed_from, "nodes": nodes},
-    }
+    summary = training_summary(trainer, cfg, started, data_name=config["shard_dir"],
+                               manifest_digest=_manifest_digest(config["shard_dir"]),
+                               tokenizer_path=tokenizer_path, start_step=start_step)
+    summary["launch"] = {"backend": "ray+deepspeed", "workers": world, "zero_stage": lc.zero_stage,
+                         "bf16": bf16, "run_name": config["run_name"], "storage_path": config["storage_path"],
+                         "resumed_from": resumed_from, "nodes": nodes}
     # ZeRO-3: every rank joins the gather of the partitioned EMA; rank 0 writes it.
     full_ema = trainer.ema.full_state() if isinstance(trainer.ema, Zero3EMA) else None
     if rank == 0:
@@ -836,12 +819,6 @@ def _train_worker(config: dict) -> None:
     trainer.report(folder=folder, extra={"final": 1})
     if local_rank == 0:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def cfg_digest(obj) -> str:
-    from .config import digest
-
-    return digest(obj)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -920,17 +897,12 @@ def pretrain_distributed(cfg: PipelineConfig, shard_dir: str | Path, out_dir: st
 
 
 def _install_model_dir(src: Path, dest: Path) -> Path:
-    """Copy the model folder next to ``dest`` under a temporary name, then rename it into place."""
+    """Copy the model folder next to ``dest`` under a temporary name, then swap it into place."""
+    from .io import replace_dir
+
     tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
     shutil.copytree(src, tmp)
-    if dest.exists():
-        old = dest.parent / f".old-{dest.name}-{uuid.uuid4().hex[:8]}"
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dest)
-    return dest
+    return replace_dir(tmp, dest)
 
 
 __all__ = ["DeepSpeedBackend", "JsonlCallback", "MetricsCallback", "RayTrainer", "ShardedLAMB",

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import digest, to_dict
+from .config import PipelineConfig, digest, to_dict
 from .objective import (Cursor, LossNorm, TrainingStream, hybrid_loss, objective_value, rank_slice,
                         segment_pieces, validation_batches)
 from .optim import EMA, build_optimizer, resolve_device, resolve_precision, schedule_lr
@@ -422,11 +422,26 @@ def pretrain(cfg, data, out_dir: str | Path, callback: Callback | None = None, b
     if trainer.step < cfg.train.steps:
         return latest_checkpoint(ckpt_root)
 
+    model = unwrap(backend.module)
+    summary = training_summary(trainer, cfg, started, data_name=str(data) if not hasattr(data, "lengths")
+                               else type(data).__name__, manifest_digest=_manifest_digest(data),
+                               tokenizer_path=tokenizer_path)
+    trainer.ema.copy_to(model)  # the final model is the EMA of the weights
+    model_dir = out / "model"
+    if trainer.rank == 0:
+        save_model_dir(model_dir, model, cfg.model, tokenizer_path, summary)
+    if _dist():
+        torch.distributed.barrier()
+    return model_dir
+
+
+def training_summary(trainer: "Trainer", cfg: PipelineConfig, started: float, *, data_name: str,
+                     manifest_digest: str | None, tokenizer_path, start_step: int | None = None) -> dict:
+    """The ``training.json`` summary: final train/valid losses (training and EMA weights), counts,
+    and the digests of what the model was made from. Runs validation (a collective when distributed)."""
     final = dict(trainer.last_metrics)
     final.update(trainer.validate())
     final.update(trainer.validate_ema())
-    model = unwrap(backend.module)
-    trainer.ema.copy_to(model)  # the final model is the EMA of the weights
     words = trainer.words_per_token
     summary = {
         "steps": trainer.step,
@@ -438,17 +453,14 @@ def pretrain(cfg, data, out_dir: str | Path, callback: Callback | None = None, b
         "model_config_digest": digest(cfg.model),
         "train_config_digest": digest(cfg.train),
         "run_digest": trainer.run_digest(),
-        "data": str(data) if not hasattr(data, "lengths") else type(data).__name__,
-        "data_manifest_digest": _manifest_digest(data),
+        "data": data_name,
+        "data_manifest_digest": manifest_digest,
         "tokenizer": str(tokenizer_path) if tokenizer_path else None,
         "ema_decay": cfg.train.ema_decay,
     }
-    model_dir = out / "model"
-    if trainer.rank == 0:
-        save_model_dir(model_dir, model, cfg.model, tokenizer_path, summary)
-    if _dist():
-        torch.distributed.barrier()
-    return model_dir
+    if start_step is not None:
+        summary["steps_this_session"] = trainer.step - start_step
+    return summary
 
 
 def _manifest_digest(data) -> str | None:
@@ -464,4 +476,4 @@ def _manifest_digest(data) -> str | None:
 
 
 __all__ = ["PlainBackend", "Trainer", "build_plain_backend", "find_tokenizer", "open_data", "pretrain",
-           "unwrap"]
+           "training_summary", "unwrap"]
