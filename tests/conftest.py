@@ -25,6 +25,17 @@ def shared_data():
     return shared_path
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test's torch work on one thread, restoring the setting afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch):
     # Keep third-party libraries offline and quiet in every test.

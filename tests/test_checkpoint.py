@@ -25,12 +25,8 @@ OVERRIDES = ["train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoint
              "train.micro_batch_tokens=256", "train.causal_fraction=0.25"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: extra threads only contend with other processes (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_corpus(path: Path) -> Path:

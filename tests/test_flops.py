@@ -11,12 +11,7 @@ from gptbert.flops import flops_per_token, forward_flops_breakdown, parameter_co
 from gptbert.model import GPTBERT, build_blocked_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
 
 
 @pytest.mark.parametrize("gate, causal", [(True, False), (True, True), (False, False)])

@@ -14,13 +14,8 @@ from gptbert.objective import (BOS_ID, IGNORE, MASK_ID, NUM_SPECIAL, PAD_ID, Cur
                                segment_pieces, span_mask, validation_batches)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: extra threads only contend with the other test processes on the machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: extra threads only contend with other processes (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def docs_source(lengths, start=100):

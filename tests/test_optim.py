@@ -11,12 +11,8 @@ from gptbert.config import ModelConfig, TrainConfig
 from gptbert.optim import EMA, LAMB, lr_at, param_groups, resolve_precision, schedule_lr
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: extra threads only contend with other processes (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_lamb_one_step_matches_hand_computation():

@@ -14,12 +14,8 @@ from gptbert.config import load_config
 from gptbert.data import ListDocumentSource, load_token_file, save_token_file
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: extra threads only contend with other processes (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def repetitive_corpus(n_docs=120, seed=0):
