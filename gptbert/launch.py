@@ -109,7 +109,15 @@ def default_run_name(out_dir: str | Path) -> str:
 def deepspeed_config(cfg: PipelineConfig, world_size: int, bf16: bool,
                      base: dict[str, Any] | str | Path | None = None) -> dict[str, Any]:
     """The DeepSpeed config of a run: ``infra/deepspeed/zero<stage>.json`` with its ``"auto"``
-    values filled from the typed config.
+    values filled from the typed config; ``bf16`` is the resolved ``train.precision``.
+
+    One meaning of bf16 on every backend (SPEC 5: bf16 autocast with fp32 master weights): the
+    engine holds fp32 weights, gradients and optimizer state, and bf16 is ``torch.autocast`` as in
+    the single-process loop. DeepSpeed runs its forward with autocast switched off unless its
+    ``torch_autocast`` section is enabled, so that section mirrors ``bf16``, with no "lower
+    precision safe" modules: gradients are reduced in fp32, as the plain loop sums them. DeepSpeed's
+    own ``bf16`` mode (bf16 weights and gradients, an fp32 master copy) computes a different step,
+    so a JSON that enables it (or fp16) is refused.
 
     The loop accumulates gradients itself (the number of micro-batches varies with the batch
     schedule), so DeepSpeed runs unmanaged accumulation: ``backward`` only accumulates and every
@@ -155,13 +163,16 @@ def deepspeed_config(cfg: PipelineConfig, world_size: int, bf16: bool,
     zero["stage"] = lc.zero_stage
     if lc.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    bf = ds.setdefault("bf16", {})
-    if bf.get("enabled", "auto") not in ("auto", bf16):
-        raise ConfigError("train.precision", f"{source} sets bf16.enabled={bf.get('enabled')!r} but the "
-                                             f"typed config resolves to bf16={bf16}")
-    bf["enabled"] = bool(bf16)
-    if "fp16" in ds and ds["fp16"].get("enabled"):
-        raise ConfigError("fp16", f"{source} enables fp16; gptbert trains in bf16 or fp32")
+    for key in ("bf16", "fp16"):
+        section = ds.get(key, {})
+        enabled = section.get("enabled", False) if isinstance(section, dict) else section
+        if enabled not in (False, "auto"):
+            raise ConfigError("train.precision", f"{source} enables DeepSpeed's {key} mode; gptbert's "
+                                                 "precision is train.precision (bf16 autocast over fp32 "
+                                                 f"weights on every backend): remove {key!r} from the JSON")
+    ds["bf16"] = {"enabled": False}
+    ds.pop("fp16", None)
+    ds["torch_autocast"] = {"enabled": bool(bf16), "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return ds
 
 
@@ -532,10 +543,6 @@ def build_deepspeed_backend(cfg: PipelineConfig, device, rank: int, world_size: 
         _skip_shm_build()
     tc = cfg.train
     bf16 = resolve_precision(tc.precision, device) is not None
-    if cfg.launch.zero_stage == 0 and bf16 and tc.optimizer == "lamb":
-        raise ConfigError("launch.zero_stage", "bf16 with ZeRO stage 0 flattens parameters in DeepSpeed's "
-                                               "BF16 optimizer, which breaks LAMB's per-layer trust ratio; "
-                                               "use zero_stage 1 or 2")
     torch.manual_seed(tc.seed)  # identical initial weights on every rank (as the plain loop)
     model = GPTBERT(cfg.model).to(device)
     groups = param_groups(model, tc.weight_decay)
@@ -799,13 +806,12 @@ def _train_worker(config: dict) -> None:
                                manifest_digest=_manifest_digest(config["shard_dir"]),
                                tokenizer_path=tokenizer_path, start_step=start_step)
     summary["launch"] = {"backend": "ray+deepspeed", "workers": world, "zero_stage": lc.zero_stage,
-                         "bf16": bf16, "run_name": config["run_name"], "storage_path": config["storage_path"],
+                         "run_name": config["run_name"], "storage_path": config["storage_path"],
                          "resumed_from": resumed_from, "nodes": nodes}
     # ZeRO-3: every rank joins the gather of the partitioned EMA; rank 0 writes it.
     full_ema = trainer.ema.full_state() if isinstance(trainer.ema, Zero3EMA) else None
     if rank == 0:
-        # The final model is the EMA in fp32, in a fresh CPU model: independent of the engine's
-        # dtype (bf16 params under DeepSpeed bf16) and device.
+        # The final model is the EMA in fp32, in a fresh CPU model: independent of the device.
         from .model import GPTBERT
 
         final_model = GPTBERT(cfg.model)

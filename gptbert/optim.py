@@ -10,6 +10,7 @@ so DeepSpeed accepts it as a client optimizer (DeepSpeed's own LAMB does not run
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -189,18 +190,40 @@ def cpu_supports_bf16() -> bool:
     return any(bool(f()) for f in checks if f is not None)
 
 
+# What ``precision: auto`` resolves to, overriding the hardware check (values fp32 / bf16): lets one
+# machine reproduce the other CPU kind's choice (e.g. the test suite run both ways on one machine).
+AUTO_PRECISION_ENV = "GPTBERT_AUTO_PRECISION"
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
+    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32).
+
+    One meaning on every backend (plain loop and DeepSpeed, CPU and CUDA): ``bf16`` is
+    ``torch.autocast(dtype=bfloat16)`` around the forward and the loss, over fp32 weights, with fp32
+    gradients, optimizer state and EMA (SPEC 5: bf16 autocast with fp32 master weights). ``auto``
+    is bf16 where the hardware runs it natively (CUDA with bf16; a CPU with AVX-512-BF16 or AMX,
+    where bf16 matmuls are ~6x faster than fp32) and fp32 elsewhere (on AVX2-only CPUs bf16 is
+    emulated and ~7x slower); ``GPTBERT_AUTO_PRECISION`` overrides that choice.
+    """
+    if precision == "auto":
+        forced = os.environ.get(AUTO_PRECISION_ENV, "").strip().lower()
+        if forced:
+            if forced not in ("fp32", "bf16"):
+                raise ValueError(f"environment variable {AUTO_PRECISION_ENV}: expected fp32 or bf16, "
+                                 f"got {forced!r}")
+            precision = forced
     if precision == "fp32":
         return None
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = cpu_supports_bf16()
     if precision == "bf16":
         return torch.bfloat16  # explicitly asked for, even where it is slow
+    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
     return torch.bfloat16 if supported else None
 
 
-__all__ = ["EMA", "LAMB", "build_optimizer", "cpu_supports_bf16", "lr_at", "param_groups",
-           "resolve_device", "resolve_precision", "schedule_lr"]
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How a run's precision is recorded (training.json, MLflow): ``bf16-autocast`` or ``fp32``."""
+    return "bf16-autocast" if dtype is torch.bfloat16 else "fp32"
+
+
+__all__ = ["AUTO_PRECISION_ENV", "EMA", "LAMB", "build_optimizer", "cpu_supports_bf16", "lr_at",
+           "param_groups", "precision_name", "resolve_device", "resolve_precision", "schedule_lr"]

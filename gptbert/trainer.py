@@ -34,7 +34,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import PipelineConfig, digest, to_dict
 from .objective import (Cursor, LossNorm, TrainingStream, hybrid_loss, objective_value, rank_slice,
                         segment_pieces, validation_batches)
-from .optim import EMA, build_optimizer, resolve_device, resolve_precision, schedule_lr
+from .optim import EMA, build_optimizer, precision_name, resolve_device, resolve_precision, schedule_lr
 
 Callback = Callable[[dict, int], None]
 
@@ -457,6 +457,7 @@ def training_summary(trainer: "Trainer", cfg: PipelineConfig, started: float, *,
         "data_manifest_digest": manifest_digest,
         "tokenizer": str(tokenizer_path) if tokenizer_path else None,
         "ema_decay": cfg.train.ema_decay,
+        "precision": precision_name(trainer.autocast_dtype),
     }
     if start_step is not None:
         summary["steps_this_session"] = trainer.step - start_step

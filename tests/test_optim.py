@@ -99,9 +99,10 @@ def test_ema_update_and_copy():
     assert model.weight[0].tolist() == pytest.approx(expected)
 
 
-def test_precision_selection_on_cpu():
-    from gptbert.optim import cpu_supports_bf16
+def test_precision_selection_on_cpu(monkeypatch):
+    from gptbert.optim import AUTO_PRECISION_ENV, cpu_supports_bf16
 
+    monkeypatch.delenv(AUTO_PRECISION_ENV, raising=False)
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
@@ -109,6 +110,15 @@ def test_precision_selection_on_cpu():
     assert resolve_precision("auto", cpu) is (torch.bfloat16 if cpu_supports_bf16() else None)
     if torch.backends.cpu.get_cpu_capability() == "AVX2":
         assert resolve_precision("auto", cpu) is None
+    # The environment switch decides what auto means (e.g. the suite run as on the other CPU kind);
+    # explicit values are never overridden.
+    for forced, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("BF16", torch.bfloat16)):
+        monkeypatch.setenv(AUTO_PRECISION_ENV, forced)
+        assert resolve_precision("auto", cpu) is dtype
+        assert resolve_precision("fp32", cpu) is None and resolve_precision("bf16", cpu) is torch.bfloat16
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "fp16")
+    with pytest.raises(ValueError, match=AUTO_PRECISION_ENV):
+        resolve_precision("auto", cpu)
 
 
 def test_plain_backend_clips_at_global_norm():

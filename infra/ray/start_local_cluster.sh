@@ -21,8 +21,12 @@ TEMP_DIR="${RAY_TEMP_DIR:-/tmp/gptbert-ray}"
 OBJECT_STORE="${RAY_OBJECT_STORE_BYTES:-200000000}"
 
 # Token authentication (Ray's default for local clusters): both nodes and every client must agree;
-# the token lives in ~/.ray/auth_token (created on first use).
+# the token lives in ~/.ray/auth_token (created here if missing).
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+if [ "$RAY_AUTH_MODE" = token ]; then
+    # `ray start` refuses to run in token mode without a token and does not create one itself.
+    ray get-auth-token --generate >/dev/null
+fi
 
 common=(--node-ip-address 127.0.0.1 --num-cpus "$CPUS" --num-gpus 0
         --object-store-memory "$OBJECT_STORE" --disable-usage-stats)

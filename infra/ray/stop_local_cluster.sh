@@ -8,11 +8,24 @@ set -euo pipefail
 PORT="${RAY_PORT:-6390}"
 TEMP_DIR="${RAY_TEMP_DIR:-/tmp/gptbert-ray}"
 
+descendants() {
+    # Children, grandchildren, ... of the given pids.
+    local kids
+    kids=$(for p in "$@"; do pgrep -P "$p" || true; done)
+    [ -n "$kids" ] && { echo "$kids"; descendants $kids; }
+    true
+}
+
 pids() {
     # Ray's daemons carry --session_dir=<temp dir>/session_... or the GCS address on their
-    # command line; worker processes carry the session dir too.
-    { pgrep -f -- "${TEMP_DIR}/session" || true; pgrep -f -- "127.0.0.1:${PORT}" || true; } \
-        | { grep -vx "$$" || true; } | sort -u
+    # command line; worker processes carry the session dir too. The raylet's agents
+    # (ray::DashboardAgent, ray::RuntimeEnvAgent) rename their command line, so they are found as
+    # descendants of the matched daemons (before those are stopped and they are reparented).
+    local roots
+    roots=$({ pgrep -f -- "${TEMP_DIR}/session" || true; pgrep -f -- "127.0.0.1:${PORT}" || true; } \
+        | { grep -vx "$$" || true; })
+    [ -n "$roots" ] && { echo "$roots"; descendants $roots; } | { grep -vx "$$" || true; } | sort -u
+    true
 }
 
 alive() { for p in "$@"; do kill -0 "$p" 2>/dev/null && echo "$p"; done; true; }
