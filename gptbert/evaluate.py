@@ -133,7 +133,10 @@ def evaluate_blimp(model, tokenizer, cfg, blimp_dir: str | Path | None = None, p
     """Score every pair of the BLiMP folder in every configured mode and temperature.
 
     cfg: an EvalConfig. Each distinct sentence is scored once, in one batched pass over all files.
+    ``model`` is a GPTBERT, or an ``NGramLM`` (gptbert.ngram): a count baseline, scored as one mode
+    ``ngram`` at T = 1.
     """
+    from gptbert.ngram import NGramLM
     from gptbert.scoring import score_sentences
 
     folder = Path(blimp_dir or cfg.blimp_dir)
@@ -142,18 +145,23 @@ def evaluate_blimp(model, tokenizer, cfg, blimp_dir: str | Path | None = None, p
     for p in pairs:
         index.setdefault(p.good, len(index))
         index.setdefault(p.bad, len(index))
-    scores = score_sentences(model, tokenizer, list(index), modes=cfg.modes, temperatures=cfg.temperatures,
-                             max_tokens=cfg.max_tokens, progress=progress)
+    if isinstance(model, NGramLM):
+        mode_names, temperatures = [f"{model.order}-gram"], [1.0]
+        scores = {mode_names[0]: model.score_sentences(tokenizer, list(index))[:, None]}
+    else:
+        mode_names, temperatures = list(cfg.modes), list(cfg.temperatures)
+        scores = score_sentences(model, tokenizer, list(index), modes=mode_names, temperatures=temperatures,
+                                 max_tokens=cfg.max_tokens, progress=progress)
     good_idx = np.array([index[p.good] for p in pairs])
     bad_idx = np.array([index[p.bad] for p in pairs])
-    modes = {m: blimp_accuracy(pairs, scores[m][good_idx], scores[m][bad_idx], cfg.temperatures)
-             for m in cfg.modes}
+    modes = {m: blimp_accuracy(pairs, scores[m][good_idx], scores[m][bad_idx], temperatures)
+             for m in mode_names}
     return {
         "data_dir": str(folder),
         "data_digest": data_digest(folder),
         "num_pairs": len(pairs),
         "num_paradigms": len({p.uid for p in pairs}),
-        "temperatures": [float(t) for t in cfg.temperatures],
+        "temperatures": [float(t) for t in temperatures],
         "modes": modes,
     }
 

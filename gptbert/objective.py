@@ -402,6 +402,31 @@ def validation_batches(source, train_cfg, vocab_size: int, seq_len: int, micro_b
             for a in range(0, len(idx), micro_batch_size)]
 
 
+def describe_example(batch: Batch, row: int, id_to_token, pieces: list[Piece] | None = None,
+                     width: int = 0) -> str:
+    """A readable table of one example: per position the input token, its segment, and the target
+    (the token the output at this position is scored against), for checking the data path by eye.
+    Masked inputs are shown as ``<mask>`` (or the random/kept token) with the original as target
+    one position to the left."""
+    kind = "causal" if bool(batch.causal[row]) else "masked"
+    ids, tgt, seg = (batch.input_ids[row].tolist(), batch.target_ids[row].tolist(),
+                     batch.segment_ids[row].tolist())
+    n_targets = sum(t != IGNORE for t in tgt)
+    head = f"example {row} ({kind}): {sum(s != 0 for s in seg)} real positions, {n_targets} targets"
+    if pieces:
+        head += ", pieces (document, offset, tokens): " + ", ".join(map(str, pieces))
+    lines = [head, f"{'pos':>4} {'seg':>3}  {'input':<18} target"]
+    end = len(ids) if width <= 0 else min(width, len(ids))
+    for k in range(end):
+        if seg[k] == 0 and (k == 0 or seg[k - 1] == 0) and k > 0:
+            lines.append(f"{'':>4} ... padding to position {len(ids) - 1}")
+            break
+        token = id_to_token(ids[k]) or str(ids[k])
+        target = "" if tgt[k] == IGNORE else (id_to_token(tgt[k]) or str(tgt[k]))
+        lines.append(f"{k:>4} {seg[k]:>3}  {token:<18} {target}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- the loss
 
 @dataclass
@@ -483,6 +508,7 @@ def objective_value(sums: dict[str, float], norm: LossNorm, causal_fraction: flo
 __all__ = [
     "BOS_ID", "IGNORE", "MASK_ID", "NUM_SPECIAL", "PAD_ID",
     "Batch", "Cursor", "LossNorm", "PackingPlanner", "StepPlan", "TrainingStream",
-    "build_batch", "causal_flags", "causal_targets", "hybrid_loss", "layout", "num_micro_batches",
+    "build_batch", "causal_flags", "causal_targets", "describe_example", "hybrid_loss", "layout",
+    "num_micro_batches",
     "objective_value", "rank_slice", "segment_pieces", "span_mask", "validation_batches",
 ]

@@ -335,3 +335,25 @@ def test_batched_masking_rows_are_independent():
     for i in range(4):
         ci, mi = span_mask_rows(items[i:i + 1], segs[i:i + 1], starts[i:i + 1], 0.5, rngs([i]), 512)
         assert np.array_equal(mi[0], m[i])
+
+
+def test_describe_example_shows_each_position_with_its_target():
+    from gptbert.objective import describe_example
+
+    src = docs_source([40, 40], start=16)
+    plan = StepPlan(3, 32, 0.3, [[(0, 0, 20), (1, 5, 9)]], np.array([False]))
+    b = build_batch(src, plan, [0], seed=11, vocab_size=512)
+    names = {BOS_ID: "<s>", MASK_ID: "<mask>", PAD_ID: "<pad>"}
+    text = describe_example(b, 0, lambda i: names.get(i, f"t{i}"), plan.examples[0])
+    lines = text.splitlines()
+    assert lines[0].startswith("example 0 (masked): 31 real positions")
+    rows = [line.split() for line in lines[2:] if not line.strip().startswith("...")]
+    # Positions up to the first pad; each row: position, segment, input, [target].
+    assert [int(r[0]) for r in rows] == list(range(32))[:len(rows)] and len(rows) == 32
+    for k, r in enumerate(rows):
+        want = int(b.target_ids[0, k])
+        assert (len(r) == 4) == (want != IGNORE)
+        if want != IGNORE:
+            assert r[3] == f"t{want}"
+        assert int(r[1]) == int(b.segment_ids[0, k])
+    assert rows[0][2] == "<s>" and rows[21][2] == "<s>"  # one <s> before each packed segment

@@ -32,10 +32,16 @@ def register(subparsers) -> None:
     g.set_defaults(func=generate_command)
 
     e = subparsers.add_parser("evaluate", help="BLiMP-style minimal pairs (and fine-tuning) -> results.json, report.md")
-    e.add_argument("model_dir")
+    e.add_argument("model_dir", help="a trained model folder; with --baseline ngram, a shard folder whose "
+                                     "training split the n-gram counts come from")
     e.add_argument("--blimp", help="folder of BLiMP jsonl files (overrides eval.blimp_dir)")
     e.add_argument("--out", required=True, help="output folder for results.json and report.md")
     e.add_argument("--max-pairs", type=int, help="at most this many pairs per paradigm (quick runs)")
+    e.add_argument("--baseline", choices=["ngram"],
+                   help="evaluate a count n-gram model of the shards (same tokenizer) instead of a model")
+    e.add_argument("--order", type=int, default=2, help="n-gram order of --baseline ngram (default 2)")
+    e.add_argument("--smoothing", choices=["witten-bell", "add-k"], default="witten-bell",
+                   help="n-gram smoothing (default witten-bell; add-k uses k = 0.01)")
     add_config_args(e)
     e.set_defaults(func=evaluate_command)
 
@@ -49,6 +55,23 @@ def _load(model_dir: str):
     if tokenizer is None:
         raise FileNotFoundError(f"model folder {model_dir} lacks tokenizer.json (needed to encode text)")
     return model, tokenizer
+
+
+def _ngram_baseline(shard_dir: str, order: int, smoothing: str):
+    """An n-gram model counted over a shard folder's training split, and the shards' tokenizer."""
+    from tokenization.shards import ShardReader
+    from tokenization.tokenizer import load_tokenizer
+
+    from gptbert.ngram import NGramLM
+    from gptbert.trainer import find_tokenizer
+
+    tokenizer_path = find_tokenizer(shard_dir)
+    if tokenizer_path is None:
+        raise FileNotFoundError(f"shard folder {shard_dir}: no tokenizer.json with the manifest's sha256 "
+                                "beside or above it (needed to encode the sentences)")
+    with ShardReader(shard_dir, tokenizer_json=tokenizer_path, split="train") as source:
+        model = NGramLM.fit(source, order, smoothing=smoothing)
+    return model, load_tokenizer(tokenizer_path)
 
 
 def score_command(args: argparse.Namespace) -> int:
@@ -103,7 +126,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if not cfg.blimp_dir and not cfg.finetune.tasks:
         raise ValueError("nothing to evaluate: pass --blimp DIR or set eval.blimp_dir / eval.finetune.tasks")
 
-    model, tokenizer = _load(args.model_dir)
+    if args.baseline == "ngram":
+        model, tokenizer = _ngram_baseline(args.model_dir, args.order, args.smoothing)
+        if cfg.finetune.tasks:
+            raise ValueError("--baseline ngram scores minimal pairs only; unset eval.finetune.tasks")
+    else:
+        model, tokenizer = _load(args.model_dir)
     bar = None
 
     def progress(done: int, total: int) -> None:

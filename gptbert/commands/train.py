@@ -21,6 +21,15 @@ def register(subparsers) -> None:
     add_config_args(p)
     p.set_defaults(func=pretrain_command)
 
+    b = subparsers.add_parser(
+        "show-batch", help="decode the examples the trainer sees at a step: segments, <s>, masks, targets")
+    b.add_argument("--data", required=True, help="a shard folder (with its tokenizer.json)")
+    b.add_argument("--step", type=int, default=0, help="global step to show (default 0)")
+    b.add_argument("--examples", type=int, default=2, help="examples of each kind to show (default 2)")
+    b.add_argument("--width", type=int, default=0, help="show at most this many positions per example (0 = all)")
+    add_config_args(b)
+    b.set_defaults(func=show_batch_command)
+
 
 def pretrain_command(args) -> int:
     from gptbert.cli import config_from_args
@@ -47,4 +56,35 @@ def pretrain_command(args) -> int:
         final = json.loads(summary.read_text()).get("final", {})
         keys = ("loss", "loss_masked", "loss_causal", "valid_loss_masked_ema", "valid_loss_causal_ema")
         print("  " + "  ".join(f"{k}={final[k]:.4f}" for k in keys if isinstance(final.get(k), float)))
+    return 0
+
+
+def show_batch_command(args) -> int:
+    from tokenization.tokenizer import load_tokenizer
+
+    from gptbert.cli import config_from_args
+    from gptbert.objective import TrainingStream, describe_example
+    from gptbert.trainer import find_tokenizer, open_data
+
+    cfg = config_from_args(args)
+    source, tokenizer_path, _ = open_data(args.data)
+    tokenizer_path = tokenizer_path or find_tokenizer(args.data)
+    if tokenizer_path is None:
+        raise FileNotFoundError(f"{args.data}: no tokenizer.json to decode with")
+    tokenizer = load_tokenizer(tokenizer_path)
+    stream = TrainingStream(source, cfg.train, cfg.model.vocab_size)
+    cursor = stream.cursor
+    for step in range(args.step + 1):  # the plan of a step depends on the data position before it
+        plan, cursor = stream.plan_from(step, cursor)
+    print(f"step {plan.step}: {plan.batch_size} examples of {plan.seq_len} positions, mask rate "
+          f"{plan.mask_rate:.3f}, {int(plan.causal.sum())} causal")
+    shown = {True: 0, False: 0}
+    for i in range(plan.batch_size):
+        kind = bool(plan.causal[i])
+        if shown[kind] >= args.examples:
+            continue
+        shown[kind] += 1
+        batch = stream.batch(plan, [i])
+        print()
+        print(describe_example(batch, 0, tokenizer.id_to_token, plan.examples[i], width=args.width))
     return 0
