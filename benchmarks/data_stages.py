@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptbert.config.data import CleanConfig, ShardConfig, TokenizerConfig  # noqa: E402
+from common.config.data import CleanConfig, ShardConfig, TokenizerConfig  # noqa: E402
 from tokenization.clean import clean_corpus, iter_documents  # noqa: E402
 from tokenization.shards import ShardReader, write_shards  # noqa: E402
 from tokenization.tokenizer import build_tokenizer, build_trainer, load_tokenizer, train_tokenizer  # noqa: E402

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptbert.config import load_config  # noqa: E402
+from common.config import load_config  # noqa: E402
 from gptbert.data import save_token_file  # noqa: E402
 
 

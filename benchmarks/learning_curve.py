@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptbert.config import load_config  # noqa: E402
+from common.config import load_config  # noqa: E402
 from gptbert.evaluate import blimp_accuracy, load_blimp  # noqa: E402
 from gptbert.model import GPTBERT  # noqa: E402
 from gptbert.scoring import score_sentences  # noqa: E402

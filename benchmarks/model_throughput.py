@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptbert.config import ModelConfig, preset  # noqa: E402
+from common.config import ModelConfig, preset  # noqa: E402
 from gptbert.flops import flops_per_token  # noqa: E402
 from gptbert.model import GPTBERT, build_blocked_mask  # noqa: E402
 

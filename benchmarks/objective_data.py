@@ -24,7 +24,7 @@ def timed(fn, repeat=3):
 
 
 def main() -> None:
-    from gptbert.config import TrainConfig
+    from common.config import TrainConfig
     from gptbert.data import ListDocumentSource
     from gptbert.objective import TrainingStream, layout, span_mask
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptbert.config import preset  # noqa: E402
+from common.config import preset  # noqa: E402
 from gptbert.model import GPTBERT  # noqa: E402
 from gptbert.optim import LAMB, param_groups  # noqa: E402
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from gptbert.config import digest as config_digest
-from gptbert.config import to_dict
+from common.config import digest as config_digest
+from common.config import to_dict
 
 MARKER = "stage.json"
 _CHUNK = 1 << 20

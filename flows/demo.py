@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from gptbert.config import PipelineConfig, from_dict, load_config, to_dict
+from common.config import PipelineConfig, from_dict, load_config, to_dict
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 DEMO_DOCUMENTS = 3000

@@ -25,7 +25,7 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from gptbert.config import PipelineConfig, dump_yaml, flatten, load_config, to_dict
+from common.config import PipelineConfig, dump_yaml, flatten, load_config, to_dict
 
 from . import stages
 from .artifacts import Artifact, update_record
@@ -245,7 +245,7 @@ def _resolve_config(config: Optional[PipelineConfig], config_file: Optional[str]
     if config is None:
         config = load_config(path=config_file) if config_file else PipelineConfig()
     elif isinstance(config, dict):  # a caller that bypassed Prefect's parameter validation
-        from gptbert.config import from_dict
+        from common.config import from_dict
 
         config = from_dict(PipelineConfig, config)
     if demo_data:

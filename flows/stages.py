@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from gptbert.config import PipelineConfig, to_dict
+from common.config import PipelineConfig, to_dict
 
 from .artifacts import Artifact, config_identity, run_stage, tree_digest
 

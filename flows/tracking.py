@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gptbert.config import PipelineConfig, flatten
+from common.config import PipelineConfig, flatten
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gptbert.jsonl import iter_objects
+from common.jsonl import iter_objects
 
 REQUIRED_FIELDS = ("sentence_good", "sentence_bad", "UID", "linguistics_term", "field")
 
@@ -168,7 +168,7 @@ def evaluate_blimp(model, tokenizer, cfg, blimp_dir: str | Path | None = None, p
 
 def evaluate(model, tokenizer, cfg, progress=None, model_dir: str | Path | None = None) -> dict[str, Any]:
     """The evaluate stage: BLiMP when `cfg.blimp_dir` is set, fine-tuning when tasks are configured."""
-    from gptbert.config import to_dict
+    from common.config import to_dict
 
     results: dict[str, Any] = {"config": to_dict(cfg)}
     if model_dir is not None:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from gptbert.jsonl import iter_objects
+from common.jsonl import iter_objects
 from gptbert.scoring import special_ids
 
 TASK_METRIC = {"cola": "mcc", "mrpc": "f1", "qqp": "f1"}

@@ -12,7 +12,7 @@ reach the LM head (``target_fraction``).
 
 from __future__ import annotations
 
-from gptbert.config.model import ModelConfig
+from common.config.model import ModelConfig
 
 
 def parameter_count(cfg: ModelConfig) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, from_dict, to_dict
+from common.config import ModelConfig, from_dict, to_dict
 
 
 def replace_dir(tmp: Path, dest: Path) -> Path:

@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, PipelineConfig, from_dict, to_dict
+from common.config import ConfigError, PipelineConfig, from_dict, to_dict
 
 DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "infra" / "deepspeed"
 CHECKPOINT_PREFIX = "step-"

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptbert.config.model import ModelConfig
+from common.config.model import ModelConfig
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import PipelineConfig, digest, to_dict
+from common.config import PipelineConfig, digest, to_dict
 from .objective import (Cursor, LossNorm, TrainingStream, hybrid_loss, objective_value, rank_slice,
                         segment_pieces, validation_batches)
 from .optim import EMA, build_optimizer, precision_name, resolve_device, resolve_precision, schedule_lr

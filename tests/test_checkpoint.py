@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptbert.checkpoint import latest_checkpoint, list_checkpoints, rng_state, set_rng_state
-from gptbert.config import load_config
+from common.config import load_config
 from gptbert.data import save_token_file
 
 REPO = Path(__file__).resolve().parents[1]

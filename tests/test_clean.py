@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gptbert.cli import main as cli_main
-from gptbert.config.base import ConfigError
-from gptbert.config.data import CHILDES_SPEAKER_PATTERN, CleanConfig, CleanRule
+from cli.main import main as cli_main
+from common.config.base import ConfigError
+from common.config.data import CHILDES_SPEAKER_PATTERN, CleanConfig, CleanRule
 from tokenization import clean as clean_mod
 from tokenization.clean import clean_corpus, count_words
 from tokenization.common import DataError
@@ -207,7 +207,7 @@ def test_50mb_single_line_streams_with_bounded_memory(tmp_path):
     script = textwrap.dedent(f"""
         import resource, json
         import pyarrow, pyarrow.parquet, tqdm
-        from gptbert.config.data import CleanConfig
+        from common.config.data import CleanConfig
         from tokenization.clean import clean_corpus
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         s = clean_corpus(CleanConfig(inputs=[{str(path)!r}], deduplicate=False), {str(tmp_path / 'out')!r},

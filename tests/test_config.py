@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from gptbert.config import (
+from common.config import (
     ConfigError,
     PipelineConfig,
     digest,

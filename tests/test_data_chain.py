@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import shared_path
 
-from gptbert.cli import main as cli_main
+from cli.main import main as cli_main
 from tokenization.shards import ShardReader
 from tokenization.tokenizer import load_tokenizer
 

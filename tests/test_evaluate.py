@@ -9,7 +9,7 @@ import pytest
 
 from conftest import shared_path
 from test_scoring import one_thread  # noqa: F401 (autouse fixture)
-from gptbert.config import EvalConfig, from_dict
+from common.config import EvalConfig, from_dict
 from gptbert.evaluate import (
     BlimpFormatError,
     MinimalPair,
@@ -117,7 +117,7 @@ def test_write_results_is_atomic_and_json(tmp_path):
 
 
 def test_eval_config_validation():
-    from gptbert.config import ConfigError
+    from common.config import ConfigError
 
     cfg = EvalConfig()
     assert cfg.temperatures[0] == 0.05 and cfg.temperatures[-1] == 3.0 and len(cfg.temperatures) == 60
@@ -201,7 +201,7 @@ def test_evaluate_blimp_end_to_end_matches_known_preferences(tmp_path):
 
 def test_evaluate_cli_score_and_generate(tmp_path, capsys):
     pytest.importorskip("gptbert.io")
-    from gptbert.cli import main
+    from cli.main import main
     from gptbert.io import save_model_dir
 
     model, tok = _bias_model_and_tokenizer()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import shared_path
-from gptbert.config import ConfigError, from_dict
-from gptbert.config.eval import FinetuneConfig
+from common.config import ConfigError, from_dict
+from common.config.eval import FinetuneConfig
 from gptbert.finetune import (
     Example,
     TaskFormatError,
@@ -113,7 +113,7 @@ def test_finetune_tasks_reads_folder(tmp_path):
         (tmp_path / f"toy.{split}.jsonl").write_text("".join(
             json.dumps({"sentence1": e.text_a, "sentence2": e.text_b, "label": e.label}) + "\n"
             for e in _toy_task(n, seed)))
-    from gptbert.config import EvalConfig
+    from common.config import EvalConfig
     from gptbert.evaluate import evaluate, summary_metrics, write_results
 
     cfg = EvalConfig(finetune=FinetuneConfig(data_dir=str(tmp_path), tasks=["toy"], epochs=1, batch_size=8))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gptbert.config import ModelConfig
+from common.config import ModelConfig
 from gptbert.flops import flops_per_token, forward_flops_breakdown, parameter_count
 from gptbert.model import GPTBERT, build_blocked_mask
 
@@ -53,7 +53,7 @@ def test_small_preset_flops_are_in_the_expected_range():
 def test_model_info_command(capsys):
     import json
 
-    from gptbert.cli import main
+    from cli.main import main
 
     assert main(["model-info", "small", "--seq-len", "128"]) == 0
     info = json.loads(capsys.readouterr().out)

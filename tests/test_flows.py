@@ -106,7 +106,7 @@ def test_tree_digest_sees_names_and_contents(tmp_path):
 
 
 def test_tracking_config_and_uri(tmp_path, monkeypatch):
-    from gptbert.config import ConfigError, load_config
+    from common.config import ConfigError, load_config
     from flows.tracking import default_artifact_root, resolve_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -280,7 +280,7 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
 
     # Same inputs again, through the CLI (`gptbert demo --json` on the same config): every stage
     # is skipped, and MLflow says so.
-    from gptbert.cli import main
+    from cli.main import main
 
     capsys.readouterr()
     argv = ["demo", "--workdir", str(tmp_path / "run"), "--json"]
@@ -317,7 +317,7 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
 
 
 def test_summary_headline():
-    from flows.commands import print_summary
+    from cli.pipeline import print_summary
 
     summary = {
         "flow_run_id": "f-1", "mlflow_run_id": "m-1", "experiment_id": "3", "duration_s": 12.0,

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptbert.config import ConfigError, LaunchConfig, load_config
+from common.config import ConfigError, LaunchConfig, load_config
 from gptbert.data import save_token_file
 from gptbert.launch import (ShardedLAMB, check_storage_path, deepspeed_config, device_peak_flops,
                             zero3_partition_segments, zero_partition_segments)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gptbert.config import ModelConfig, preset
+from common.config import ModelConfig, preset
 from gptbert.flops import parameter_count
 from gptbert.model import (
     GPTBERT,

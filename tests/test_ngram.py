@@ -70,8 +70,8 @@ def test_ngram_baseline_ranks_agreement_pairs_of_the_demo_grammar(tmp_path):
     """On the demo grammar's corpus, counts of word pairs separate most of its minimal pairs:
     through the CLI (`gptbert evaluate SHARDS --baseline ngram`), well above chance."""
     from flows.demo import write_demo_data
-    from gptbert.cli import main
-    from gptbert.config import load_config
+    from cli.main import main
+    from common.config import load_config
     from tokenization.clean import clean_corpus
     from tokenization.shards import write_shards
     from tokenization.tokenizer import train_tokenizer

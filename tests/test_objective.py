@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptbert.config import ModelConfig, TrainConfig
+from common.config import ModelConfig, TrainConfig
 from gptbert.data import ListDocumentSource
 from gptbert.objective import (BOS_ID, IGNORE, MASK_ID, NUM_SPECIAL, PAD_ID, Cursor, LossNorm,
                                PackingPlanner, StepPlan, TrainingStream, build_batch, causal_flags,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gptbert.config import ModelConfig, TrainConfig
+from common.config import ModelConfig, TrainConfig
 from gptbert.optim import EMA, LAMB, lr_at, param_groups, resolve_precision, schedule_lr
 
 

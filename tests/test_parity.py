@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import shared_path
 
-from gptbert.config import ModelConfig, preset
+from common.config import ModelConfig, preset
 from gptbert.model import GPTBERT, export_reference_state_dict, load_reference_state_dict, position_index_table
 
 FIXTURE = ("reference", "gptbert_ref_tiny.npz")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptbert.config import preset
+from common.config import preset
 from gptbert.model import GPTBERT
 from gptbert.scoring import MASK_ID, count_rows, encode_sentences, score_ids, score_sentence, score_sentences
 
@@ -24,7 +24,7 @@ TRAIN_TEXT = [
 def make_tokenizer():
     """The project's SPEC tokenizer (tokenization/tokenizer.py), trained on a few sentences: ids
     0..15 are the specials, `<s> $A` / `<s> $A </s> $B` post-processing."""
-    from gptbert.config.data import TokenizerConfig
+    from common.config.data import TokenizerConfig
     from tokenization.tokenizer import build_tokenizer, build_trainer
 
     cfg = TokenizerConfig(vocab_size=400)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gptbert.config.data import ShardConfig, TokenizerConfig
+from common.config.data import ShardConfig, TokenizerConfig
 from tokenization import shards as shards_mod
 from tokenization.common import DataError, DigestMismatchError
 from tokenization.shards import ShardReader, token_dtype, validation_mask, write_shards

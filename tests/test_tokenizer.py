@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gptbert.config.data import TokenizerConfig
+from common.config.data import TokenizerConfig
 from tokenization.common import DataError
 from tokenization.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
@@ -163,7 +163,7 @@ def test_training_is_identical_in_a_fresh_parallel_process(trained, tmp_path):
     import sys
 
     root = trained[0]
-    code = ("from gptbert.config.data import TokenizerConfig\n"
+    code = ("from common.config.data import TokenizerConfig\n"
             "from tokenization.tokenizer import train_tokenizer\n"
             f"train_tokenizer({str(root / 'documents.parquet')!r}, TokenizerConfig(vocab_size=400), "
             f"{str(tmp_path / 'tok')!r}, progress_bar=False)\n")

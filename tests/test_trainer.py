@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptbert.config import load_config
+from common.config import load_config
 from gptbert.data import ListDocumentSource, load_token_file, save_token_file
 
 
@@ -158,7 +158,7 @@ def test_out_of_vocabulary_ids_fail_clearly(tmp_path):
 
 
 def test_cli_pretrain(tmp_path, capsys):
-    from gptbert.commands.train import register
+    from cli.train import register
 
     data = tmp_path / "tokens.txt"
     data.write_text("\n".join(" ".join(map(str, d)) for d in repetitive_corpus(30)) + "\n")
@@ -173,7 +173,7 @@ def test_cli_pretrain(tmp_path, capsys):
 
 
 def test_train_config_validation():
-    from gptbert.config import ConfigError, TrainConfig
+    from common.config import ConfigError, TrainConfig
 
     with pytest.raises(ConfigError, match="seq_len_boundaries"):
         TrainConfig(seq_len_stages=[128, 512], seq_len_boundaries=[0.7, 0.9])
@@ -191,7 +191,7 @@ def test_train_config_validation():
 @pytest.mark.slow
 def test_pretrain_from_real_shards(tmp_path):
     """The shard reader of tokenization/ feeds the loop: words/s, validation split, tokenizer."""
-    from gptbert.config import CleanConfig, ShardConfig, TokenizerConfig
+    from common.config import CleanConfig, ShardConfig, TokenizerConfig
     from gptbert.trainer import pretrain
     from tokenization.clean import clean_corpus
     from tokenization.shards import write_shards

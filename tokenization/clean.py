@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gptbert.config.data import CleanConfig
+from common.config.data import CleanConfig
 
 from .common import (DataError, atomic_stage_dir, config_digest, progress, sha256_file,
                      stage_identity, write_json)

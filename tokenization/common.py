@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from gptbert.config.base import digest
+from common.config.base import digest
 
 
 class DataError(ValueError):

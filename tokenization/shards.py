@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from gptbert.config.data import ShardConfig
+from common.config.data import ShardConfig
 
 from .clean import DOCUMENTS_FILE, count_words, iter_documents, open_documents
 from .common import (DataError, DigestMismatchError, atomic_stage_dir, config_digest, progress,

@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from gptbert.config.data import TokenizerConfig
+from common.config.data import TokenizerConfig
 
 from .common import (DataError, atomic_stage_dir, config_digest, rayon_threads, resolve_file,
                      sha256_file, stage_identity, write_json)

@@ -28,7 +28,7 @@ def model_info(cfg, seq_len: int = 128, batch_size: int = 8, masked_target_fract
     count its parameters by construction as well as by formula."""
     import torch
 
-    from gptbert.config import to_dict
+    from common.config import to_dict
     from gptbert.flops import (
         flops_per_token,
         forward_flops_breakdown,
@@ -67,7 +67,7 @@ def model_info(cfg, seq_len: int = 128, batch_size: int = 8, masked_target_fract
 
 
 def model_info_command(args: argparse.Namespace) -> int:
-    from gptbert.config import load_config
+    from common.config import load_config
 
     cfg = load_config(preset=args.preset, path=args.config, overrides=args.overrides)
     info = model_info(cfg.model, args.seq_len, args.batch_size, args.masked_target_fraction,

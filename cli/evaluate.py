@@ -6,7 +6,7 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from gptbert.cli import add_config_args
+    from .options import add_config_args
 
     p = subparsers.add_parser("score", help="log-likelihood of sentences in causal, mntp and fused mode")
     p.add_argument("model_dir", help="a trained model folder (model.safetensors, config.json, tokenizer.json)")
@@ -111,9 +111,9 @@ def generate_command(args: argparse.Namespace) -> int:
 def evaluate_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from gptbert.cli import config_from_args
-    from gptbert.config import from_dict, to_dict
-    from gptbert.config.eval import EvalConfig
+    from .options import config_from_args
+    from common.config import from_dict, to_dict
+    from common.config.eval import EvalConfig
     from gptbert.evaluate import evaluate, summary_metrics, write_results
 
     cfg = config_from_args(args).eval

@@ -1,6 +1,6 @@
 """One typed configuration tree for the whole pipeline.
 
-Load order: dataclass defaults <- preset (``gptbert/presets/NAME.yaml``) <- user YAML <- dotted CLI
+Load order: dataclass defaults <- preset (``common/config/presets/NAME.yaml``) <- user YAML <- dotted CLI
 overrides (``train.lr=0.01``). The same ``PipelineConfig`` is used as Prefect flow parameters and is
 flattened into MLflow params. This package imports no torch, so every layer may use it.
 """
@@ -31,7 +31,7 @@ from .model import ModelConfig
 from .tracking import TrackingConfig
 from .train import TrainConfig
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 
 
 def register(subparsers) -> None:
-    from gptbert.cli import add_config_args
+    from .options import add_config_args
 
     p = subparsers.add_parser(
         "pretrain", help="pretrain a GPT-BERT model (resumes from OUT/checkpoints; writes OUT/model)")
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 
 def pretrain_command(args) -> int:
-    from gptbert.cli import config_from_args
+    from .options import config_from_args
 
     cfg = config_from_args(args)
     if cfg.launch.backend == "ray":
@@ -62,7 +62,7 @@ def pretrain_command(args) -> int:
 def show_batch_command(args) -> int:
     from tokenization.tokenizer import load_tokenizer
 
-    from gptbert.cli import config_from_args
+    from .options import config_from_args
     from gptbert.objective import TrainingStream, describe_example
     from gptbert.trainer import find_tokenizer, open_data
 

@@ -11,10 +11,10 @@ def _print_summary(result: dict, keys: tuple[str, ...]) -> None:
 
 
 def _clean(args: argparse.Namespace) -> int:
-    from gptbert.cli import config_from_args
-    from gptbert.config.base import replace
+    from .options import config_from_args
+    from common.config.base import replace
 
-    from .clean import clean_corpus
+    from tokenization.clean import clean_corpus
 
     cfg = config_from_args(args).clean
     if args.inputs:
@@ -25,9 +25,9 @@ def _clean(args: argparse.Namespace) -> int:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
-    from gptbert.cli import config_from_args
+    from .options import config_from_args
 
-    from .tokenizer import train_tokenizer
+    from tokenization.tokenizer import train_tokenizer
 
     cfg = config_from_args(args).tokenizer
     result = train_tokenizer(args.documents, cfg, args.out, progress_bar=not args.no_progress)
@@ -36,9 +36,9 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from gptbert.cli import config_from_args
+    from .options import config_from_args
 
-    from .shards import write_shards
+    from tokenization.shards import write_shards
 
     cfg = config_from_args(args).shard
     result = write_shards(args.documents, args.tokenizer, cfg, args.out,
@@ -49,7 +49,7 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from gptbert.cli import add_config_args
+    from .options import add_config_args
 
     p = subparsers.add_parser(
         "clean", help="clean raw text (.txt/.gz/.jsonl/.parquet) into documents.parquet",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from gptbert.cli import add_config_args
+    from .options import add_config_args
 
     p = subparsers.add_parser("pipeline", help="run the Prefect pipeline (clean -> ... -> evaluate) on a config")
     add_config_args(p)
@@ -45,15 +45,15 @@ def _quiet_env() -> None:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from gptbert.cli import config_from_args
+    from .options import config_from_args
 
     _quiet_env()
     cfg = config_from_args(args)
     if args.demo_data:
-        from .demo import with_demo_data
+        from flows.demo import with_demo_data
 
         cfg = with_demo_data(cfg)
-    from .pipeline import FLOWS
+    from flows.pipeline import FLOWS
 
     start = time.time()
     summary = FLOWS["pipeline" if args.until == "evaluate" else args.until](config=cfg)
@@ -64,10 +64,10 @@ def _pipeline(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     _quiet_env()
     start = time.time()
-    from .demo import demo_config, with_demo_data
+    from flows.demo import demo_config, with_demo_data
 
     cfg = with_demo_data(demo_config(str(Path(args.workdir).resolve()), args.overrides), corpus=args.corpus)
-    from .pipeline import pipeline
+    from flows.pipeline import pipeline
 
     summary = pipeline(config=cfg)
     print_summary(summary, time.time() - start, as_json=args.json)
