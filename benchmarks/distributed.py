@@ -56,8 +56,8 @@ def main() -> None:
     import ray
     import torch
 
-    from gptbert.launch import JsonlCallback, pretrain_distributed, read_jsonl
-    from gptbert.trainer import pretrain
+    from gptbert.distributed import run_pretraining
+    from gptbert.metrics import JsonlCallback, read_jsonl
 
     cores = os.cpu_count() or 1
     root = Path(tempfile.mkdtemp(prefix="gptbert-bench-dist-"))
@@ -72,7 +72,7 @@ def main() -> None:
     def run_plain(tag: str) -> float:
         # Run before and after the Ray runs: on a shared machine the background load drifts.
         t0 = time.time()
-        pretrain(cfg0, data, root / f"plain-{tag}", callback=JsonlCallback(root / f"plain-{tag}.jsonl"))
+        run_pretraining(cfg0, data, root / f"plain-{tag}", callback=JsonlCallback(root / f"plain-{tag}.jsonl"))
         tps = steady(read_jsonl(root / f"plain-{tag}.jsonl"), args.warmup)
         rows.append((f"plain loop (1 process), {tag}", args.threads or cores, tps, time.time() - t0))
         return tps
@@ -84,10 +84,9 @@ def main() -> None:
         for n in [int(x) for x in args.workers.split(",")]:
             cfg = load_config(args.preset, overrides=base + [
                 "launch.backend=ray", f"launch.num_workers={n}", f"launch.zero_stage={args.zero_stage}",
-                f"launch.threads_per_worker={args.threads or max(1, cores // n)}"])
+                f"launch.threads_per_worker={args.threads or max(1, cores // n)}", f"launch.run_name=bench-{n}"])
             t0 = time.time()
-            pretrain_distributed(cfg, data, root / f"ds{n}", f"bench-{n}-{int(t0)}",
-                                 callback=JsonlCallback(root / f"ds{n}.jsonl"))
+            run_pretraining(cfg, data, root / f"ds{n}", callback=JsonlCallback(root / f"ds{n}.jsonl"))
             wall = time.time() - t0
             rows.append((f"Ray+DeepSpeed ZeRO-{args.zero_stage}, {n} worker(s)", args.threads or max(1, cores // n),
                          steady(read_jsonl(root / f"ds{n}.jsonl"), args.warmup), wall))

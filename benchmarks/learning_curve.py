@@ -26,10 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import load_config  # noqa: E402
-from gptbert.evaluate import blimp_accuracy, load_blimp  # noqa: E402
+from gptbert.evaluation.minimal_pairs import blimp_accuracy, load_blimp  # noqa: E402
 from gptbert.model import GPTBERT  # noqa: E402
 from gptbert.scoring import score_sentences  # noqa: E402
-from gptbert.trainer import Trainer, build_plain_backend, find_tokenizer, open_data, unwrap  # noqa: E402
+from gptbert.data import open_data  # noqa: E402
+from gptbert.trainer import Trainer, build_local_backend, unwrap  # noqa: E402
 
 
 def blimp_t1(model, tokenizer, pairs, modes=("causal", "mntp")) -> dict[str, float]:
@@ -63,8 +64,9 @@ def main() -> int:
     from tokenization.tokenizer import load_tokenizer
 
     cfg = load_config(args.preset, args.config, args.overrides)
-    source, tokenizer_path, valid = open_data(args.data)
-    tokenizer = load_tokenizer(tokenizer_path or find_tokenizer(args.data))
+    data = open_data(args.data)
+    source, valid = data.train, data.valid
+    tokenizer = load_tokenizer(data.tokenizer)
     pairs_all = load_blimp(args.blimp)
     pairs = load_blimp(args.blimp, args.max_pairs)
     out = Path(args.out) if args.out else None
@@ -93,8 +95,8 @@ def main() -> int:
                   "valid_causal": float(np.log(lm.perplexity(valid))) if valid is not None else None,
                   "blimp_causal": acc})
 
-    backend = build_plain_backend(cfg)
-    trainer = Trainer(cfg, source, backend, valid)
+    backend = build_local_backend(cfg.model, cfg.train)
+    trainer = Trainer(cfg.model, cfg.train, source, backend, valid)
     eval_model = GPTBERT(cfg.model).eval()
     words_per_token = trainer.words_per_token or 1.0
     next_eval = args.every_words

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from .options import add_config_args, config_from_args
 
 
 def register(subparsers) -> None:
-    from .options import add_config_args
 
     p = subparsers.add_parser("score", help="log-likelihood of sentences in causal, mntp and fused mode")
     p.add_argument("model_dir", help="a trained model folder (model.safetensors, config.json, tokenizer.json)")
@@ -59,19 +61,17 @@ def _load(model_dir: str):
 
 def _ngram_baseline(shard_dir: str, order: int, smoothing: str):
     """An n-gram model counted over a shard folder's training split, and the shards' tokenizer."""
-    from tokenization.shards import ShardReader
     from tokenization.tokenizer import load_tokenizer
 
+    from gptbert.data import open_data
     from gptbert.ngram import NGramLM
-    from gptbert.trainer import find_tokenizer
 
-    tokenizer_path = find_tokenizer(shard_dir)
-    if tokenizer_path is None:
-        raise FileNotFoundError(f"shard folder {shard_dir}: no tokenizer.json with the manifest's sha256 "
-                                "beside or above it (needed to encode the sentences)")
-    with ShardReader(shard_dir, tokenizer_json=tokenizer_path, split="train") as source:
-        model = NGramLM.fit(source, order, smoothing=smoothing)
-    return model, load_tokenizer(tokenizer_path)
+    data = open_data(shard_dir)
+    if data.tokenizer is None:
+        raise FileNotFoundError(f"{shard_dir}: no tokenizer.json with the manifest's sha256 in the shard folder "
+                                "(needed to encode the sentences)")
+    model = NGramLM.fit(data.train, order, smoothing=smoothing)
+    return model, load_tokenizer(data.tokenizer)
 
 
 def score_command(args: argparse.Namespace) -> int:
@@ -111,10 +111,9 @@ def generate_command(args: argparse.Namespace) -> int:
 def evaluate_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .options import config_from_args
     from common.config import from_dict, to_dict
     from common.config.eval import EvalConfig
-    from gptbert.evaluate import evaluate, summary_metrics, write_results
+    from gptbert import evaluation
 
     cfg = config_from_args(args).eval
     changes = {}
@@ -122,16 +121,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
         changes["blimp_dir"] = args.blimp
     if args.max_pairs is not None:
         changes["max_pairs_per_paradigm"] = args.max_pairs
-    cfg = from_dict(EvalConfig, {**to_dict(cfg), **changes})  # re-validates the overrides
-    if not cfg.blimp_dir and not cfg.finetune.tasks:
-        raise ValueError("nothing to evaluate: pass --blimp DIR or set eval.blimp_dir / eval.finetune.tasks")
-
     if args.baseline == "ngram":
-        model, tokenizer = _ngram_baseline(args.model_dir, args.order, args.smoothing)
-        if cfg.finetune.tasks:
-            raise ValueError("--baseline ngram scores minimal pairs only; unset eval.finetune.tasks")
-    else:
-        model, tokenizer = _load(args.model_dir)
+        changes["tasks"] = ["blimp"]  # a count model scores sentences; it cannot be fine-tuned
+    cfg = from_dict(EvalConfig, {**to_dict(cfg), **changes})  # re-validates the overrides
     bar = None
 
     def progress(done: int, total: int) -> None:
@@ -141,12 +133,18 @@ def evaluate_command(args: argparse.Namespace) -> int:
         bar.update(done)
 
     try:
-        results = evaluate(model, tokenizer, cfg, progress=progress, model_dir=args.model_dir)
+        if args.baseline == "ngram":
+            model, tokenizer = _ngram_baseline(args.model_dir, args.order, args.smoothing)
+            results = evaluation.evaluate(model, tokenizer, cfg, progress=progress, model_dir=args.model_dir)
+            path = evaluation.write_results(results, args.out)
+            metrics = evaluation.summary_metrics(results)
+        else:
+            record = evaluation.evaluate_model_dir(args.model_dir, cfg, args.out, progress=progress)
+            path, metrics = Path(args.out) / evaluation.RESULTS_FILE, record["stats"]
     finally:
         if bar is not None:
             bar.close()
-    path = write_results(results, args.out)
-    for name, value in summary_metrics(results).items():
+    for name, value in metrics.items():
         print(f"{name}\t{value:.4f}")
-    print(f"wrote {path} and {path.parent / 'report.md'}")
+    print(f"wrote {path} and {path.parent / evaluation.REPORT_FILE}")
     return 0

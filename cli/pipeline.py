@@ -13,13 +13,16 @@ import os
 import time
 from pathlib import Path
 
+from common.artifacts import STAGES
+
+from .options import add_config_args, config_from_args
+
 
 def register(subparsers) -> None:
-    from .options import add_config_args
 
     p = subparsers.add_parser("pipeline", help="run the Prefect pipeline (clean -> ... -> evaluate) on a config")
     add_config_args(p)
-    p.add_argument("--until", default="evaluate", choices=["clean", "tokenizer", "shard", "pretrain", "evaluate"],
+    p.add_argument("--until", default="evaluate", choices=STAGES,
                    help="stop after this stage (upstream stages are reused when cached)")
     p.add_argument("--demo-data", action="store_true",
                    help="fill empty clean.inputs / eval.blimp_dir with the generated grammar data")
@@ -45,7 +48,6 @@ def _quiet_env() -> None:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from .options import config_from_args
 
     _quiet_env()
     cfg = config_from_args(args)

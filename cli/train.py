@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from .options import add_config_args, config_from_args
 
 
 def register(subparsers) -> None:
-    from .options import add_config_args
-
     p = subparsers.add_parser(
         "pretrain", help="pretrain a GPT-BERT model (resumes from OUT/checkpoints; writes OUT/model)")
     p.add_argument("--data", required=True,
@@ -15,7 +16,6 @@ def register(subparsers) -> None:
                         "of space-separated ids; .npz: arrays ids + offsets)")
     p.add_argument("--out", required=True, help="run folder: checkpoints/ and the final model/")
     p.add_argument("--tokenizer", help="tokenizer.json to ship with the model (default: the shard folder's)")
-    p.add_argument("--valid", help="token file of validation documents (default: the shards' valid split)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--stop-after", type=int, help="stop after this many steps (resumable), without the model folder")
     add_config_args(p)
@@ -32,27 +32,14 @@ def register(subparsers) -> None:
 
 
 def pretrain_command(args) -> int:
-    from .options import config_from_args
+    from gptbert.distributed import run_pretraining
 
     cfg = config_from_args(args)
-    if cfg.launch.backend == "ray":
-        # Distributed: Ray Train workers running the same loop with a DeepSpeed backend.
-        from gptbert.launch import pretrain_distributed
-
-        if args.stop_after is not None or args.valid is not None or args.tokenizer is not None:
-            raise ValueError("--stop-after/--valid/--tokenizer apply to the local backend only "
-                             "(launch.backend is 'ray')")
-        result = pretrain_distributed(cfg, args.data, args.out, cfg.launch.run_name)
-    else:
-        from gptbert.trainer import pretrain
-
-        result = pretrain(cfg, args.data, args.out, tokenizer=args.tokenizer, valid_data=args.valid,
-                          progress=not args.no_progress, stop_after=args.stop_after)
+    result = run_pretraining(cfg, args.data, args.out, tokenizer=args.tokenizer, progress=not args.no_progress,
+                             stop_after=args.stop_after)
     print(f"pretrain: wrote {result}")
-    from pathlib import Path
-
-    summary = Path(result) / "training.json" if result is not None else None
-    if summary is not None and summary.is_file():
+    summary = Path(result) / "training.json"
+    if summary.is_file():
         final = json.loads(summary.read_text()).get("final", {})
         keys = ("loss", "loss_masked", "loss_causal", "valid_loss_masked_ema", "valid_loss_causal_ema")
         print("  " + "  ".join(f"{k}={final[k]:.4f}" for k in keys if isinstance(final.get(k), float)))
@@ -62,17 +49,15 @@ def pretrain_command(args) -> int:
 def show_batch_command(args) -> int:
     from tokenization.tokenizer import load_tokenizer
 
-    from .options import config_from_args
+    from gptbert.data import open_data
     from gptbert.objective import TrainingStream, describe_example
-    from gptbert.trainer import find_tokenizer, open_data
 
     cfg = config_from_args(args)
-    source, tokenizer_path, _ = open_data(args.data)
-    tokenizer_path = tokenizer_path or find_tokenizer(args.data)
-    if tokenizer_path is None:
+    data = open_data(args.data)
+    if data.tokenizer is None:
         raise FileNotFoundError(f"{args.data}: no tokenizer.json to decode with")
-    tokenizer = load_tokenizer(tokenizer_path)
-    stream = TrainingStream(source, cfg.train, cfg.model.vocab_size)
+    tokenizer = load_tokenizer(data.tokenizer)
+    stream = TrainingStream(data.train, cfg.train, cfg.model.vocab_size)
     cursor = stream.cursor
     for step in range(args.step + 1):  # the plan of a step depends on the data position before it
         plan, cursor = stream.plan_from(step, cursor)

@@ -25,12 +25,11 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from common.config import PipelineConfig, dump_yaml, flatten, load_config, to_dict
+from common.artifacts import STAGES, update_record
+from common.config import PipelineConfig, dump_yaml, flatten, load_config
 
 from . import stages
-from .artifacts import Artifact, update_record
-
-STAGE_ORDER = ("clean", "tokenizer", "shard", "pretrain", "evaluate")
+from .stages import Artifact
 # The config sections that parameterise each stage (logged as the child run's params).
 STAGE_SECTIONS = {
     "clean": ("clean",),
@@ -41,8 +40,8 @@ STAGE_SECTIONS = {
 }
 # Small files of each stage folder logged as MLflow artifacts.
 STAGE_FILES = {
-    "clean": ("stats.json",),
-    "tokenizer": ("tokenizer.json", "stats.json"),
+    "clean": (),
+    "tokenizer": ("tokenizer.json",),
     "shard": ("manifest.json",),
     "pretrain": ("model/training.json", "model/config.json"),
     "evaluate": ("results.json", "report.md", "by_phenomenon.png"),
@@ -93,7 +92,7 @@ def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Option
         if tracker is not None:
             _log_stage(tracker, child, stage, artifact)
             if not artifact.cached:
-                update_record(artifact, mlflow_run_id=child)
+                artifact.record = update_record(artifact.path, mlflow_run_id=child)
             tracker.end_run(child)
         return artifact
     except BaseException:
@@ -173,8 +172,7 @@ def pretrain_task(config: PipelineConfig, shards: Artifact, tokenizer: Artifact,
             if not artifact.cached or not artifact.record.get("mlflow_run_id"):
                 tracker.log_artifact(child, model_dir, "model")
                 if artifact.cached:  # first time this model is tracked: this run is its source
-                    update_record(artifact, mlflow_run_id=child)
-                    artifact.record["model_logged_by"] = child
+                    artifact.record = update_record(artifact.path, mlflow_run_id=child)
             # Loss curves from the run that trained the model (this one, or the cached source).
             source = child if not artifact.cached else artifact.record.get("mlflow_run_id", child)
             _log_loss_plot(tracker, child, source, Path(artifact.path))
@@ -184,7 +182,7 @@ def pretrain_task(config: PipelineConfig, shards: Artifact, tokenizer: Artifact,
 
 
 def _log_loss_plot(tracker, run_id: str, source_run_id: str, folder: Path) -> None:
-    from .tracking import plot_loss_curves
+    from .plots import plot_loss_curves
 
     png = folder / "loss_curves.png"
     tmp = folder / ".loss_curves.tmp.png"
@@ -197,7 +195,9 @@ def _log_loss_plot(tracker, run_id: str, source_run_id: str, folder: Path) -> No
 @task(name="evaluate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Optional[str] = None) -> Artifact:
     def run(child: Optional[str]) -> Artifact:
-        artifact = stages.evaluate(config, model)
+        from .plots import evaluation_figures
+
+        artifact = stages.evaluate(config, model, after=evaluation_figures)
         if child is not None:
             _tracker(config).log_metrics(child, artifact.record.get("stats", {}))
         return artifact
@@ -280,11 +280,11 @@ def _link_prefect(mlflow_run_id: str, uri: str, experiment_id: str) -> None:
 
 def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool = True) -> dict[str, Any]:
     """The body shared by every flow: stages up to ``until``, tracked under one MLflow parent run."""
-    if until not in STAGE_ORDER:
-        raise ValueError(f"unknown stage {until!r} (known: {', '.join(STAGE_ORDER)})")
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r} (known: {', '.join(STAGES)})")
     logger = get_run_logger()
     start = time.time()
-    want = STAGE_ORDER[: STAGE_ORDER.index(until) + 1]
+    want = STAGES[: STAGES.index(until) + 1]
     tracker = _tracker(config)
     parent = None
     if tracker is not None:
@@ -379,5 +379,5 @@ evaluate_flow = _flow("gptbert-evaluate", "evaluate", "Evaluate on BLiMP-format 
 FLOWS = {"pipeline": pipeline, "clean": clean_flow, "tokenizer": tokenizer_flow, "shard": shard_flow,
          "pretrain": pretrain_flow, "evaluate": evaluate_flow}
 
-__all__ = ["FLOWS", "STAGE_ORDER", "clean_flow", "evaluate_flow", "pipeline", "pretrain_flow", "run_pipeline",
-           "shard_flow", "tokenizer_flow", "to_dict"]
+__all__ = ["FLOWS", "STAGES", "clean_flow", "evaluate_flow", "pipeline", "pretrain_flow", "run_pipeline",
+           "shard_flow", "tokenizer_flow"]

@@ -100,8 +100,9 @@ def save_checkpoint(
     barrier()
     backend.save(tmp)
     torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    ema_state = ema.state_dict()  # every rank: an EMA over partitions gathers them collectively
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
         torch.save(trainer_state, tmp / "trainer.pt.tmp")
     barrier()
     if rank == 0:

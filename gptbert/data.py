@@ -1,9 +1,10 @@
-"""Document sources: where the trainer reads token ids from.
+"""Training data: opening a shard folder or a token file for pretraining.
 
-The trainer only needs the **DocumentSource** protocol: the number of documents, every document's
-length (to plan packing without reading tokens), one document's ids (no special tokens), and corpus
-totals for words/s. ``tokenization.shards.ShardReader`` implements it over Arrow shards;
-``ListDocumentSource`` implements it over in-memory arrays (tests, token files).
+The trainer reads documents through the **DocumentSource** protocol (``common/documents.py``):
+``tokenization.shards.ShardReader`` implements it over Arrow shards, ``ListDocumentSource`` here
+over in-memory arrays (tests, token files). ``open_data`` turns what a user passes (a shard
+folder, a token file, or a source) into ``TrainingData``: training and validation documents, the
+tokenizer that made them, and the data's digest for the model's lineage.
 
 Token files (so ``pretrain`` works before shards exist):
 - ``.txt``: one document per line, token ids separated by spaces (empty lines are empty documents);
@@ -13,26 +14,14 @@ Token files (so ``pretrain`` works before shards exist):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Sequence
 
 import numpy as np
 
-
-@runtime_checkable
-class DocumentSource(Protocol):
-    def __len__(self) -> int: ...
-
-    @property
-    def lengths(self) -> np.ndarray: ...
-
-    def document(self, i: int) -> np.ndarray: ...
-
-    @property
-    def num_tokens(self) -> int: ...
-
-    @property
-    def num_words(self) -> int | None: ...
+from common.artifacts import DataError, file_digest
+from common.documents import DocumentSource
 
 
 class ListDocumentSource:
@@ -73,19 +62,19 @@ def load_token_file(path: str | Path) -> ListDocumentSource:
             try:
                 docs.append(np.array([int(t) for t in line.split()], dtype=np.int64))
             except ValueError:
-                raise ValueError(f"{p}:{lineno}: expected space-separated integer token ids") from None
+                raise DataError(f"{p}:{lineno}: expected space-separated integer token ids") from None
         return ListDocumentSource(docs)
     if p.suffix == ".npz":
         with np.load(p, allow_pickle=False) as z:
             if "ids" not in z or "offsets" not in z:
-                raise ValueError(f"{p}: a .npz token file needs arrays 'ids' and 'offsets'")
+                raise DataError(f"{p}: a .npz token file needs arrays 'ids' and 'offsets'")
             ids, offsets = z["ids"], z["offsets"].astype(np.int64)
             words = int(z["num_words"]) if "num_words" in z else None
         if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(ids) \
                 or np.any(np.diff(offsets) < 0):
-            raise ValueError(f"{p}: 'offsets' must rise from 0 to len(ids) ({len(ids)})")
+            raise DataError(f"{p}: 'offsets' must rise from 0 to len(ids) ({len(ids)})")
         return ListDocumentSource([ids[a:b] for a, b in zip(offsets[:-1], offsets[1:])], words=words)
-    raise ValueError(f"{p}: unknown token file type {p.suffix!r} (expected .txt or .npz)")
+    raise DataError(f"{p}: unknown token file type {p.suffix!r} (expected .txt or .npz)")
 
 
 def save_token_file(path: str | Path, documents: Sequence[Sequence[int]], num_words: int | None = None) -> None:
@@ -99,3 +88,46 @@ def save_token_file(path: str | Path, documents: Sequence[Sequence[int]], num_wo
     tmp = p.with_name(p.name + ".tmp.npz")
     np.savez(tmp, ids=ids, offsets=offsets, **extra)
     tmp.replace(p)
+
+
+@dataclass
+class TrainingData:
+    """What pretraining reads: documents to train on, validation documents (or None), the
+    ``tokenizer.json`` that encoded them (or None for bare token files), the content digest of the
+    data (the shard manifest's or the token file's sha256; None for an in-memory source), a name
+    for the summary, and the vocabulary the data was made with (None when unknown)."""
+
+    train: DocumentSource
+    valid: DocumentSource | None
+    tokenizer: Path | None
+    digest: str | None
+    name: str
+    vocab_size: int | None = None
+
+
+def open_data(data, tokenizer: str | Path | None = None, valid_data=None) -> TrainingData:
+    """Open ``data``: a DocumentSource, a shard folder (its ``valid`` split validates, its own
+    ``tokenizer.json`` is the tokenizer) or a token file (.txt/.npz). ``tokenizer``: a tokenizer to
+    use instead (a shard folder checks it against its manifest); ``valid_data``: a DocumentSource or
+    token file of validation documents, instead of the shards' split."""
+    valid = valid_data if (valid_data is None or isinstance(valid_data, DocumentSource)) \
+        else load_token_file(valid_data)
+    tok = Path(tokenizer) if tokenizer is not None else None
+    if tok is not None and not tok.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {tok}")
+    if isinstance(data, DocumentSource):
+        return TrainingData(data, valid, tok, None, type(data).__name__)
+    path = Path(data)
+    if path.is_dir():
+        from tokenization.shards import MANIFEST_FILE, ShardReader
+
+        if not (path / MANIFEST_FILE).is_file():
+            raise FileNotFoundError(f"shard folder {path} has no {MANIFEST_FILE}")
+        train = ShardReader(path, tokenizer_json=tok, split="train")
+        if valid is None and train.manifest["splits"].get("valid", {}).get("documents"):
+            valid = ShardReader(path, tokenizer_json=tok, split="valid")
+        return TrainingData(train, valid, tok or train.tokenizer_path, train.manifest_digest, str(path),
+                            int(train.manifest["vocab_size"]))
+    if path.is_file():
+        return TrainingData(load_token_file(path), valid, tok, file_digest(path), str(path))
+    raise FileNotFoundError(f"training data not found: {path} (expected a shard folder or a token file)")

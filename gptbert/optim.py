@@ -11,12 +11,27 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 from torch import nn
 
 
+def trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor) -> torch.Tensor:
+    """LAMB's layer-wise ratio ||w|| / ||update||; 1 where either norm is zero (a fresh zero weight,
+    a zero update)."""
+    return torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+
+
 class LAMB(torch.optim.Optimizer):
+    """LAMB (SPEC 5): Adam moments with bias correction, eps after the square root, weight decay
+    added to the update, then the trust ratio ||w|| / ||update|| per parameter of decay groups.
+
+    Steps run as multi-tensor (``torch._foreach_*``) ops over chunks of parameters that share a step
+    count, dtype and device: the maths of a per-parameter loop without one Python iteration and a
+    dozen kernel launches per parameter. Moments are kept in at least fp32.
+    """
+
     chunk_elements = 250_000
 
     def __init__(self, params, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.98),
@@ -33,14 +48,10 @@ class LAMB(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            # Multi-tensor (torch._foreach_*) steps over every parameter of the group that shares a
-            # step count, dtype and device: the same elementwise maths as a per-parameter loop,
-            # without one Python iteration and a dozen kernel launches per parameter.
             buckets: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                # Moments in at least fp32 (bf16/fp16 parameters get fp32 state).
                 dtype = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
                 state = self.state[p]
                 if not state:
@@ -60,13 +71,13 @@ class LAMB(torch.optim.Optimizer):
                     chunk.append(p)
                     size += p.numel()
                     if size >= self.chunk_elements:
-                        self._step_bucket(group, chunk, t, dtype)
+                        self._step_tensors(group, chunk, t, dtype)
                         chunk, size = [], 0
                 if chunk:
-                    self._step_bucket(group, chunk, t, dtype)
+                    self._step_tensors(group, chunk, t, dtype)
         return loss
 
-    def _step_bucket(self, group: dict, params: list[torch.Tensor], t: int, dtype: torch.dtype) -> None:
+    def _step_tensors(self, group: dict, params: list[torch.Tensor], t: int, dtype: torch.dtype) -> None:
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         grads = [p.grad.to(dtype) for p in params]
@@ -87,14 +98,57 @@ class LAMB(torch.optim.Optimizer):
         if wd > 0:
             ws = [p.to(dtype) for p in params]
             torch._foreach_add_(update, ws, alpha=wd)
-            w_norm = torch.stack(torch._foreach_norm(ws))
-            u_norm = torch.stack(torch._foreach_norm(update))
-            # A zero norm (fresh zero weight or zero update) falls back to a ratio of 1.
-            trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-            torch._foreach_mul_(update, list(trust.unbind()))
+            torch._foreach_mul_(update, self._trust_ratios(params, ws, update))
         if any(p.dtype != dtype for p in params):
             update = [u.to(p.dtype) for u, p in zip(update, params)]
         torch._foreach_add_(params, update, alpha=-lr)
+
+    def _trust_ratios(self, params: list[torch.Tensor], weights: list[torch.Tensor],
+                      updates: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One ratio per parameter (a 0-d tensor each)."""
+        w_norm = torch.stack(torch._foreach_norm(weights))
+        u_norm = torch.stack(torch._foreach_norm(updates))
+        return list(trust_ratio(w_norm, u_norm).unbind())
+
+
+class ShardedLAMB(LAMB):
+    """LAMB whose layer-wise trust ratio survives ZeRO's flattening.
+
+    ZeRO hands the client optimizer flat fp32 tensors: a rank's slice of many parameters
+    concatenated (stages 1/2: one per param group; stage 3: one per sub group, each parameter split
+    on its own). The Adam part is elementwise and does not care, but the trust ratio must be per
+    original parameter over the whole parameter. ``attach_partitions`` records, for each flat
+    tensor, which parameter every element belongs to (padding gets the index ``num_params``); the
+    squared norms are then summed per parameter and all-reduced over the data-parallel group, which
+    gives exactly the unsharded ratio. Tensors without a layout (ZeRO 0: the real parameters) get
+    plain LAMB ratios. Everything else is ``LAMB``'s arithmetic.
+    """
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        # id(flat tensor) -> (parameter index per element, number of parameters, process group)
+        self._segments: dict[int, tuple[torch.Tensor, int, Any]] = {}
+
+    def attach_partitions(self, flat: torch.Tensor, segment_ids: torch.Tensor, num_params: int,
+                          process_group=None) -> None:
+        self._segments[id(flat)] = (segment_ids.to(flat.device), num_params, process_group)
+
+    def _trust_ratios(self, params, weights, updates):
+        ratios = []
+        for p, w, u in zip(params, weights, updates):
+            layout = self._segments.get(id(p))
+            if layout is None:
+                ratios.append(trust_ratio(torch.linalg.vector_norm(w), torch.linalg.vector_norm(u)))
+                continue
+            seg, n, group = layout
+            sq = torch.zeros(2, n + 1, dtype=torch.float64, device=p.device)
+            sq[0].index_add_(0, seg, (w * w).double())
+            sq[1].index_add_(0, seg, (u * u).double())
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(sq, group=group)
+            w_norm, u_norm = sq.sqrt().float()
+            ratios.append(trust_ratio(w_norm, u_norm)[seg])
+        return ratios
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -147,7 +201,8 @@ def schedule_lr(step: int, train_cfg) -> float:
 
 
 class EMA:
-    """Exponential moving average of the parameters (fp32), updated after every optimiser step."""
+    """Exponential moving average of the parameters (fp32), updated after every optimiser step
+    (SPEC 5: decay 0.999; evaluation and the final model use the average)."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
         self.decay = decay
@@ -173,6 +228,15 @@ class EMA:
         """Write the averaged weights into ``model`` (used for evaluation and the final model)."""
         for n, p in model.named_parameters():
             p.copy_(self.shadow[n].to(p.dtype))
+
+    def backup(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's current weights, for ``restore`` after evaluating with the average."""
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])
 
 
 def resolve_device(device: str) -> torch.device:
@@ -225,5 +289,5 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return "bf16-autocast" if dtype is torch.bfloat16 else "fp32"
 
 
-__all__ = ["AUTO_PRECISION_ENV", "EMA", "LAMB", "build_optimizer", "cpu_supports_bf16", "lr_at",
-           "param_groups", "precision_name", "resolve_device", "resolve_precision", "schedule_lr"]
+__all__ = ["AUTO_PRECISION_ENV", "EMA", "LAMB", "ShardedLAMB", "build_optimizer", "cpu_supports_bf16", "lr_at",
+           "param_groups", "precision_name", "resolve_device", "resolve_precision", "schedule_lr", "trust_ratio"]

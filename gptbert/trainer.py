@@ -1,22 +1,9 @@
 """The pretraining loop: global batches -> micro-batches -> backend step -> EMA -> hooks.
 
-The loop knows nothing about distribution beyond a **step backend** (``PlainBackend`` below for one
-process; a DeepSpeed backend lives in ``gptbert/launch.py``). A backend provides:
-
-- ``module``: the callable model (``module(input_ids, blocked) -> hidden``; ``.module`` unwraps a
-  wrapper to the ``GPTBERT`` with ``lm_logits``), ``device``, ``rank``, ``world_size``;
-- ``backward(loss, boundary)``: accumulate gradients of one micro-batch; ``boundary`` is True on the
-  step's last micro-batch (DeepSpeed: ``set_gradient_accumulation_boundary``; run it with
-  ``gradient_accumulation_steps: 1`` because the loop does the accumulation, whose count varies
-  with the batch schedule);
-- ``step(lr) -> grad_norm``: set ``lr`` in every param group, clip at ``grad_clip``, optimiser step,
-  zero the gradients; returns the global gradient norm before clipping;
-- ``save(dir)`` / ``load(dir)``: model + optimizer state into / from a checkpoint folder (every
-  rank calls them).
-- optionally ``make_ema(model, decay)``: the EMA the loop updates after each step (a backend that
-  partitions parameters keeps it over its partitions); default ``optim.EMA``.
-
-Metrics leave through ``callback(metrics: dict, step: int)`` on rank 0; the library logs nowhere.
+The loop knows nothing about distribution beyond a **step backend** (``StepBackend`` below):
+``LocalBackend`` runs one process of plain torch; ``gptbert.distributed`` provides a DeepSpeed
+backend that the Ray launcher uses. Metrics leave through ``callback(metrics: dict, step: int)``
+on rank 0; the library logs nowhere.
 """
 
 from __future__ import annotations
@@ -24,24 +11,26 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.artifacts import DataError, file_digest, make_record, read_record, write_record
+from common.config import ModelConfig, PipelineConfig, TrainConfig, digest
+
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from common.config import PipelineConfig, digest, to_dict
+from .data import TrainingData, open_data
 from .objective import (Cursor, LossNorm, TrainingStream, hybrid_loss, objective_value, rank_slice,
                         segment_pieces, validation_batches)
 from .optim import EMA, build_optimizer, precision_name, resolve_device, resolve_precision, schedule_lr
 
+STAGE = "pretrain"
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
+
 Callback = Callable[[dict, int], None]
-
-# Fields of TrainConfig that may change between a run and its resumption.
-_LOOP_FIELDS = ("checkpoint_every", "keep_checkpoints", "validate_every", "device", "precision",
-                "prefetch")
-
 
 def _dist() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -57,11 +46,48 @@ def _all_reduce(values: list[float], device) -> list[float]:
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a wrapper (a DeepSpeed engine keeps it in ``.module``)."""
     return getattr(module, "module", module)
 
 
-class PlainBackend:
-    """One process, plain torch: loss.backward(), clip, optimiser step."""
+class AveragedWeights(Protocol):
+    """The EMA the loop keeps: ``optim.EMA``, or a backend's own (ZeRO-3: over its partitions)."""
+
+    def update(self, model: torch.nn.Module) -> None: ...
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+    def copy_to(self, model: torch.nn.Module) -> None: ...
+    def backup(self, model: torch.nn.Module) -> Any: ...
+    def restore(self, model: torch.nn.Module, saved: Any) -> None: ...
+
+
+class StepBackend(Protocol):
+    """What the loop needs from whoever owns the model and the optimizer.
+
+    - ``module``: the callable model (``module(input_ids, blocked) -> hidden``; ``unwrap(module)``
+      is the ``GPTBERT`` with ``lm_logits``); ``device``, ``rank``, ``world_size``;
+    - ``backward(loss, boundary)``: accumulate one micro-batch's gradients (``boundary``: the
+      step's last micro-batch; the loop accumulates, as the count varies with the batch schedule);
+    - ``step(lr) -> grad_norm``: set ``lr``, clip at ``train.grad_clip``, step the optimizer, zero the
+      gradients; returns the global gradient norm before clipping;
+    - ``save(dir)`` / ``load(dir)``: model and optimizer state (every rank calls them);
+    - ``make_ema(model, decay)``: the EMA the loop updates after every step.
+    """
+
+    module: Any
+    device: torch.device
+    rank: int
+    world_size: int
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None: ...
+    def step(self, lr: float) -> float: ...
+    def save(self, directory: str | Path) -> None: ...
+    def load(self, directory: str | Path) -> None: ...
+    def make_ema(self, model: torch.nn.Module, decay: float) -> AveragedWeights: ...
+
+
+class LocalBackend:
+    """The step backend of one process, plain torch: loss.backward(), clip, optimiser step."""
 
     rank = 0
     world_size = 1
@@ -71,6 +97,9 @@ class PlainBackend:
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.device = next(model.parameters()).device
+
+    def make_ema(self, model: torch.nn.Module, decay: float) -> EMA:
+        return EMA(model, decay)
 
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
         loss.backward()
@@ -104,22 +133,20 @@ def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
 
 
 class Trainer:
-    """Owns the data stream, EMA, schedules and step counter of one rank."""
+    """Owns the data stream, EMA, schedules and step counter of one rank (SPEC 2, 3, 5)."""
 
-    def __init__(self, cfg, source, backend, valid_source=None, callback: Callback | None = None,
-                 progress: bool = False):
-        self.cfg = cfg
-        self.tc = cfg.train
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, source, backend: StepBackend,
+                 valid_source=None, callback: Callback | None = None, progress: bool = False):
+        self.model_cfg = model_cfg
+        self.tc = train_cfg
         self.backend = backend
         self.rank, self.world_size = backend.rank, backend.world_size
         self.device = backend.device
-        self.stream = TrainingStream(source, self.tc, cfg.model.vocab_size)
+        self.stream = TrainingStream(source, self.tc, model_cfg.vocab_size)
         self.valid_source = valid_source
         self.callback = callback
         self.progress = progress
-        # A backend may keep the EMA itself (ZeRO-3: over its local parameter partitions).
-        make_ema = getattr(backend, "make_ema", None)
-        self.ema = (make_ema or EMA)(unwrap(backend.module), self.tc.ema_decay)
+        self.ema = backend.make_ema(unwrap(backend.module), self.tc.ema_decay)
         self.autocast_dtype = resolve_precision(self.tc.precision, self.device)
         words, tokens = source.num_words, source.num_tokens
         self.words_per_token = (words / tokens) if words and tokens else None
@@ -133,8 +160,7 @@ class Trainer:
 
     # -- identity of the run, for refusing to resume a different one -------------------------
     def run_digest(self) -> str:
-        train = {k: v for k, v in to_dict(self.tc).items() if k not in _LOOP_FIELDS}
-        return digest({"model": to_dict(self.cfg.model), "train": train})
+        return run_digest(self.model_cfg, self.tc)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -234,7 +260,7 @@ class Trainer:
                 n = len(segment_pieces(self.valid_source.lengths, seq_len, self.tc.valid_examples))
                 mine = rank_slice(n, self.rank, self.world_size)
                 self._valid_cache[causal] = validation_batches(
-                    self.valid_source, self.tc, self.cfg.model.vocab_size, seq_len, micro, causal, mine)
+                    self.valid_source, self.tc, self.model_cfg.vocab_size, seq_len, micro, causal, mine)
             ce = count = 0.0
             for b in self._valid_cache[causal]:
                 m, c = b.target_counts()
@@ -252,17 +278,12 @@ class Trainer:
     def validate_ema(self) -> dict[str, float]:
         """Validation with the EMA weights swapped in (the weights of the final model)."""
         model = unwrap(self.backend.module)
-        backup = getattr(self.ema, "backup", None)  # an EMA over partitions saves/restores its own
-        saved = backup(model) if backup else {n: p.detach().clone() for n, p in model.named_parameters()}
+        saved = self.ema.backup(model)
         self.ema.copy_to(model)
         try:
             return {k + "_ema": v for k, v in self.validate().items()}
         finally:
-            if backup:
-                self.ema.restore(model, saved)
-            else:
-                for n, p in model.named_parameters():
-                    p.copy_(saved[n])
+            self.ema.restore(model, saved)
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -277,15 +298,17 @@ class Trainer:
         self._drop_prefetch()
         state = load_checkpoint(checkpoint, self.backend, self.ema, rank=self.rank)
         if state.get("run_digest") != self.run_digest():
-            raise ValueError(f"checkpoint {checkpoint} was written by a run with a different model or "
-                             "train config; use a new output folder or the original config")
+            raise DataError(f"checkpoint {checkpoint} was written by a run with a different model or "
+                            "train config; use a new output folder or the original config")
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.cursor = self.stream.cursor = Cursor.from_dict(state["cursor"])
 
     # -- the loop ----------------------------------------------------------------------------
-    def fit(self, checkpoint_root: str | Path | None = None, stop_after: int | None = None) -> dict:
-        """Train until ``tc.steps`` (or ``stop_after`` total steps); checkpoint periodically and at the end."""
+    def fit(self, checkpoint_root: str | Path | None = None, stop_after: int | None = None,
+            on_checkpoint: Callable[[Path], None] | None = None) -> dict:
+        """Train until ``tc.steps`` (or ``stop_after`` total steps); checkpoint periodically and at
+        the end, calling ``on_checkpoint(folder)`` after each checkpoint (every rank)."""
         tc = self.tc
         end = tc.steps if stop_after is None else min(stop_after, tc.steps)
         bar = None
@@ -307,113 +330,94 @@ class Trainer:
                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
                 if checkpoint_root is not None and tc.checkpoint_every \
                         and self.step % tc.checkpoint_every == 0 and self.step < end:
-                    self.save(checkpoint_root)
+                    self._checkpoint(checkpoint_root, on_checkpoint)
         finally:
             self._drop_prefetch()
             if bar is not None:
                 bar.close()
         if checkpoint_root is not None and self.step > start_step:
-            self.save(checkpoint_root)
+            self._checkpoint(checkpoint_root, on_checkpoint)
         return self.last_metrics
 
-
-# ----------------------------------------------------------------------------- data opening
-
-def find_tokenizer(shard_dir: str | Path) -> Path | None:
-    """tokenizer.json of a shard folder: named in its manifest, or lying beside/above it. When the
-    manifest records ``tokenizer_sha256``, only a file with that digest is accepted."""
-    import hashlib
-    import json
-
-    d = Path(shard_dir)
-    manifest = d / "manifest.json"
-    meta = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    candidates = []
-    for key in ("tokenizer_path", "tokenizer_json", "tokenizer"):
-        value = meta.get(key)
-        if isinstance(value, dict):
-            value = value.get("path")
-        if isinstance(value, str) and value:
-            p = Path(value)
-            candidates.append(p if p.is_absolute() else d / p)
-    candidates += [d / "tokenizer.json", d.parent / "tokenizer.json"]
-    expected = meta.get("tokenizer_sha256")
-    for p in candidates:
-        if p.is_file() and (expected is None or hashlib.sha256(p.read_bytes()).hexdigest() == expected):
-            return p
-    return None
+    def _checkpoint(self, root, on_checkpoint) -> None:
+        folder = self.save(root)
+        if on_checkpoint is not None:
+            on_checkpoint(folder)
 
 
-def open_data(data, tokenizer: str | Path | None = None, valid_data=None):
-    """(train source, tokenizer path or None, validation source or None) from a DocumentSource,
-    a shard folder or a token file (.txt/.npz, see gptbert.data)."""
-    from .data import load_token_file
+# ----------------------------------------------------------------------------- a local run
 
-    def is_source(x):
-        return hasattr(x, "lengths") and hasattr(x, "document")
-
-    valid = valid_data if (valid_data is None or is_source(valid_data)) else None
-    if is_source(data):
-        source = data
-    else:
-        path = Path(data)
-        if path.is_dir():
-            if not (path / "manifest.json").is_file():
-                raise FileNotFoundError(f"shard folder {path} has no manifest.json")
-            from tokenization.shards import ShardReader
-
-            tokenizer = tokenizer or find_tokenizer(path)
-            source = ShardReader(path, tokenizer_json=tokenizer, split="train")
-            if valid_data is None:
-                try:
-                    candidate = ShardReader(path, tokenizer_json=tokenizer, split="valid")
-                    valid = candidate if len(candidate) else None
-                except (FileNotFoundError, ValueError, KeyError):
-                    valid = None
-        elif path.is_file():
-            source = load_token_file(path)
-        else:
-            raise FileNotFoundError(f"training data not found: {path} (expected a shard folder or a "
-                                    "token file)")
-    if valid is None and valid_data is not None:
-        valid = load_token_file(valid_data)
-    if tokenizer is not None and not Path(tokenizer).is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {tokenizer}")
-    return source, (Path(tokenizer) if tokenizer else None), valid
+def run_digest(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
+    """What a run is: its model and the result-deciding training fields (loop cadence, device and
+    precision may change between a run and its resumption)."""
+    return digest(pretrain_config(model_cfg, train_cfg))
 
 
-def build_plain_backend(cfg) -> PlainBackend:
+def pretrain_config(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+    """The config part of a pretraining run's identity (stage record and checkpoint run digest)."""
+    return {"model": model_cfg.identity_dict(), "train": train_cfg.identity_dict()}
+
+
+def pretrain_inputs(data: TrainingData) -> dict[str, str | None]:
+    """The inputs part of a pretraining run's identity: the data's and the tokenizer's digests."""
+    return {"data": data.digest, "tokenizer": file_digest(data.tokenizer) if data.tokenizer else None}
+
+
+def check_run_folder(out: Path) -> None:
+    """A run folder is empty, or holds this stage's checkpoints, model or record, nothing else."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"{out}: output path exists and is not a folder")
+    other = read_record(out)
+    if other is not None and other.get("stage") != STAGE:
+        raise DataError(f"{out}: holds the output of stage '{other.get('stage')}'; refusing to train into it")
+    if other is None:
+        foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")
+                   and p.name not in (CHECKPOINT_DIR, MODEL_DIR, "ray")]
+        if foreign:
+            raise DataError(f"{out}: output folder holds {', '.join(sorted(foreign)[:3])}, which no "
+                            "pretraining run wrote; choose an empty folder or an earlier run's folder")
+
+
+def check_data_fits(cfg: PipelineConfig, data: TrainingData) -> None:
+    """Refuse a config whose model cannot read this data (sequence length, vocabulary)."""
+    max_len = cfg.train.max_seq_len
+    if max_len > cfg.model.max_position_embeddings:
+        raise DataError(f"config field 'train.seq_len': {max_len} exceeds model.max_position_embeddings "
+                        f"({cfg.model.max_position_embeddings})")
+    if data.vocab_size is not None and data.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"config field 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
+                        f"shards' tokenizer vocabulary ({data.vocab_size})")
+
+
+def build_local_backend(model_cfg: ModelConfig, train_cfg: TrainConfig) -> LocalBackend:
+    """A fresh model (seeded by ``train.seed``) and its optimizer on ``train.device``."""
     from .model import GPTBERT
 
-    torch.manual_seed(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    model = GPTBERT(cfg.model).to(device)
-    return PlainBackend(model, build_optimizer(model, cfg.train), cfg.train.grad_clip)
+    torch.manual_seed(train_cfg.seed)
+    device = resolve_device(train_cfg.device)
+    model = GPTBERT(model_cfg).to(device)
+    return LocalBackend(model, build_optimizer(model, train_cfg), train_cfg.grad_clip)
 
 
-def pretrain(cfg, data, out_dir: str | Path, callback: Callback | None = None, backend=None,
-             tokenizer: str | Path | None = None, valid_data=None, progress: bool = False,
-             stop_after: int | None = None) -> Path:
-    """Train (resuming from the latest checkpoint in ``out_dir/checkpoints``) and write
-    ``out_dir/model`` with the EMA weights. ``data``: a DocumentSource, a shard folder or a token
-    file. Returns the model folder; with ``stop_after`` < steps, stops early and returns the
-    checkpoint written there instead (no model folder)."""
+def pretrain(cfg: PipelineConfig, data, out_dir: str | Path, callback: Callback | None = None,
+             backend: StepBackend | None = None, tokenizer: str | Path | None = None, valid_data=None,
+             progress: bool = False, stop_after: int | None = None) -> Path:
+    """Train in this process (resuming from the latest checkpoint in ``out_dir/checkpoints``), write
+    ``out_dir/model`` with the EMA weights and the stage record. ``data``: a DocumentSource, a shard
+    folder or a token file (``gptbert.data.open_data``). Returns the model folder; with
+    ``stop_after`` < steps, stops early and returns the checkpoint written there instead."""
     from .io import save_model_dir
 
     out = Path(out_dir)
-    source, tokenizer_path, valid = open_data(data, tokenizer, valid_data)
-    max_len = cfg.train.max_seq_len
-    if max_len > cfg.model.max_position_embeddings:
-        raise ValueError(f"config field 'train.seq_len': {max_len} exceeds model.max_position_embeddings "
-                         f"({cfg.model.max_position_embeddings})")
-    vocab = getattr(source, "manifest", {}).get("vocab_size")
-    if isinstance(vocab, int) and vocab > cfg.model.vocab_size:
-        raise ValueError(f"config field 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
-                         f"shards' tokenizer vocabulary ({vocab})")
+    check_run_folder(out)
+    opened = open_data(data, tokenizer, valid_data)
+    check_data_fits(cfg, opened)
     if backend is None:
-        backend = build_plain_backend(cfg)
-    trainer = Trainer(cfg, source, backend, valid, callback, progress)
-    ckpt_root = out / "checkpoints"
+        backend = build_local_backend(cfg.model, cfg.train)
+    trainer = Trainer(cfg.model, cfg.train, opened.train, backend, opened.valid, callback, progress)
+    ckpt_root = out / CHECKPOINT_DIR
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
         trainer.load(latest)
@@ -423,20 +427,28 @@ def pretrain(cfg, data, out_dir: str | Path, callback: Callback | None = None, b
         return latest_checkpoint(ckpt_root)
 
     model = unwrap(backend.module)
-    summary = training_summary(trainer, cfg, started, data_name=str(data) if not hasattr(data, "lengths")
-                               else type(data).__name__, manifest_digest=_manifest_digest(data),
-                               tokenizer_path=tokenizer_path)
+    summary = training_summary(trainer, cfg, started, opened)
     trainer.ema.copy_to(model)  # the final model is the EMA of the weights
-    model_dir = out / "model"
+    model_dir = out / MODEL_DIR
     if trainer.rank == 0:
-        save_model_dir(model_dir, model, cfg.model, tokenizer_path, summary)
+        save_model_dir(model_dir, model, cfg.model, opened.tokenizer, summary)
+        write_pretrain_record(out, cfg, opened, summary)
     if _dist():
         torch.distributed.barrier()
     return model_dir
 
 
-def training_summary(trainer: "Trainer", cfg: PipelineConfig, started: float, *, data_name: str,
-                     manifest_digest: str | None, tokenizer_path, start_step: int | None = None) -> dict:
+def write_pretrain_record(out: Path, cfg: PipelineConfig, data: TrainingData, summary: dict) -> dict:
+    """The pretraining stage's record (written once the model folder is complete)."""
+    stats = {k: summary[k] for k in ("steps", "tokens", "words", "final", "precision") if k in summary}
+    record = make_record(STAGE, pretrain_inputs(data), pretrain_config(cfg.model, cfg.train), out, MODEL_DIR,
+                         stats)
+    write_record(out, record)
+    return record
+
+
+def training_summary(trainer: "Trainer", cfg: PipelineConfig, started: float, data: TrainingData,
+                     start_step: int | None = None) -> dict:
     """The ``training.json`` summary: final train/valid losses (training and EMA weights), counts,
     and the digests of what the model was made from. Runs validation (a collective when distributed)."""
     final = dict(trainer.last_metrics)
@@ -453,9 +465,9 @@ def training_summary(trainer: "Trainer", cfg: PipelineConfig, started: float, *,
         "model_config_digest": digest(cfg.model),
         "train_config_digest": digest(cfg.train),
         "run_digest": trainer.run_digest(),
-        "data": data_name,
-        "data_manifest_digest": manifest_digest,
-        "tokenizer": str(tokenizer_path) if tokenizer_path else None,
+        "data": data.name,
+        "data_digest": data.digest,
+        "tokenizer": str(data.tokenizer) if data.tokenizer else None,
         "ema_decay": cfg.train.ema_decay,
         "precision": precision_name(trainer.autocast_dtype),
     }
@@ -464,17 +476,6 @@ def training_summary(trainer: "Trainer", cfg: PipelineConfig, started: float, *,
     return summary
 
 
-def _manifest_digest(data) -> str | None:
-    import hashlib
-
-    if hasattr(data, "lengths"):
-        return None
-    p = Path(data)
-    target = p / "manifest.json" if p.is_dir() else p
-    if not target.is_file():
-        return None
-    return hashlib.sha256(target.read_bytes()).hexdigest()
-
-
-__all__ = ["PlainBackend", "Trainer", "build_plain_backend", "find_tokenizer", "open_data", "pretrain",
-           "training_summary", "unwrap"]
+__all__ = ["AveragedWeights", "LocalBackend", "StepBackend", "Trainer", "build_local_backend", "check_data_fits",
+           "check_run_folder", "pretrain", "pretrain_config", "pretrain_inputs", "run_digest", "training_summary",
+           "unwrap", "write_pretrain_record"]

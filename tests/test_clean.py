@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from common.config.base import ConfigError
 from common.config.data import CHILDES_SPEAKER_PATTERN, CleanConfig, CleanRule
 from tokenization import clean as clean_mod
 from tokenization.clean import clean_corpus, count_words
-from tokenization.common import DataError
+from common.artifacts import DataError, read_record, stage_identity
 
 
 def _docs(out):
@@ -43,7 +44,8 @@ def test_formats_normalisation_rules_and_stats(tmp_path):
     _write_inputs(tmp_path / "in")
     rule = CleanRule(pattern=CHILDES_SPEAKER_PATTERN, sources=["childes"])
     cfg = CleanConfig(inputs=[str(tmp_path / "in")], rules=[rule])
-    stats = clean_corpus(cfg, tmp_path / "out", progress_bar=False)
+    record = clean_corpus(cfg, tmp_path / "out", progress_bar=False)
+    stats = record["stats"]
     docs = _docs(tmp_path / "out")
     assert docs == [
         {"text": "First document. Tabbed", "source": "a"},
@@ -60,10 +62,11 @@ def test_formats_normalisation_rules_and_stats(tmp_path):
     assert s["c"]["dropped_empty"] == 1 and s["d"]["dropped_empty"] == 1
     assert s["d"]["dropped_duplicates"] == 1
     assert stats["totals"]["documents_out"] == 6
-    assert sorted(e["name"] for e in stats["inputs"]) == ["a.txt", "c.jsonl", "childes.train.gz", "d.parquet"]
-    on_disk = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert on_disk["documents_sha256"] == stats["documents_sha256"]
-    assert on_disk["identity"] == clean_mod.clean_identity(cfg)
+    assert sorted(e["name"] for e in stats["input_files"]) == ["a.txt", "c.jsonl", "childes.train.gz", "d.parquet"]
+    on_disk = read_record(tmp_path / "out", "clean")
+    assert on_disk["output"] == "documents.parquet" and on_disk["stats"] == stats
+    assert on_disk["output_digest"] == hashlib.sha256((tmp_path / "out" / "documents.parquet").read_bytes()).hexdigest()
+    assert on_disk["identity"] == stage_identity("clean", clean_mod.clean_inputs(cfg), cfg.identity_dict())
 
 
 def test_count_words_matches_split_on_normalised_text():
@@ -77,12 +80,12 @@ def test_same_inputs_byte_identical_and_location_independent(tmp_path):
     a = clean_corpus(CleanConfig(inputs=[str(tmp_path / "in")]), tmp_path / "o1", progress_bar=False)
     b = clean_corpus(CleanConfig(inputs=[str(tmp_path / "elsewhere" / "in2")]), tmp_path / "o2",
                      progress_bar=False)
-    for name in ("documents.parquet", "stats.json"):
+    for name in ("documents.parquet", "stage.json"):
         assert (tmp_path / "o1" / name).read_bytes() == (tmp_path / "o2" / name).read_bytes()
     assert a["identity"] == b["identity"]
     c = clean_corpus(CleanConfig(inputs=[str(tmp_path / "in")], deduplicate=False),
                      tmp_path / "o3", progress_bar=False)
-    assert c["identity"] != a["identity"] and c["inputs_digest"] == a["inputs_digest"]
+    assert c["identity"] != a["identity"] and c["inputs"] == a["inputs"]
 
 
 def _long_text(n_sentences=400):
@@ -103,8 +106,8 @@ def test_long_documents_split_at_sentence_boundaries(tmp_path):
     docs = [d["text"] for d in _docs(tmp_path / "out")]
     assert len(docs) > 10 and all(len(d) <= 300 for d in docs)
     assert all(d[-1] in ".\"" for d in docs[:-1])  # every cut after a sentence end
-    assert sum(count_words(d) for d in docs) == len(text.split()) == stats["totals"]["words_out"]
-    assert stats["totals"]["documents_split"] == 1
+    assert sum(count_words(d) for d in docs) == len(text.split()) == stats["stats"]["totals"]["words_out"]
+    assert stats["stats"]["totals"]["documents_split"] == 1
 
 
 def test_streaming_segments_give_the_same_output(tmp_path, monkeypatch):
@@ -121,14 +124,14 @@ def test_streaming_segments_give_the_same_output(tmp_path, monkeypatch):
     monkeypatch.setattr(clean_mod, "SEGMENT", 61)
     streamed = clean_corpus(cfg, tmp_path / "streamed", progress_bar=False)
     assert _docs(tmp_path / "whole") == _docs(tmp_path / "streamed")
-    assert whole["totals"] == streamed["totals"]
+    assert whole["stats"]["totals"] == streamed["stats"]["totals"]
 
 
 def test_invalid_utf8_replaced_and_counted_or_rejected(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"good line\nbad \xff\xfe byte\n")
     stats = clean_corpus(CleanConfig(inputs=[str(path)]), tmp_path / "out", progress_bar=False)
-    assert stats["sources"]["bad"]["bytes_replaced"] == 2
+    assert stats["stats"]["sources"]["bad"]["bytes_replaced"] == 2
     assert _docs(tmp_path / "out")[1]["text"] == "bad \ufffd\ufffd byte"
     with pytest.raises(DataError, match=r"bad\.txt: line 2: invalid UTF-8 at byte 4"):
         clean_corpus(CleanConfig(inputs=[str(path)], invalid_utf8="strict"), tmp_path / "o2",
@@ -213,7 +216,7 @@ def test_50mb_single_line_streams_with_bounded_memory(tmp_path):
         s = clean_corpus(CleanConfig(inputs=[{str(path)!r}], deduplicate=False), {str(tmp_path / 'out')!r},
                          progress_bar=False)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(json.dumps({{"growth": (peak - base) * 1024, "totals": s["totals"]}}))
+        print(json.dumps({{"growth": (peak - base) * 1024, "totals": s["stats"]["totals"]}}))
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
@@ -234,4 +237,4 @@ def test_newline_and_normalisation_options(tmp_path):
     s = clean_corpus(CleanConfig(inputs=[str(tmp_path / "b.txt")], min_document_chars=5), tmp_path / "o2",
                      progress_bar=False)
     assert _docs(tmp_path / "o2") == [{"text": "long enough", "source": "b"}]
-    assert s["totals"]["dropped_empty"] == 1
+    assert s["stats"]["totals"]["dropped_empty"] == 1

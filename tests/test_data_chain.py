@@ -13,6 +13,7 @@ import pytest
 from conftest import shared_path
 
 from cli.main import main as cli_main
+from common.artifacts import read_record
 from tokenization.shards import ShardReader
 from tokenization.tokenizer import load_tokenizer
 
@@ -44,8 +45,10 @@ def test_babylm_sample_chain(tmp_path):
                      str(tmp_path / "shards"), "--set", "shard.validation_fraction=0.05",
                      "--set", "shard.shard_tokens=200000", *common]) == 0
 
-    clean_stats = json.loads((tmp_path / "clean" / "stats.json").read_text())
-    tok_stats = json.loads((tmp_path / "tok" / "stats.json").read_text())
+    clean_record = read_record(tmp_path / "clean", "clean")
+    tok_record = read_record(tmp_path / "tok", "tokenizer")
+    shard_record = read_record(tmp_path / "shards", "shard")
+    clean_stats = clean_record["stats"]
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert sorted(clean_stats["sources"]) == sources
     table = pq.read_table(tmp_path / "clean" / "documents.parquet")
@@ -57,10 +60,13 @@ def test_babylm_sample_chain(tmp_path):
     assert clean_stats["sources"]["childes"]["words_out"] < clean_stats["sources"]["childes"]["words_in"]
 
     # Lineage: each stage records the digest of what it was made from.
-    assert tok_stats["inputs_digest"] == clean_stats["documents_sha256"]
-    assert manifest["corpus_sha256"] == clean_stats["documents_sha256"]
-    assert manifest["tokenizer_sha256"] == tok_stats["tokenizer_sha256"]
-    assert tok_stats["vocab_size"] == 512  # the tiny preset's vocabulary
+    assert tok_record["inputs"] == {"corpus": clean_record["output_digest"]}
+    assert shard_record["inputs"] == {"corpus": clean_record["output_digest"], "tokenizer": tok_record["output_digest"]}
+    assert manifest["corpus_sha256"] == clean_record["output_digest"]
+    assert manifest["tokenizer_sha256"] == tok_record["output_digest"]
+    assert tok_record["stats"]["vocab_size"] == 512  # the tiny preset's vocabulary
+    # The shard folder carries its tokenizer (the single source downstream stages use).
+    assert (tmp_path / "shards" / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "tokenizer.json").read_bytes()
 
     tok = load_tokenizer(tmp_path / "tok")
     total = 0

@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
+from common.artifacts import read_record, tree_digest
 from test_scoring import one_thread  # noqa: F401 (autouse fixture)
 from common.config import EvalConfig, from_dict
-from gptbert.evaluate import (
-    BlimpFormatError,
-    MinimalPair,
-    blimp_accuracy,
-    load_blimp,
-    render_report,
-    summary_metrics,
-    write_results,
-)
+from gptbert.evaluation import render_report, summary_metrics, write_results
+from gptbert.evaluation.minimal_pairs import BlimpFormatError, MinimalPair, blimp_accuracy, load_blimp
 
 
 def _pair(uid, term="t", field="syntax", good="A b.", bad="B a."):
@@ -104,13 +98,16 @@ def test_blimp_accuracy_bookkeeping():
 def test_write_results_is_atomic_and_json(tmp_path):
     pairs = [MinimalPair("g", "b", "u1", "A", "syntax", "")] * 2
     mode = blimp_accuracy(pairs, np.array([[1.0], [-1.0]]), np.zeros((2, 1)), [1.0])
-    results = {"model_dir": "m", "blimp": {"data_dir": "d", "data_digest": "0" * 64, "num_pairs": 2,
-                                           "num_paradigms": 1, "temperatures": [1.0], "modes": {"causal": mode}}}
+    results = {"model_dir": "m", "tasks": {"blimp": {"data_dir": "d", "data_digest": "0" * 64, "num_pairs": 2,
+                                                     "num_paradigms": 1, "temperatures": [1.0],
+                                                     "modes": {"causal": mode}}},
+               "skipped": {"glue": "no data configured"}}
     path = write_results(results, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.md", "results.json"]
     assert json.loads(path.read_text()) == results
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| causal | 1 | 50.0 | 50.0 |" in report and "| u1 | 50.0 |" in report
+    assert "- glue: no data configured" in report
     assert render_report(results) == report
     assert summary_metrics(results) == {"blimp.causal.best_accuracy": 0.5, "blimp.causal.best_temperature": 1.0,
                                         "blimp.causal.t1_accuracy": 0.5}
@@ -171,7 +168,8 @@ HAND_MADE = {
 
 
 def test_evaluate_blimp_end_to_end_matches_known_preferences(tmp_path):
-    from gptbert.evaluate import evaluate, evaluate_blimp
+    from gptbert.evaluation import evaluate
+    from gptbert.evaluation.minimal_pairs import evaluate_blimp
 
     model, tok = _bias_model_and_tokenizer()
     for name, items in HAND_MADE.items():
@@ -194,7 +192,8 @@ def test_evaluate_blimp_end_to_end_matches_known_preferences(tmp_path):
     assert 0 < correct < 1  # the hand-made data has both outcomes, so the test can tell them apart
 
     full = evaluate(model, tok, cfg, model_dir="somewhere")
-    assert full["blimp"]["modes"]["mntp"]["macro_accuracy"] == result["modes"]["mntp"]["macro_accuracy"]
+    assert full["tasks"]["blimp"]["modes"]["mntp"]["macro_accuracy"] == result["modes"]["mntp"]["macro_accuracy"]
+    assert full["skipped"] == {"glue": "no data configured"}
     assert full["config"]["temperatures"] == temps and full["model_dir"] == "somewhere"
     json.dumps(full)  # plain JSON
 
@@ -215,7 +214,11 @@ def test_evaluate_cli_score_and_generate(tmp_path, capsys):
                "--set", "eval.temperatures=[1.0, 2.0]", "--set", "eval.modes=[causal, mntp]", "--max-pairs", "1"])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["blimp"]["num_pairs"] == 3 and set(results["blimp"]["modes"]) == {"causal", "mntp"}
+    blimp = results["tasks"]["blimp"]
+    assert blimp["num_pairs"] == 3 and set(blimp["modes"]) == {"causal", "mntp"}
+    record = read_record(out, "evaluate")  # the stage record: lineage of model and data, headline metrics
+    assert record["inputs"]["model"] == tree_digest(model_dir) and set(record["inputs"]) == {"model", "data.blimp"}
+    assert record["stats"]["blimp.mntp.t1_accuracy"] == blimp["modes"]["mntp"]["t1"]["accuracy"]
     assert "blimp.mntp.t1_accuracy" in capsys.readouterr().out
     assert "| mntp |" in (out / "report.md").read_text()
 
@@ -238,7 +241,7 @@ def test_evaluate_cli_score_and_generate(tmp_path, capsys):
 def test_evaluate_shared_blimp_dev_quick(tmp_path):
     import torch
 
-    from gptbert.evaluate import evaluate_blimp
+    from gptbert.evaluation.minimal_pairs import evaluate_blimp
     from test_scoring import make_model, make_tokenizer
 
     folder = shared_path("blimp-dev")
@@ -251,3 +254,24 @@ def test_evaluate_shared_blimp_dev_quick(tmp_path):
         assert len(m["macro_accuracy"]) == 3 and set(m["pairs_per_paradigm"].values()) == {2}
         assert m["best"]["accuracy"] == max(m["macro_accuracy"]) and m["t1"]["temperature"] == 1.0
         assert all(acc in (0.0, 0.5, 1.0) for acc in m["best"]["paradigms"].values())
+
+
+def test_task_registry_runs_configured_tasks_and_notes_the_rest(tmp_path):
+    from common.config import ConfigError
+    from gptbert.evaluation import TASKS, configured_tasks, evaluate
+
+    assert {"blimp", "glue"} <= set(TASKS)
+    model, tok = _bias_model_and_tokenizer()
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate(model, tok, EvalConfig())
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        configured_tasks(EvalConfig(tasks=["blimp", "nope"]))
+    with pytest.raises(FileNotFoundError, match="task 'blimp' not found"):
+        configured_tasks(EvalConfig(blimp_dir=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="duplicates"):
+        EvalConfig(tasks=["blimp", "blimp"])
+    _write(tmp_path / "blimp", "p.jsonl", HAND_MADE["p_agree.jsonl"])
+    run, skipped = configured_tasks(EvalConfig(blimp_dir=str(tmp_path / "blimp")))
+    assert list(run) == ["blimp"] and skipped == {"glue": "no data configured"}
+    run, skipped = configured_tasks(EvalConfig(tasks=["glue"], blimp_dir=str(tmp_path / "blimp")))
+    assert run == {} and skipped == {"glue": "no data configured"}  # blimp not asked for

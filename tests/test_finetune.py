@@ -12,7 +12,7 @@ import torch
 from conftest import shared_path
 from common.config import ConfigError, from_dict
 from common.config.eval import FinetuneConfig
-from gptbert.finetune import (
+from gptbert.evaluation.finetune import (
     Example,
     TaskFormatError,
     classification_metrics,
@@ -114,12 +114,12 @@ def test_finetune_tasks_reads_folder(tmp_path):
             json.dumps({"sentence1": e.text_a, "sentence2": e.text_b, "label": e.label}) + "\n"
             for e in _toy_task(n, seed)))
     from common.config import EvalConfig
-    from gptbert.evaluate import evaluate, summary_metrics, write_results
+    from gptbert.evaluation import evaluate, summary_metrics, write_results
 
     cfg = EvalConfig(finetune=FinetuneConfig(data_dir=str(tmp_path), tasks=["toy"], epochs=1, batch_size=8))
     results = evaluate(make_model(dtype=torch.float32), tok, cfg)  # no blimp_dir: fine-tuning only
-    r = results["finetune"]
-    assert "blimp" not in results
+    r = results["tasks"]["glue"]
+    assert list(results["tasks"]) == ["glue"] and results["skipped"] == {"blimp": "no data configured"}
     assert r["toy"]["metric"] == "accuracy" and r["toy"]["train_examples"] == 16 and r["toy"]["valid_examples"] == 8
     metrics = summary_metrics(results)
     assert metrics["finetune.toy.accuracy"] == r["toy"]["best"]["accuracy"] and metrics["finetune.toy.epoch"] == 1

@@ -1,6 +1,6 @@
-"""Flows: identity-keyed stage cache, MLflow lineage and registry, the pipeline end to end.
+"""Flows: MLflow lineage and registry, the pipeline end to end (the stage cache: test_artifacts.py).
 
-The fast tests cover the cache machinery with plain Python bodies. The slow ones run the real
+The slow tests run the real
 pipeline in Prefect's test harness (a session-scoped temporary server, PREFECT_HOME in a tmp dir)
 with MLflow on sqlite in a tmp dir.
 """
@@ -13,97 +13,6 @@ import pickle
 from pathlib import Path
 
 import pytest
-
-from flows.artifacts import MARKER, read_complete, run_stage, stage_dir, tree_digest
-
-# --- the cache machinery (fast, no Prefect / MLflow) ----------------------------------------------
-
-
-def _writer(calls: list, text: str = "hello"):
-    def body(out: Path) -> dict:
-        calls.append(out)
-        (out / "data.txt").write_text(text)
-        return {"bytes": len(text)}
-
-    return body
-
-
-def test_stage_runs_once_per_identity(tmp_path):
-    calls: list = []
-    a = run_stage(tmp_path, "demo", {"in": "abc"}, {"k": 1}, _writer(calls))
-    assert not a.cached and len(calls) == 1
-    assert Path(a.path) == stage_dir(tmp_path, "demo", a.identity)
-    assert a.digest == tree_digest(a.path) and a.record["stats"] == {"bytes": 5}
-    b = run_stage(tmp_path, "demo", {"in": "abc"}, {"k": 1}, _writer(calls))
-    assert b.cached and len(calls) == 1 and b.path == a.path and b.digest == a.digest
-    # Another config or another input digest is another identity, in another folder.
-    c = run_stage(tmp_path, "demo", {"in": "abc"}, {"k": 2}, _writer(calls))
-    d = run_stage(tmp_path, "demo", {"in": "abd"}, {"k": 1}, _writer(calls))
-    assert len(calls) == 3 and len({a.path, c.path, d.path}) == 3
-    # Equal output content gives equal digests, whatever the identity.
-    assert a.digest == c.digest == d.digest
-    record = json.loads((Path(a.path) / MARKER).read_text())
-    assert record["inputs"] == {"in": "abc"} and record["config"] == {"k": 1}
-
-
-def test_failed_stage_leaves_nothing_that_looks_finished(tmp_path):
-    def broken(out: Path) -> dict:
-        (out / "half.txt").write_text("partial")
-        raise RuntimeError("transient")
-
-    with pytest.raises(RuntimeError, match="transient"):
-        run_stage(tmp_path, "demo", {}, {}, broken)
-    assert list((tmp_path / "artifacts" / "demo").iterdir()) == []
-    calls: list = []
-    a = run_stage(tmp_path, "demo", {}, {}, _writer(calls))
-    assert not a.cached and len(calls) == 1
-
-
-def test_resumable_stage_keeps_its_folder_for_the_retry(tmp_path):
-    attempts: list = []
-
-    def resumable(out: Path) -> dict:
-        attempts.append(sorted(p.name for p in out.iterdir()))
-        ckpt = out / "checkpoints"
-        if not ckpt.exists():
-            ckpt.mkdir()
-            (ckpt / "step-5").write_text("5")
-            raise RuntimeError("killed")
-        (out / "model").mkdir()
-        (out / "model" / "weights").write_text("w")
-        return {"resumed_from": (ckpt / "step-5").read_text()}
-
-    with pytest.raises(RuntimeError):
-        run_stage(tmp_path, "train", {}, {}, resumable, resumable=True, output_subdir="model")
-    a = run_stage(tmp_path, "train", {}, {}, resumable, resumable=True, output_subdir="model")
-    assert attempts == [[], ["checkpoints"]]  # the retry saw the first try's checkpoint
-    assert a.record["stats"] == {"resumed_from": "5"}
-    assert a.digest == tree_digest(Path(a.path) / "model")  # checkpoints are not the output
-
-
-def test_marker_of_another_identity_is_not_trusted(tmp_path):
-    a = run_stage(tmp_path, "demo", {}, {"k": 1}, _writer([]))
-    marker = Path(a.path) / MARKER
-    record = json.loads(marker.read_text())
-    record["identity"] = "0" * 64
-    marker.write_text(json.dumps(record))
-    assert read_complete(Path(a.path), a.identity) is None
-    calls: list = []
-    b = run_stage(tmp_path, "demo", {}, {"k": 1}, _writer(calls))
-    assert not b.cached and len(calls) == 1 and read_complete(Path(b.path), b.identity) is not None
-
-
-def test_tree_digest_sees_names_and_contents(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x").write_text("1")
-    d1 = tree_digest(tmp_path / "a")
-    (tmp_path / "a" / MARKER).write_text("ignored")
-    assert tree_digest(tmp_path / "a") == d1
-    (tmp_path / "a" / "x").write_text("2")
-    assert tree_digest(tmp_path / "a") != d1
-    with pytest.raises(FileNotFoundError, match="missing artifact"):
-        tree_digest(tmp_path / "nope")
-
 
 def test_tracking_config_and_uri(tmp_path, monkeypatch):
     from common.config import ConfigError, load_config
@@ -215,12 +124,12 @@ def _runs(client, experiment_id: str, parent: str):
 def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp_path, capsys):
     from prefect.client.orchestration import get_client
 
-    from flows.pipeline import STAGE_ORDER, pipeline
+    from flows.pipeline import STAGES, pipeline
     from flows.tracking import client_for
 
     cfg = _test_config(tmp_path / "run")
     first = pipeline(config=cfg)
-    assert first["ran"] == list(STAGE_ORDER) and first["cached"] == []
+    assert first["ran"] == list(STAGES) and first["cached"] == []
     client = client_for(first["tracking_uri"])
     assert first["tracking_uri"] == f"sqlite:///{(tmp_path / 'run').resolve()}/mlflow/mlflow.db"
 
@@ -233,19 +142,19 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
         flow_run = pc.read_flow_run(first["flow_run_id"])
     assert f"mlflow_run_id:{first['mlflow_run_id']}" in flow_run.tags
     children = _runs(client, first["experiment_id"], first["mlflow_run_id"])
-    assert sorted(children) == sorted(STAGE_ORDER)
+    assert sorted(children) == sorted(STAGES)
     for stage, run in children.items():
         assert run.info.status == "FINISHED"
         assert run.data.tags["gptbert.cached"] == "false"
         assert run.data.tags["gptbert.digest"] == first["stages"][stage]["digest"]
         assert run.data.tags["prefect.flow_run_id"] == first["flow_run_id"]
     # Lineage: each stage's inputs are the digests of the stage before it.
-    tags = {s: children[s].data.tags for s in STAGE_ORDER}
+    tags = {s: children[s].data.tags for s in STAGES}
     assert tags["tokenizer"]["gptbert.input.corpus"] == first["stages"]["clean"]["digest"]
     assert tags["shard"]["gptbert.input.tokenizer"] == first["stages"]["tokenizer"]["digest"]
     assert tags["pretrain"]["gptbert.input.shards"] == first["stages"]["shard"]["digest"]
     assert tags["evaluate"]["gptbert.input.model"] == first["stages"]["pretrain"]["digest"]
-    for stage in STAGE_ORDER:
+    for stage in STAGES:
         assert parent.data.tags[f"gptbert.lineage.{stage}"] == first["stages"][stage]["digest"]
 
     # The trainer's per-step metrics reached the pretrain child run, every step.
@@ -262,7 +171,7 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
         return {a.path for a in client.list_artifacts(run_id, path)}
 
     assert "config.yaml" in artifacts(first["mlflow_run_id"])
-    assert "clean/stats.json" in artifacts(children["clean"].info.run_id, "clean")
+    assert "clean/stage.json" in artifacts(children["clean"].info.run_id, "clean")
     assert "tokenizer/tokenizer.json" in artifacts(children["tokenizer"].info.run_id, "tokenizer")
     assert "shard/manifest.json" in artifacts(children["shard"].info.run_id, "shard")
     assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json", "model/training.json"} <= \
@@ -289,14 +198,14 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
     assert main(argv) == 0
     out = capsys.readouterr().out
     second, _ = json.JSONDecoder().raw_decode(out[out.index('{\n  "flow_run_id"'):])
-    assert second["cached"] == list(STAGE_ORDER) and second["ran"] == []
+    assert second["cached"] == list(STAGES) and second["ran"] == []
     assert second["mlflow_run_id"] != first["mlflow_run_id"]
-    assert {s: second["stages"][s]["digest"] for s in STAGE_ORDER} == \
-        {s: first["stages"][s]["digest"] for s in STAGE_ORDER}
+    assert {s: second["stages"][s]["digest"] for s in STAGES} == \
+        {s: first["stages"][s]["digest"] for s in STAGES}
     parent2 = client.get_run(second["mlflow_run_id"])
-    assert parent2.data.tags["gptbert.cached_stages"] == ",".join(STAGE_ORDER)
+    assert parent2.data.tags["gptbert.cached_stages"] == ",".join(STAGES)
     children2 = _runs(client, second["experiment_id"], second["mlflow_run_id"])
-    for stage in STAGE_ORDER:
+    for stage in STAGES:
         assert children2[stage].data.tags["gptbert.cached"] == "true"
         assert children2[stage].data.tags["gptbert.source_run_id"] == children[stage].info.run_id
     assert not second["registered"]["new"] and second["registered"]["version"] == 1

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tokenization import grammar
+from flows.demo import grammar
 
 
 def test_corpus_is_deterministic_and_counted(tmp_path):

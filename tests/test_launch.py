@@ -1,5 +1,6 @@
-"""Distributed pretraining (gptbert/launch.py): DeepSpeed config merging, storage checks, the
-ZeRO-aware LAMB, and (slow) Ray Train + DeepSpeed runs on a two-node loopback Ray cluster.
+"""Distributed pretraining (gptbert/distributed/): the launcher registry, DeepSpeed config merging,
+storage checks, the ZeRO-aware LAMB, and (slow) Ray Train + DeepSpeed runs on a two-node loopback
+Ray cluster.
 
 The slow tests share one Ray cluster (infra/ray/start_local_cluster.sh: two nodes with one CPU
 each, so two workers must land on different nodes) and compare every distributed run with the
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +26,11 @@ import torch
 
 from common.config import ConfigError, LaunchConfig, load_config
 from gptbert.data import save_token_file
-from gptbert.launch import (ShardedLAMB, check_storage_path, deepspeed_config, device_peak_flops,
-                            zero3_partition_segments, zero_partition_segments)
-from gptbert.optim import LAMB, param_groups
+from gptbert.distributed.deepspeed_backend import CONFIG_DIR, deepspeed_config
+from gptbert.distributed.ray_launcher import check_storage_path
+from gptbert.distributed.zero import zero3_partition_segments, zero_partition_segments
+from gptbert.metrics import device_peak_flops
+from gptbert.optim import LAMB, ShardedLAMB, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -39,7 +43,7 @@ BF16_TOL = 1.5e-3  # later bf16 steps: about 4x the measured worst (3.6e-4), see
 def test_deepspeed_config_fills_auto_values_from_typed_config():
     cfg = load_config("tiny", overrides=["train.micro_batch_tokens=256", "train.grad_clip=1.5",
                                          "launch.zero_stage=2", "launch.offload=true"])
-    ds = deepspeed_config(cfg, world_size=4, bf16=True)
+    ds = deepspeed_config(cfg.train, cfg.launch, world_size=4, bf16=True)
     micro = 256 // cfg.train.seq_len_at(0)
     assert ds["train_micro_batch_size_per_gpu"] == micro
     assert ds["gradient_accumulation_steps"] == 1
@@ -53,31 +57,32 @@ def test_deepspeed_config_fills_auto_values_from_typed_config():
     assert ds["bf16"] == {"enabled": False} and "fp16" not in ds
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     for stage in range(4):
-        base = json.loads((REPO / "infra" / "deepspeed" / f"zero{stage}.json").read_text())
+        base = json.loads((CONFIG_DIR / f"zero{stage}.json").read_text())
         assert base["zero_optimization"]["stage"] == stage
         c = load_config("tiny", overrides=[f"launch.zero_stage={stage}"])
         for bf16 in (False, True):
-            ds = deepspeed_config(c, 2, bf16)
+            ds = deepspeed_config(c.train, c.launch, 2, bf16)
             assert ds["bf16"]["enabled"] is False and ds["torch_autocast"]["enabled"] is bf16
 
 
 def test_deepspeed_config_rejects_explicit_values_that_disagree():
     cfg = load_config("tiny")  # grad_clip 2.0
-    base = json.loads((REPO / "infra" / "deepspeed" / "zero1.json").read_text())
+    base = json.loads((CONFIG_DIR / "zero1.json").read_text())
     base["gradient_clipping"] = 1.0
     with pytest.raises(ConfigError) as err:
-        deepspeed_config(cfg, 2, False, base=base)
+        deepspeed_config(cfg.train, cfg.launch, 2, False, base=base)
     assert err.value.field == "gradient_clipping" and "2.0" in str(err.value)
     base["gradient_clipping"] = 2.0  # agreeing explicit values are fine
-    assert deepspeed_config(cfg, 2, False, base=base)["gradient_clipping"] == 2.0
+    assert deepspeed_config(cfg.train, cfg.launch, 2, False, base=base)["gradient_clipping"] == 2.0
     for key in ("bf16", "fp16"):  # DeepSpeed's own low-precision modes compute a different step
         with pytest.raises(ConfigError, match=key) as err:
-            deepspeed_config(cfg, 2, False, base=base | {key: {"enabled": True}})
+            deepspeed_config(cfg.train, cfg.launch, 2, False, base=base | {key: {"enabled": True}})
         assert err.value.field == "train.precision"
     with pytest.raises(ConfigError, match="stage"):
-        deepspeed_config(load_config("tiny", overrides=["launch.zero_stage=2"]), 2, False, base=base)
+        c2 = load_config("tiny", overrides=["launch.zero_stage=2"])
+        deepspeed_config(c2.train, c2.launch, 2, False, base=base)
     with pytest.raises(FileNotFoundError):
-        deepspeed_config(cfg, 2, False, base="/nonexistent/ds.json")
+        deepspeed_config(cfg.train, cfg.launch, 2, False, base="/nonexistent/ds.json")
 
 
 def test_storage_path_checks(tmp_path):
@@ -97,20 +102,21 @@ def test_storage_path_checks(tmp_path):
         check_storage_path("://x", tmp_path, cluster=True)
 
 
-def test_launch_config_validation():
+def test_launch_config_validation_and_launcher_registry(tmp_path):
+    from gptbert.distributed import LAUNCHERS, run_pretraining
+
     with pytest.raises(ConfigError) as err:
         LaunchConfig(zero_stage=4)
     assert err.value.field == "zero_stage"
-    with pytest.raises(ConfigError, match="fail_marker"):
-        LaunchConfig(fail_at_step=3)
     with pytest.raises(ConfigError, match="offload"):
         LaunchConfig(zero_stage=0, offload=True)
     with pytest.raises(ConfigError, match="num_workers"):
         LaunchConfig(num_workers=0)
     with pytest.raises(ConfigError, match="run_name"):
         LaunchConfig(run_name="a/b")
-    with pytest.raises(ConfigError) as err:
-        load_config("tiny", overrides=["launch.backend=slurm"])
+    assert {"local", "ray"} <= set(LAUNCHERS)
+    with pytest.raises(ConfigError, match="unknown launcher 'slurm'") as err:
+        run_pretraining(load_config("tiny", overrides=["launch.backend=slurm"]), tmp_path, tmp_path / "out")
     assert err.value.field == "launch.backend"
 
 
@@ -154,18 +160,27 @@ def test_zero3_partition_segments_layout():
     assert seg1.tolist() == [0, 0, 2, 1]
 
 
-def test_zero3_refuses_uneven_validation_forwards():
-    from gptbert.launch import _check_zero3_validation
+def test_zero3_refuses_uneven_validation_forwards_and_rankless_micro_batches():
+    from gptbert.distributed.zero import check_zero3_steps, check_zero3_validation
 
     class Valid:
         lengths = np.full(10, 30)  # one 30-token segment per document at seq_len 32
 
     over = ["train.micro_batch_tokens=64", "train.seq_len=32", "train.seq_len_schedule=false"]
     with pytest.raises(ConfigError, match="different numbers of forwards") as err:
-        _check_zero3_validation(load_config("tiny", overrides=over + ["train.valid_examples=5"]), Valid(), 2)
+        check_zero3_validation(load_config("tiny", overrides=over + ["train.valid_examples=5"]).train, Valid(), 2)
     assert err.value.field == "train.valid_examples"
-    _check_zero3_validation(load_config("tiny", overrides=over + ["train.valid_examples=8"]), Valid(), 2)
-    _check_zero3_validation(load_config("tiny", overrides=over + ["train.valid_examples=0"]), Valid(), 2)
+    check_zero3_validation(load_config("tiny", overrides=over + ["train.valid_examples=8"]).train, Valid(), 2)
+    check_zero3_validation(load_config("tiny", overrides=over + ["train.valid_examples=0"]).train, Valid(), 2)
+    # 3 examples per step in micro-batches of one example over 2 ranks: rank 0 runs two micro-batches,
+    # rank 1 has one example for them, so one of its forwards would be missing.
+    steps = ["train.seq_len=32", "train.seq_len_schedule=false", "train.micro_batch_tokens=32",
+             "train.batch_tokens_end=96", "train.steps=4"]
+    with pytest.raises(ConfigError, match="without examples in a micro-batch") as err:
+        check_zero3_steps(load_config("tiny", overrides=steps + ["train.batch_tokens_start=96"]).train, 2)
+    assert err.value.field == "train.micro_batch_tokens"
+    check_zero3_steps(load_config("tiny", overrides=steps[:3] + ["train.batch_tokens_start=128",
+                                                                 "train.batch_tokens_end=128"]).train, 2)
 
 
 def test_sharded_lamb_on_a_flat_tensor_equals_per_parameter_lamb():
@@ -228,9 +243,24 @@ def _corpus(path: Path) -> Path:
 
 def _curve(path: Path) -> dict[int, float]:
     """step -> loss; a step trained again after a restart keeps its last value."""
-    from gptbert.launch import read_jsonl
+    from gptbert.metrics import read_jsonl
 
     return {int(r["step"]): r["loss"] for r in read_jsonl(path)}
+
+
+class FailOnce:
+    """A trainer callback that makes rank 0's worker raise once, when step ``step`` is reported
+    (the marker file keeps a restarted worker group from failing again), and otherwise passes the
+    metrics to ``inner``. The fault comes from the test; nothing in the library knows of it."""
+
+    def __init__(self, inner, step: int, marker: Path):
+        self.inner, self.step, self.marker = inner, step, str(marker)
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        if step == self.step and not Path(self.marker).exists():
+            Path(self.marker).write_text(f"failed once at step {step}\n")
+            raise RuntimeError(f"injected fault at step {step}")
+        self.inner(metrics, step)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +268,7 @@ def cluster(tmp_path_factory):
     """A two-node Ray cluster on loopback, and the plain single-process loop's loss curve."""
     import ray
 
-    from gptbert.launch import JsonlCallback
+    from gptbert.metrics import JsonlCallback
     from gptbert.trainer import pretrain
 
     root = tmp_path_factory.mktemp("launch")
@@ -279,16 +309,25 @@ def cluster(tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _run(cluster, name: str, extra: list[str]) -> tuple[Path, dict[int, float]]:
-    from gptbert.launch import JsonlCallback, pretrain_distributed
+def _run(cluster, name: str, extra: list[str], fail_at: int | None = None) -> tuple[Path, dict[int, float]]:
+    """A Ray run named ``name``; with ``fail_at``, rank 0 raises once when that step is reported."""
+    import ray.cloudpickle
+
+    from gptbert.distributed import run_pretraining
+    from gptbert.metrics import JsonlCallback
 
     root = cluster["root"]
     storage = root / "storage"
     storage.mkdir(exist_ok=True)
     cfg = load_config("tiny", overrides=OVERRIDES + [f"launch.ray_address={cluster['address']}",
-                                                     f"launch.storage_path={storage}"] + extra)
-    model_dir = pretrain_distributed(cfg, cluster["data"], root / name, name,
-                                     callback=JsonlCallback(root / f"{name}.jsonl"))
+                                                     f"launch.storage_path={storage}",
+                                                     f"launch.run_name={name}"] + extra)
+    callback = JsonlCallback(root / f"{name}.jsonl")
+    if fail_at is not None:
+        # Ray workers cannot import this test module: ship FailOnce by value.
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        callback = FailOnce(callback, fail_at, root / f"{name}.failed")
+    model_dir = run_pretraining(cfg, cluster["data"], root / name, callback=callback)
     return model_dir, _curve(root / f"{name}.jsonl")
 
 
@@ -306,17 +345,19 @@ def test_zero1_on_two_nodes_recovers_from_a_worker_fault(cluster):
     worker group from the step-3 checkpoint. The run matches the uninterrupted plain loop."""
     import ray
 
-    marker = cluster["root"] / "zero1.failed"
     model_dir, curve = _run(cluster, "zero1-fault", [
-        "launch.num_workers=2", "launch.zero_stage=1", "launch.max_failures=1",
-        "launch.fail_at_step=5", f"launch.fail_marker={marker}"])
-    assert marker.exists()  # the fault happened
+        "launch.num_workers=2", "launch.zero_stage=1", "launch.max_failures=1"], fail_at=5)
+    assert (cluster["root"] / "zero1-fault.failed").exists()  # the fault happened
     rows = [json.loads(x) for x in (cluster["root"] / "zero1-fault.jsonl").read_text().splitlines()]
     # Step 5 fails before its metrics are reported; the restart resumes after step 3.
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5, 6, 7, 8]
     summary = json.loads((model_dir / "training.json").read_text())
     assert summary["launch"]["resumed_from"]["step"] == 3
     assert summary["steps"] == 8 and summary["launch"]["zero_stage"] == 1
+    from common.artifacts import read_record, tree_digest
+
+    record = read_record(cluster["root"] / "zero1-fault", "pretrain")  # the same record as the local launcher's
+    assert record["output_digest"] == tree_digest(model_dir) and record["inputs"]["data"] == summary["data_digest"]
     assert curve[8] < curve[1] - 0.1  # it learns
     _assert_same_curve(curve, cluster["plain"])  # 2 workers == 1 process, fault or not
     nodes = {n["node_id"] for n in summary["launch"]["nodes"]}
@@ -336,13 +377,11 @@ def test_zero1_on_two_nodes_recovers_from_a_worker_fault(cluster):
 def test_zero2_stopped_run_resumes_under_the_same_name(cluster):
     """2 workers, ZeRO-2, no automatic retries: the run dies after step 5; running it again with
     the same name resumes from the step-3 checkpoint in storage and matches the plain loop."""
-    marker = cluster["root"] / "zero2.failed"
-    extra = ["launch.num_workers=2", "launch.zero_stage=2", "launch.max_failures=0",
-             "launch.fail_at_step=5", f"launch.fail_marker={marker}"]
+    extra = ["launch.num_workers=2", "launch.zero_stage=2", "launch.max_failures=0"]
     with pytest.raises(Exception, match="injected fault"):
-        _run(cluster, "zero2-stop", extra)
+        _run(cluster, "zero2-stop", extra, fail_at=5)
     assert not (cluster["root"] / "zero2-stop" / "model").exists()
-    model_dir, curve = _run(cluster, "zero2-stop", extra)  # same name: resumes
+    model_dir, curve = _run(cluster, "zero2-stop", extra, fail_at=5)  # same name: resumes
     summary = json.loads((model_dir / "training.json").read_text())
     assert summary["launch"]["resumed_from"]["step"] == 3
     assert summary["steps_this_session"] == 5
@@ -358,15 +397,14 @@ def test_zero3_matches_the_plain_loop_and_resumes_after_a_fault(cluster):
     model folder match the plain loop."""
     # No persistent parameters: every tiny parameter is under the default threshold and would stay
     # gathered; with 0 each one is gathered per module and released, external parameters included.
-    ds = json.loads((REPO / "infra" / "deepspeed" / "zero3.json").read_text())
+    ds = json.loads((CONFIG_DIR / "zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     ds_path = cluster["root"] / "zero3-nopersist.json"
     ds_path.write_text(json.dumps(ds))
-    marker = cluster["root"] / "zero3.failed"
     model_dir, curve = _run(cluster, "zero3", [
         "launch.num_workers=2", "launch.zero_stage=3", f"launch.deepspeed_config={ds_path}",
-        "launch.max_failures=1", "launch.fail_at_step=5", f"launch.fail_marker={marker}"])
-    assert marker.exists()
+        "launch.max_failures=1"], fail_at=5)
+    assert (cluster["root"] / "zero3.failed").exists()
     summary = json.loads((model_dir / "training.json").read_text())
     assert summary["launch"]["zero_stage"] == 3 and summary["launch"]["resumed_from"]["step"] == 3
     assert curve[8] < curve[1] - 0.1

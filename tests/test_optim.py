@@ -122,12 +122,12 @@ def test_precision_selection_on_cpu(monkeypatch):
 
 
 def test_plain_backend_clips_at_global_norm():
-    from gptbert.trainer import PlainBackend
+    from gptbert.trainer import LocalBackend
 
     model = torch.nn.Linear(3, 1, bias=False)
     with torch.no_grad():
         model.weight.zero_()
-    backend = PlainBackend(model, torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=2.0)
+    backend = LocalBackend(model, torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=2.0)
     model.weight.grad = torch.tensor([[3.0, 4.0, 0.0]])  # norm 5
     norm = backend.step(lr=0.5)
     assert norm == pytest.approx(5.0)

@@ -12,7 +12,7 @@ import pytest
 
 from common.config.data import ShardConfig, TokenizerConfig
 from tokenization import shards as shards_mod
-from tokenization.common import DataError, DigestMismatchError
+from common.artifacts import DataError, DigestMismatchError
 from tokenization.shards import ShardReader, token_dtype, validation_mask, write_shards
 from tokenization.tokenizer import load_tokenizer, train_tokenizer
 
@@ -29,13 +29,14 @@ def corpus(tmp_path_factory):
     train_tokenizer(root / "documents.parquet", TokenizerConfig(vocab_size=300), root / "tok",
                     progress_bar=False)
     cfg = ShardConfig(validation_fraction=0.1, shard_tokens=1500, batch_documents=37)
-    manifest = write_shards(root / "documents.parquet", root / "tok", cfg, root / "out",
+    record = write_shards(root / "documents.parquet", root / "tok", cfg, root / "out",
                             progress_bar=False)
-    return root, docs, cfg, manifest
+    return root, docs, cfg, record
 
 
 def test_manifest_counts_equal_what_the_reader_yields(corpus):
-    root, docs, _, manifest = corpus
+    root, docs, _, record = corpus
+    manifest = record["manifest"]
     on_disk = json.loads((root / "out" / "manifest.json").read_text())
     assert on_disk["splits"] == manifest["splits"] and on_disk["dtype"] == "uint16"
     total_docs = 0
@@ -107,7 +108,7 @@ def test_random_windows_are_slices_of_the_token_stream(corpus):
 
 
 def test_byte_identical_rerun_independent_of_batching(corpus, tmp_path):
-    root, _, cfg, manifest = corpus
+    root, _, cfg, record = corpus
     again = write_shards(root / "documents.parquet", root / "tok",
                          ShardConfig(validation_fraction=0.1, shard_tokens=1500, batch_documents=300,
                                      num_threads=1), tmp_path / "out", progress_bar=False)
@@ -115,7 +116,7 @@ def test_byte_identical_rerun_independent_of_batching(corpus, tmp_path):
     assert names == sorted(p.name for p in (tmp_path / "out").iterdir())
     for name in names:
         assert (root / "out" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
-    assert again["identity"] == manifest["identity"]
+    assert again["identity"] == record["identity"] and again["output_digest"] == record["output_digest"]
 
 
 def test_tokenizer_and_shard_digest_mismatch_refused(corpus, tmp_path):

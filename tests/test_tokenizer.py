@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from common.config.data import TokenizerConfig
-from tokenization.common import DataError
+from common.artifacts import DataError, read_record
 from tokenization.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
 WORDS = ["the", "cat", "sat", "on", "mat", "Hello", "WORLD", "CamelCase", "naïve", "café", "日本語",
@@ -71,7 +72,7 @@ def test_special_tokens_and_post_processor(trained):
     pair = tok.encode("cat", "mat")
     a, b = (tok.encode(x, add_special_tokens=False).ids for x in ("cat", "mat"))
     assert pair.ids == [1] + a + [2] + b
-    assert stats["vocab_size"] == tok.get_vocab_size() == 400
+    assert stats["stats"]["vocab_size"] == tok.get_vocab_size() == 400
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP)
@@ -117,14 +118,15 @@ def test_training_is_deterministic_and_records_digests(trained, tmp_path):
     root, _, stats, _ = trained
     again = train_tokenizer(root / "documents.parquet", TokenizerConfig(vocab_size=400, num_threads=1),
                             tmp_path / "tok", progress_bar=False)
-    for name in ("tokenizer.json", "stats.json"):
+    for name in ("tokenizer.json", "stage.json"):
         assert (root / "tok" / name).read_bytes() == (tmp_path / "tok" / name).read_bytes()
-    on_disk = json.loads((root / "tok" / "stats.json").read_text())
-    assert on_disk["tokenizer_sha256"] == again["tokenizer_sha256"] == stats["tokenizer_sha256"]
-    assert on_disk["inputs_digest"] == on_disk["documents_sha256"]
+    on_disk = read_record(root / "tok", "tokenizer")
+    assert on_disk["output_digest"] == again["output_digest"] == stats["output_digest"]
+    assert on_disk["output_digest"] == hashlib.sha256((root / "tok" / "tokenizer.json").read_bytes()).hexdigest()
+    assert on_disk["inputs"] == {"corpus": hashlib.sha256((root / "documents.parquet").read_bytes()).hexdigest()}
     other = train_tokenizer(root / "documents.parquet", TokenizerConfig(vocab_size=420),
                             tmp_path / "tok2", progress_bar=False)
-    assert other["identity"] != stats["identity"] and other["inputs_digest"] == stats["inputs_digest"]
+    assert other["identity"] != stats["identity"] and other["inputs"] == stats["inputs"]
 
 
 def test_bad_tokenizer_and_documents_inputs(tmp_path):
@@ -177,4 +179,4 @@ def test_max_documents_limits_the_training_text(trained, tmp_path):
     root, docs, _, _ = trained
     stats = train_tokenizer(root / "documents.parquet", TokenizerConfig(vocab_size=400, max_documents=50),
                             tmp_path / "tok", progress_bar=False)
-    assert stats["documents"] == 50 and stats["characters"] == sum(map(len, docs[:50]))
+    assert stats["stats"]["documents"] == 50 and stats["stats"]["characters"] == sum(map(len, docs[:50]))

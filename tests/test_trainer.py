@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from common.config import load_config
+from common.artifacts import read_record, tree_digest
 from gptbert.data import ListDocumentSource, load_token_file, save_token_file
 
 
@@ -100,7 +102,7 @@ def _minimal_tokenizer_json() -> str:
 
 
 def test_words_per_second_uses_the_source_word_count():
-    from gptbert.trainer import PlainBackend, Trainer
+    from gptbert.trainer import LocalBackend, Trainer
     from gptbert.model import GPTBERT
     from gptbert.optim import build_optimizer
 
@@ -109,7 +111,7 @@ def test_words_per_second_uses_the_source_word_count():
     tokens = sum(len(d) for d in docs)
     source = ListDocumentSource(docs, words=tokens // 2)
     model = GPTBERT(cfg.model)
-    trainer = Trainer(cfg, source, PlainBackend(model, build_optimizer(model, cfg.train)))
+    trainer = Trainer(cfg.model, cfg.train, source, LocalBackend(model, build_optimizer(model, cfg.train)))
     m = trainer.train_step()
     assert m["words_per_s"] == pytest.approx(m["tokens_per_s"] * (tokens // 2) / tokens)
     assert trainer.step == 1 and m["tokens"] == trainer.tokens_seen > 0
@@ -131,22 +133,30 @@ def test_token_files_roundtrip_and_errors(tmp_path):
         load_token_file(tmp_path / "missing.txt")
 
 
-def test_find_tokenizer_from_manifest(tmp_path):
-    from gptbert.trainer import find_tokenizer
+def test_shard_folder_is_the_source_of_its_tokenizer(tmp_path):
+    """open_data takes the shard folder's own tokenizer.json, only when it is the one the manifest
+    pins; an explicit tokenizer is checked against the manifest."""
+    from common.artifacts import DigestMismatchError
+    from common.config import CleanConfig, ShardConfig, TokenizerConfig
+    from gptbert.data import open_data
+    from tokenization.clean import clean_corpus
+    from tokenization.shards import write_shards
+    from tokenization.tokenizer import train_tokenizer
 
-    shard = tmp_path / "shards"
-    shard.mkdir()
-    (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
-    (shard / "manifest.json").write_text(json.dumps({"tokenizer_path": str(tmp_path / "tok" / "tokenizer.json")}))
-    assert find_tokenizer(shard) == tmp_path / "tok" / "tokenizer.json"
-    (shard / "manifest.json").write_text("{}")
-    assert find_tokenizer(shard) is None
-    (shard / "tokenizer.json").write_text("{}")
-    assert find_tokenizer(shard) == shard / "tokenizer.json"
-    # A neighbour whose digest differs from the one the shards were made with is not taken.
-    (shard / "manifest.json").write_text(json.dumps({"tokenizer_sha256": "0" * 64}))
-    assert find_tokenizer(shard) is None
+    (tmp_path / "corpus.txt").write_text("\n".join(f"line {i} of the small corpus" for i in range(200)) + "\n")
+    clean_corpus(CleanConfig(inputs=[str(tmp_path / "corpus.txt")]), tmp_path / "clean", progress_bar=False)
+    train_tokenizer(tmp_path / "clean", TokenizerConfig(vocab_size=300), tmp_path / "tok", progress_bar=False)
+    train_tokenizer(tmp_path / "clean", TokenizerConfig(vocab_size=290), tmp_path / "tok2", progress_bar=False)
+    write_shards(tmp_path / "clean", tmp_path / "tok", ShardConfig(validation_fraction=0.1), tmp_path / "shards",
+                 progress_bar=False)
+    data = open_data(tmp_path / "shards")
+    assert data.tokenizer == tmp_path / "shards" / "tokenizer.json" and data.vocab_size == 300
+    assert data.valid is not None and len(data.valid) == 20
+    assert data.digest == hashlib.sha256((tmp_path / "shards" / "manifest.json").read_bytes()).hexdigest()
+    with pytest.raises(DigestMismatchError, match="re-run gptbert shard"):
+        open_data(tmp_path / "shards", tokenizer=tmp_path / "tok2" / "tokenizer.json")
+    (tmp_path / "shards" / "tokenizer.json").write_bytes((tmp_path / "tok2" / "tokenizer.json").read_bytes())
+    assert open_data(tmp_path / "shards").tokenizer is None  # a swapped file is not taken
 
 
 def test_out_of_vocabulary_ids_fail_clearly(tmp_path):
@@ -214,19 +224,22 @@ def test_pretrain_from_real_shards(tmp_path):
     assert np.isfinite(history[0]["valid_loss_masked"])  # the shards' valid split
     assert (model_dir / "tokenizer.json").read_bytes() == tok.read_bytes()
     summary = json.loads((model_dir / "training.json").read_text())
-    assert summary["data_manifest_digest"] and summary["words"] > 0
+    assert summary["data_digest"] and summary["words"] > 0
+    record = read_record(tmp_path / "run", "pretrain")  # the stage record: lineage and output digest
+    assert record["inputs"] == {"data": summary["data_digest"], "tokenizer": hashlib.sha256(tok.read_bytes()).hexdigest()}
+    assert record["output_digest"] == tree_digest(model_dir) and record["stats"]["steps"] == 2
 
 
 @pytest.mark.slow
 def test_forced_bf16_autocast_step_runs():
     """precision=bf16 (forced: slow on AVX2 CPUs) trains with fp32 master weights and a finite loss."""
-    from gptbert.trainer import Trainer, build_plain_backend
+    from gptbert.trainer import Trainer, build_local_backend
 
     cfg = load_config(preset="tiny", overrides=[
         "train.steps=2", "train.precision=bf16", "train.batch_tokens_start=128",
         "train.batch_tokens_end=128", "train.micro_batch_tokens=128", "train.prefetch=false"])
-    backend = build_plain_backend(cfg)
-    trainer = Trainer(cfg, ListDocumentSource(repetitive_corpus(20)), backend)
+    backend = build_local_backend(cfg.model, cfg.train)
+    trainer = Trainer(cfg.model, cfg.train, ListDocumentSource(repetitive_corpus(20)), backend)
     assert trainer.autocast_dtype is torch.bfloat16
     before = {n: p.detach().clone() for n, p in backend.module.named_parameters()}
     m = trainer.train_step()

@@ -14,7 +14,8 @@ whitespace handling unchanged (rules are matched within a segment, so a rule mat
 cut, at most once per MiB, is missed). Duplicates are found on the documents as written, i.e.
 after splitting.
 
-Writes ``documents.parquet`` (columns ``text``, ``source``) and ``stats.json`` atomically.
+Writes ``documents.parquet`` (columns ``text``, ``source``) and the stage record ``stage.json``
+(identity, input files with their digests, per-source statistics) atomically.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ import pyarrow.parquet as pq
 
 from common.config.data import CleanConfig
 
-from .common import (DataError, atomic_stage_dir, config_digest, progress, sha256_file,
-                     stage_identity, write_json)
+from common.artifacts import DataError, file_digest, make_record, staging_dir, write_record
 
+from .runtime import progress
+
+STAGE = "clean"
 DOCUMENTS_FILE = "documents.parquet"
-STATS_FILE = "stats.json"
 SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string())])
 
 # File names taken from folders (a file named explicitly is read whatever its name).
@@ -149,15 +151,15 @@ def list_input_files(inputs: list[str]) -> list[InputFile]:
 def inputs_digest(files: list[InputFile]) -> tuple[str, list[dict[str, Any]]]:
     """Content digest of the inputs (names relative to their input folder, sizes, sha256)."""
     listing = [{"name": f.name, "source": f.source, "bytes": f.path.stat().st_size,
-                "sha256": sha256_file(f.path)} for f in files]
+                "sha256": file_digest(f.path)} for f in files]
     blob = json.dumps(listing, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest(), listing
 
 
-def clean_identity(cfg: CleanConfig) -> str:
-    """The clean stage's identity: digest of the inputs' content + the output-relevant config."""
+def clean_inputs(cfg: CleanConfig) -> dict[str, str]:
+    """The inputs part of the clean stage's identity (the input files' content digest)."""
     digest, _ = inputs_digest(list_input_files(cfg.inputs))
-    return stage_identity(digest, config_digest(cfg))
+    return {"inputs": digest}
 
 
 class _Rules:
@@ -519,15 +521,15 @@ _READERS = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}
 
 
 def clean_corpus(cfg: CleanConfig, out_dir: str | Path, progress_bar: bool = True) -> dict[str, Any]:
-    """Clean ``cfg.inputs`` into ``out_dir/documents.parquet`` + ``out_dir/stats.json``."""
+    """Clean ``cfg.inputs`` into ``out_dir/documents.parquet``; returns the stage record (also
+    written as ``out_dir/stage.json``) plus the wall time in ``seconds``."""
     t0 = time.perf_counter()
     files = list_input_files(cfg.inputs)
     in_digest, listing = inputs_digest(files)
-    cfg_digest = config_digest(cfg)
     rules = _Rules(cfg)
     per_source: dict[str, SourceStats] = {}
 
-    with atomic_stage_dir(out_dir, STATS_FILE) as tmp:
+    with staging_dir(out_dir, STAGE) as tmp:
         writer = _Writer(tmp / DOCUMENTS_FILE, cfg)
         cleaner = _DocumentCleaner(cfg, writer.add)
         bar = progress(total=sum(e["bytes"] for e in listing), enabled=progress_bar, unit="B",
@@ -553,22 +555,12 @@ def clean_corpus(cfg: CleanConfig, out_dir: str | Path, progress_bar: bool = Tru
         for s in per_source.values():
             for k, v in vars(s).items():
                 setattr(totals, k, getattr(totals, k) + v)
-        documents_sha256 = sha256_file(tmp / DOCUMENTS_FILE)
-        result = {
-            "stage": "clean",
-            "identity": stage_identity(in_digest, cfg_digest),
-            "inputs_digest": in_digest,
-            "config_digest": cfg_digest,
-            "config": cfg.identity_dict(),
-            "inputs": listing,
-            "documents_file": DOCUMENTS_FILE,
-            "documents_sha256": documents_sha256,
-            "sources": {k: vars(v) for k, v in sorted(per_source.items())},
-            "totals": vars(totals),
-        }
-        write_json(tmp / STATS_FILE, result)
-    # Timing is reported but not stored, so identical inputs give byte-identical stats.json.
-    return dict(result, seconds=time.perf_counter() - t0)
+        stats = {"input_files": listing, "sources": {k: vars(v) for k, v in sorted(per_source.items())},
+                 "totals": vars(totals)}
+        record = make_record(STAGE, {"inputs": in_digest}, cfg.identity_dict(), tmp, DOCUMENTS_FILE, stats)
+        write_record(tmp, record)
+    # Timing is reported but not stored, so identical inputs give byte-identical folders.
+    return dict(record, seconds=time.perf_counter() - t0)
 
 
 def iter_documents(documents_parquet: str | Path, columns=("text",), batch_size: int = 1024,

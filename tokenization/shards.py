@@ -7,15 +7,19 @@ schema metadata repeats the tokenizer digest. Documents go to ``train`` or ``val
 hash of their text: exactly ``round(fraction * N)`` documents, the ones with the smallest hashes,
 are validation documents, so the split depends neither on batching nor on document order.
 
-``manifest.json`` records per shard: file, documents, tokens, words, sha256; and the corpus,
-tokenizer and config digests. ``ShardReader`` memory-maps the shards and hands out numpy views of
-the mapped file (no copies); it implements the DocumentSource protocol of docs/internals.md.
+``manifest.json`` records per shard: file, documents, tokens, words, sha256; and the corpus and
+tokenizer digests. The folder also holds the ``tokenizer.json`` the shards were made with (the
+single source of the tokenizer for everything downstream) and the stage record ``stage.json``.
+``ShardReader`` memory-maps the shards and hands out numpy views of the mapped file (no copies);
+it implements the DocumentSource protocol of ``common/documents.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,26 +28,25 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from common.artifacts import (DataError, DigestMismatchError, atomic_write_json, file_digest, make_record,
+                              resolve_file, staging_dir, write_record)
 from common.config.data import ShardConfig
 
 from .clean import DOCUMENTS_FILE, count_words, iter_documents, open_documents
-from .common import (DataError, DigestMismatchError, atomic_stage_dir, config_digest, progress,
-                     rayon_threads, read_json, resolve_file, sha256_file, stage_identity, write_json)
+from .runtime import progress, rayon_threads
 from .tokenizer import TOKENIZER_FILE, load_tokenizer
 
+STAGE = "shard"
 MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "valid")
 FORMAT_VERSION = 1
 
 
-def shard_identity(documents_parquet: str | Path, tokenizer_json: str | Path, cfg: ShardConfig) -> str:
+def shard_inputs(documents_parquet: str | Path, tokenizer_json: str | Path) -> dict[str, str]:
+    """The inputs part of the shard stage's identity (corpus and tokenizer sha256)."""
     docs = resolve_file(documents_parquet, DOCUMENTS_FILE, "documents file")
     tok = resolve_file(tokenizer_json, TOKENIZER_FILE, "tokenizer")
-    return stage_identity(_inputs_digest(sha256_file(docs), sha256_file(tok)), config_digest(cfg))
-
-
-def _inputs_digest(corpus_sha256: str, tokenizer_sha256: str) -> str:
-    return hashlib.sha256(f"{corpus_sha256}:{tokenizer_sha256}".encode()).hexdigest()
+    return {"corpus": file_digest(docs), "tokenizer": file_digest(tok)}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -111,7 +114,7 @@ class _ShardWriter:
         with pa.OSFile(str(self.out / name), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
             w.write_batch(batch)
         self.shards.append({"file": name, "documents": len(self.lengths), "tokens": int(self.tokens),
-                            "words": int(sum(self.words)), "sha256": sha256_file(self.out / name)})
+                            "words": int(sum(self.words)), "sha256": file_digest(self.out / name)})
         self.arrays, self.lengths, self.words, self.tokens = [], [], [], 0
 
     def summary(self) -> dict[str, Any]:
@@ -129,9 +132,8 @@ def write_shards(documents_parquet: str | Path, tokenizer_json: str | Path, cfg:
     tok_path = resolve_file(tokenizer_json, TOKENIZER_FILE, "tokenizer")
     tok = load_tokenizer(tok_path)
     num_docs = open_documents(docs_path).metadata.num_rows
-    corpus_sha256, tokenizer_sha256 = sha256_file(docs_path), sha256_file(tok_path)
-    in_digest = _inputs_digest(corpus_sha256, tokenizer_sha256)
-    cfg_digest = config_digest(cfg)
+    inputs = {"corpus": file_digest(docs_path), "tokenizer": file_digest(tok_path)}
+    corpus_sha256, tokenizer_sha256 = inputs["corpus"], inputs["tokenizer"]
     vocab_size = tok.get_vocab_size()
     dtype = token_dtype(vocab_size)
     is_valid = validation_mask(docs_path, cfg.validation_fraction, cfg.split_seed)
@@ -144,7 +146,7 @@ def write_shards(documents_parquet: str | Path, tokenizer_json: str | Path, cfg:
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=sum(lengths))
         return flat, lengths
 
-    with atomic_stage_dir(out_dir, MANIFEST_FILE) as tmp, rayon_threads(cfg.num_threads), \
+    with staging_dir(out_dir, STAGE) as tmp, rayon_threads(cfg.num_threads), \
             ThreadPoolExecutor(max_workers=1) as pool:
         writers = {s: _ShardWriter(tmp, s, dtype, cfg, metadata) for s in SPLITS}
         bar = progress(total=num_docs, enabled=progress_bar, unit="doc", desc="shard")
@@ -170,20 +172,22 @@ def write_shards(documents_parquet: str | Path, tokenizer_json: str | Path, cfg:
         for w in writers.values():
             w.flush()
         manifest = {
-            "stage": "shard",
             "format_version": FORMAT_VERSION,
-            "identity": stage_identity(in_digest, cfg_digest),
-            "inputs_digest": in_digest,
-            "config_digest": cfg_digest,
-            "config": cfg.identity_dict(),
             "corpus_sha256": corpus_sha256,
             "tokenizer_sha256": tokenizer_sha256,
             "vocab_size": vocab_size,
             "dtype": dtype.name,
             "splits": {s: w.summary() for s, w in writers.items()},
         }
-        write_json(tmp / MANIFEST_FILE, manifest)
-    return dict(manifest, seconds=time.perf_counter() - t0)
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)
+        # The shard folder carries its tokenizer: whoever is given the folder (a trainer, a Ray
+        # worker, `gptbert score` on the model) finds it there, pinned by the manifest's sha256.
+        shutil.copyfile(tok_path, tmp / TOKENIZER_FILE)
+        stats = {"vocab_size": vocab_size, "dtype": dtype.name,
+                 "splits": {s: {k: v for k, v in d.items() if k != "shards"} for s, d in manifest["splits"].items()}}
+        record = make_record(STAGE, inputs, cfg.identity_dict(), tmp, MANIFEST_FILE, stats)
+        write_record(tmp, record)
+    return dict(record, manifest=manifest, seconds=time.perf_counter() - t0)
 
 
 class ShardReader:
@@ -198,12 +202,18 @@ class ShardReader:
         self.dir = Path(shard_dir)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.manifest = read_json(resolve_file(self.dir, MANIFEST_FILE, "shard manifest"))
+        manifest_path = resolve_file(self.dir, MANIFEST_FILE, "shard manifest")
+        raw = manifest_path.read_bytes()
+        self.manifest_digest = hashlib.sha256(raw).hexdigest()
+        try:
+            self.manifest = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{manifest_path}: not valid JSON ({exc})") from None
         self.split = split
         expected = self.manifest["tokenizer_sha256"]
         if tokenizer_json is not None:
             tok_path = resolve_file(tokenizer_json, TOKENIZER_FILE, "tokenizer")
-            actual = sha256_file(tok_path)
+            actual = file_digest(tok_path)
             if actual != expected:
                 raise DigestMismatchError(
                     f"{self.dir}: shards were made with tokenizer sha256 {expected[:16]}..., but "
@@ -252,6 +262,14 @@ class ShardReader:
         self.num_tokens = int(self.lengths.sum())
         self.num_words = int(self.words.sum())
 
+    @property
+    def tokenizer_path(self) -> Path | None:
+        """The folder's ``tokenizer.json`` when it is the one the shards were made with, else None."""
+        path = self.dir / TOKENIZER_FILE
+        if path.is_file() and file_digest(path) == self.manifest["tokenizer_sha256"]:
+            return path
+        return None
+
     def __len__(self) -> int:
         return int(self._doc_starts[-1])
 
@@ -291,7 +309,7 @@ class ShardReader:
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (reads all bytes)."""
         for entry in self.manifest["splits"][self.split]["shards"]:
-            actual = sha256_file(self.dir / entry["file"])
+            actual = file_digest(self.dir / entry["file"])
             if actual != entry["sha256"]:
                 raise DigestMismatchError(f"{self.dir / entry['file']}: sha256 {actual[:16]}... "
                                           f"differs from the manifest's {entry['sha256'][:16]}...")

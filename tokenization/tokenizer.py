@@ -2,7 +2,7 @@
 
 ``build_tokenizer(cfg)`` assembles the untrained pipeline (the benchmark reuses it to time the raw
 library), ``train_tokenizer`` trains it on a cleaned ``documents.parquet`` and writes
-``tokenizer.json`` + ``stats.json`` atomically; ``load_tokenizer`` reads one back.
+``tokenizer.json`` + the stage record ``stage.json`` atomically; ``load_tokenizer`` reads one back.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from common.config.data import TokenizerConfig
 
-from .common import (DataError, atomic_stage_dir, config_digest, rayon_threads, resolve_file,
-                     sha256_file, stage_identity, write_json)
+from common.artifacts import DataError, file_digest, make_record, resolve_file, staging_dir, write_record
 
+from .runtime import rayon_threads
+
+STAGE = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
-STATS_FILE = "stats.json"
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>"] + [f"<special_{i}>" for i in range(11)]
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, MASK_ID = range(5)
@@ -101,8 +102,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tok
 
 
-def tokenizer_identity(documents_parquet: str | Path, cfg: TokenizerConfig) -> str:
-    return stage_identity(sha256_file(_documents(documents_parquet)), config_digest(cfg))
+def tokenizer_inputs(documents_parquet: str | Path) -> dict[str, str]:
+    """The inputs part of the tokenizer stage's identity (the cleaned corpus's sha256)."""
+    return {"corpus": file_digest(_documents(documents_parquet))}
 
 
 def _documents(path: str | Path) -> Path:
@@ -113,7 +115,8 @@ def _documents(path: str | Path) -> Path:
 
 def train_tokenizer(documents_parquet: str | Path, cfg: TokenizerConfig, out_dir: str | Path,
                     progress_bar: bool = True) -> dict[str, Any]:
-    """Train the SPEC byte-level BPE on the cleaned documents; write tokenizer.json + stats.json."""
+    """Train the SPEC byte-level BPE on the cleaned documents; write tokenizer.json and the stage
+    record (returned, plus the wall time in ``seconds``)."""
     from .clean import iter_documents, open_documents
 
     t0 = time.perf_counter()
@@ -122,8 +125,7 @@ def train_tokenizer(documents_parquet: str | Path, cfg: TokenizerConfig, out_dir
     num_docs = pf.metadata.num_rows
     if cfg.max_documents:
         num_docs = min(num_docs, cfg.max_documents)
-    corpus_digest = sha256_file(docs_path)
-    cfg_digest = config_digest(cfg)
+    inputs = {"corpus": file_digest(docs_path)}
 
     counts = {"documents": 0, "characters": 0}
 
@@ -137,23 +139,15 @@ def train_tokenizer(documents_parquet: str | Path, cfg: TokenizerConfig, out_dir
     with rayon_threads(cfg.num_threads):
         tok.train_from_iterator(batches(), trainer=build_trainer(cfg, progress_bar), length=num_docs)
 
-    with atomic_stage_dir(out_dir, STATS_FILE) as tmp:
+    with staging_dir(out_dir, STAGE) as tmp:
         tok.save(str(tmp / TOKENIZER_FILE), pretty=True)
-        tokenizer_sha256 = sha256_file(tmp / TOKENIZER_FILE)
         stats = {
-            "stage": "train-tokenizer",
-            "identity": stage_identity(corpus_digest, cfg_digest),
-            "inputs_digest": corpus_digest,
-            "config_digest": cfg_digest,
-            "config": cfg.identity_dict(),
-            "documents_sha256": corpus_digest,
-            "tokenizer_file": TOKENIZER_FILE,
-            "tokenizer_sha256": tokenizer_sha256,
             "vocab_size": tok.get_vocab_size(),
             "vocab_size_requested": cfg.vocab_size,
             "special_tokens": SPECIAL_TOKENS,
             "documents": counts["documents"],
             "characters": counts["characters"],
         }
-        write_json(tmp / STATS_FILE, stats)
-    return dict(stats, seconds=time.perf_counter() - t0)
+        record = make_record(STAGE, inputs, cfg.identity_dict(), tmp, TOKENIZER_FILE, stats)
+        write_record(tmp, record)
+    return dict(record, seconds=time.perf_counter() - t0)

@@ -32,12 +32,24 @@ class ConfigError(ValueError):
 
 
 class ConfigBase:
-    """Mixin for stage configs: runs ``validate`` after construction."""
+    """Mixin for config sections: runs ``validate`` after construction; ``identity_dict`` gives the
+    fields that decide a stage's output.
+
+    Fields named in ``RUNTIME_FIELDS`` change only how a stage runs (threads, batch sizes for
+    encoding, checkpoint cadence, input locations), never what it produces, so they are left out
+    of stage identities and run digests.
+    """
+
+    RUNTIME_FIELDS: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         validate = getattr(self, "validate", None)
         if validate is not None:
             validate()
+
+    def identity_dict(self) -> dict[str, Any]:
+        """The fields that determine the stage's output (for its identity digest)."""
+        return {k: v for k, v in to_dict(self).items() if k not in self.RUNTIME_FIELDS}
 
 
 def check(condition: bool, field: str, reason: str) -> None:

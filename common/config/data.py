@@ -1,16 +1,12 @@
-"""Configs of the data stages: cleaning, tokenizer training, sharding (SPEC section 4).
-
-Fields listed in a config's ``RUNTIME_FIELDS`` change only how fast a stage runs, never what it
-writes, so they are left out of the stage's identity digest (``identity_dict``).
-"""
+"""Configs of the data stages: cleaning, tokenizer training, sharding (SPEC section 4)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from .base import ConfigBase, check, to_dict
+from .base import ConfigBase, check
 
 # Strips CHILDES speaker prefixes such as "*CHI:" or "*MOT:" (a usable value for CleanRule).
 CHILDES_SPEAKER_PATTERN = r"\*[A-Z][A-Z0-9]{1,3}:\s*"
@@ -35,16 +31,8 @@ class CleanRule(ConfigBase):
             check(False, "pattern", f"not a valid regular expression ({exc})")
 
 
-class _StageConfig(ConfigBase):
-    RUNTIME_FIELDS: tuple[str, ...] = ()
-
-    def identity_dict(self) -> dict[str, Any]:
-        """The fields that determine the stage's output (for its config digest)."""
-        return {k: v for k, v in to_dict(self).items() if k not in self.RUNTIME_FIELDS}
-
-
 @dataclass
-class CleanConfig(_StageConfig):
+class CleanConfig(ConfigBase):
     # Files or folders: .txt / .gz (one document per line), .jsonl (.jsonl.gz), .parquet.
     inputs: list[str] = field(default_factory=list)
     text_field: str = "text"  # jsonl key / parquet column holding the text
@@ -71,7 +59,7 @@ class CleanConfig(_StageConfig):
 
 
 @dataclass
-class TokenizerConfig(_StageConfig):
+class TokenizerConfig(ConfigBase):
     vocab_size: int = 8192  # must equal model.vocab_size (PipelineConfig checks)
     min_frequency: int = 0  # BPE trainer: minimum pair count for a merge (0 = the library default)
     max_token_chars: int = 24  # SPEC: pre-tokenized chunks (and so tokens) of at most 24 chars
@@ -90,7 +78,7 @@ class TokenizerConfig(_StageConfig):
 
 
 @dataclass
-class ShardConfig(_StageConfig):
+class ShardConfig(ConfigBase):
     validation_fraction: float = 0.01  # of documents, chosen by a seeded hash of their text
     split_seed: int = 0
     shard_tokens: int = 2**27  # a shard is cut at the first document boundary past this

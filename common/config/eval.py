@@ -51,7 +51,10 @@ class FinetuneConfig(ConfigBase):
 
 @dataclass
 class EvalConfig(ConfigBase):
-    # Folder of BLiMP-format jsonl files (one paradigm per file); "" = skip BLiMP.
+    # Evaluation tasks (registered in gptbert.evaluation) to run, in order; a task whose data is
+    # not configured is skipped with a note in the results.
+    tasks: list[str] = field(default_factory=lambda: ["blimp", "glue"])
+    # Folder of BLiMP-format jsonl files (one paradigm per file): the `blimp` task's data.
     blimp_dir: str = ""
     modes: list[ScoringMode] = field(default_factory=lambda: ["causal", "mntp", "fused"])
     # Logits are divided by T before the log-softmax; every T is scored from one forward pass.
@@ -63,6 +66,7 @@ class EvalConfig(ConfigBase):
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
+        check(len(set(self.tasks)) == len(self.tasks), "tasks", f"has duplicates: {self.tasks}")
         check(len(self.modes) > 0, "modes", "must name at least one of causal, mntp, fused")
         check(len(set(self.modes)) == len(self.modes), "modes", f"has duplicates: {self.modes}")
         check(len(self.temperatures) > 0, "temperatures", "must hold at least one temperature")

@@ -1,32 +1,35 @@
 """LaunchConfig: how pretraining is run (single process, or Ray Train + DeepSpeed).
 
-``backend: local`` runs the plain single-process loop. ``backend: ray`` runs the same loop inside
-Ray Train workers, each wrapping the model with ``deepspeed.initialize`` (see gptbert/launch.py).
+``backend`` names a launcher of ``gptbert.distributed``: ``local`` runs the plain single-process
+loop, ``ray`` the same loop inside Ray Train workers, each wrapping the model with
+``deepspeed.initialize``. How a run is launched never changes what it trains: every training
+setting is in ``train``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 from .base import ConfigBase, check
 
 
 @dataclass
 class LaunchConfig(ConfigBase):
-    backend: Literal["local", "ray"] = "local"
+    # A launcher registered in gptbert.distributed (checked when pretraining starts).
+    backend: str = "local"
     # Ray Train workers (one DeepSpeed rank each) and what each one reserves.
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1
     # OMP/torch threads per worker; 0 = the node's cores divided by the workers (at least 1).
     threads_per_worker: int = 0
-    # DeepSpeed: ZeRO stage 0..3 (infra/deepspeed/zero{N}.json is the base config), optimizer
+    # DeepSpeed: ZeRO stage 0..3 (gptbert/distributed/configs/zero{N}.json is the base config), optimizer
     # state offload to CPU memory (ZeRO 1-3 only).
     # Precision is train.precision ("auto": bf16 on CUDA with bf16 or AVX-512-BF16/AMX CPUs).
     zero_stage: int = 1
     offload: bool = False
-    # A DeepSpeed JSON to use instead of infra/deepspeed/zero<stage>.json ("auto" values are filled
+    # A DeepSpeed JSON to use instead of gptbert/distributed/configs/zero<stage>.json ("auto" values are filled
     # from the typed config; explicit values must agree with it).
     deepspeed_config: Optional[str] = None
     # Cluster: None = RAY_ADDRESS from the environment, else a local Ray started for the run.
@@ -36,16 +39,11 @@ class LaunchConfig(ConfigBase):
     storage_path: Optional[str] = None
     # Run name inside storage_path; rerunning with the same name resumes. None = from out_dir.
     run_name: Optional[str] = None
+    # Worker-group restarts after a failure (each resumes from the latest checkpoint); -1 = no limit.
     max_failures: int = 0
-    # Checkpoint (every rank's DeepSpeed shard + loop state) every N optimizer steps, and at the
-    # end; None = train.checkpoint_every.
-    checkpoint_every: Optional[int] = None
-    # Test-only fault hook: the rank-0 worker raises after finishing step ``fail_at_step`` (1-based),
-    # once: it creates ``fail_marker`` first and does not fail again while the marker exists.
-    fail_at_step: Optional[int] = None
-    fail_marker: Optional[str] = None
 
     def validate(self) -> None:
+        check(bool(self.backend.strip()), "backend", "must name a launcher (local, ray, ...)")
         check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         check(self.cpus_per_worker >= 1, "cpus_per_worker", f"must be >= 1, got {self.cpus_per_worker}")
         check(self.threads_per_worker >= 0, "threads_per_worker", "must be >= 0 (0 = automatic)")
@@ -53,12 +51,6 @@ class LaunchConfig(ConfigBase):
         check(not (self.offload and self.zero_stage == 0), "offload",
               "optimizer offload needs zero_stage 1, 2 or 3")
         check(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited retries")
-        if self.checkpoint_every is not None:
-            check(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         if self.run_name is not None:
             check(bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", ".."),
                   "run_name", f"must be a plain folder name, got {self.run_name!r}")
-        if self.fail_at_step is not None:
-            check(self.fail_at_step >= 1, "fail_at_step", "must be >= 1 (a completed step)")
-            check(bool(self.fail_marker), "fail_marker",
-                  "is required with fail_at_step (the file that makes the fault happen only once)")

@@ -71,6 +71,10 @@ class TrainConfig(ConfigBase):
     valid_examples: int = 256
     valid_mask_rate: float = 0.15
 
+    # Loop settings that may change between a run and its resumption (not part of its identity).
+    RUNTIME_FIELDS = ("checkpoint_every", "keep_checkpoints", "validate_every", "device", "precision",
+                      "prefetch")
+
     def seq_len_at(self, step: int) -> int:
         """Sequence length used at ``step`` (pure function of the step)."""
         if not self.seq_len_schedule:

@@ -1,4 +1,4 @@
-"""BLiMP-style minimal-pair evaluation and the evaluation artifact (`results.json`, `report.md`).
+"""The ``blimp`` evaluation task: BLiMP-format minimal pairs (SPEC 6).
 
 A pair is right when the good sentence scores strictly higher than the bad one (SPEC 6). Accuracy is
 computed per paradigm (UID); a phenomenon's (linguistics_term) and a field's accuracy are the mean
@@ -11,9 +11,6 @@ honest comparison.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,93 +163,52 @@ def evaluate_blimp(model, tokenizer, cfg, blimp_dir: str | Path | None = None, p
     }
 
 
-def evaluate(model, tokenizer, cfg, progress=None, model_dir: str | Path | None = None) -> dict[str, Any]:
-    """The evaluate stage: BLiMP when `cfg.blimp_dir` is set, fine-tuning when tasks are configured."""
-    from common.config import to_dict
-
-    results: dict[str, Any] = {"config": to_dict(cfg)}
-    if model_dir is not None:
-        results["model_dir"] = str(model_dir)
-    if cfg.blimp_dir:
-        results["blimp"] = evaluate_blimp(model, tokenizer, cfg, progress=progress)
-    if cfg.finetune.tasks:
-        from gptbert.finetune import finetune_tasks
-
-        results["finetune"] = finetune_tasks(model, tokenizer, cfg.finetune)
-    return results
-
-
-def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """Flat name -> number view of the headline results (for MLflow metrics)."""
-    out: dict[str, float] = {}
-    for mode, r in results.get("blimp", {}).get("modes", {}).items():
-        out[f"blimp.{mode}.best_accuracy"] = r["best"]["accuracy"]
-        out[f"blimp.{mode}.best_temperature"] = r["best"]["temperature"]
-        if r["t1"] is not None:
-            out[f"blimp.{mode}.t1_accuracy"] = r["t1"]["accuracy"]
-    for task, r in results.get("finetune", {}).items():
-        for name, value in r.get("best", {}).items():
-            if isinstance(value, (int, float)):
-                out[f"finetune.{task}.{name}"] = float(value)
-    return out
+def report_section(results: dict[str, Any]) -> list[str]:
+    """report.md lines: headline table, then per-field, phenomenon and paradigm accuracies."""
+    modes = results["modes"]
+    lines = [f"## BLiMP ({results['num_pairs']} pairs, {results['num_paradigms']} paradigms)", "",
+             f"Data: `{results['data_dir']}` (sha256 {results['data_digest'][:12]})", "",
+             "Macro-average accuracy over paradigms (%). Best T is chosen on this data, as in the paper.",
+             "", "| mode | best T | accuracy at best T | accuracy at T=1 |", "|---|---|---|---|"]
+    for m, r in modes.items():
+        t1 = r["t1"]["accuracy"] if r["t1"] else None
+        lines.append(f"| {m} | {r['best']['temperature']:g} | {_pct(r['best']['accuracy'])} | {_pct(t1)} |")
+    for title, key in (("field", "fields"), ("phenomenon", "phenomena"), ("paradigm", "paradigms")):
+        names = sorted({n for r in modes.values() for n in r["best"][key]})
+        lines += ["", f"### Per {title} (accuracy % at each mode's best T)", "",
+                  f"| {title} | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+        for n in names:
+            lines.append(f"| {n} | " + " | ".join(_pct(r["best"][key].get(n)) for r in modes.values()) + " |")
+    lines.append("")
+    return lines
 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def render_report(results: dict[str, Any]) -> str:
-    """report.md: headline table, then per-phenomenon and per-paradigm accuracies at each mode's best T."""
-    lines = ["# Evaluation report", ""]
-    if "model_dir" in results:
-        lines += [f"Model: `{results['model_dir']}`", ""]
-    blimp = results.get("blimp")
-    if blimp:
-        modes = blimp["modes"]
-        lines += [f"## BLiMP ({blimp['num_pairs']} pairs, {blimp['num_paradigms']} paradigms)", "",
-                  f"Data: `{blimp['data_dir']}` (sha256 {blimp['data_digest'][:12]})", "",
-                  "Macro-average accuracy over paradigms (%). Best T is chosen on this data, as in the paper.",
-                  "", "| mode | best T | accuracy at best T | accuracy at T=1 |", "|---|---|---|---|"]
-        for m, r in modes.items():
-            t1 = r["t1"]["accuracy"] if r["t1"] else None
-            lines.append(f"| {m} | {r['best']['temperature']:g} | {_pct(r['best']['accuracy'])} | {_pct(t1)} |")
-        for title, key in (("field", "fields"), ("phenomenon", "phenomena"), ("paradigm", "paradigms")):
-            names = sorted({n for r in modes.values() for n in r["best"][key]})
-            lines += ["", f"### Per {title} (accuracy % at each mode's best T)", "",
-                      f"| {title} | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
-            for n in names:
-                lines.append(f"| {n} | " + " | ".join(_pct(r["best"][key].get(n)) for r in modes.values()) + " |")
-        lines.append("")
-    finetune = results.get("finetune")
-    if finetune:
-        lines += ["## Fine-tuning", "", "| task | metric | best epoch | value | accuracy |", "|---|---|---|---|---|"]
-        for task, r in finetune.items():
-            best = r["best"]
-            lines.append(f"| {task} | {r['metric']} | {best['epoch']} | {_pct(best[r['metric']])} | "
-                         f"{_pct(best['accuracy'])} |")
-        lines.append("")
-    return "\n".join(lines)
+class MinimalPairsTask:
+    """BLiMP (and any folder in its format): a pair is right when the good sentence scores higher."""
+
+    name = "blimp"
+
+    def data(self, cfg) -> Path | None:
+        return Path(cfg.blimp_dir) if cfg.blimp_dir else None
+
+    def run(self, model, tokenizer, cfg, progress=None) -> dict[str, Any]:
+        return evaluate_blimp(model, tokenizer, cfg, progress=progress)
+
+    def summary(self, results: dict[str, Any]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for mode, r in results["modes"].items():
+            out[f"blimp.{mode}.best_accuracy"] = r["best"]["accuracy"]
+            out[f"blimp.{mode}.best_temperature"] = r["best"]["temperature"]
+            if r["t1"] is not None:
+                out[f"blimp.{mode}.t1_accuracy"] = r["t1"]["accuracy"]
+        return out
+
+    def report(self, results: dict[str, Any]) -> list[str]:
+        return report_section(results)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write `report.md` then `results.json` (the completion marker), each atomically; returns the json path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / "report.md", render_report(results))
-    path = out / "results.json"
-    _atomic_write_text(path, json.dumps(results, indent=2, sort_keys=False) + "\n")
-    return path
+TASK = MinimalPairsTask()

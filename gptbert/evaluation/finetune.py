@@ -1,4 +1,4 @@
-"""GLUE-style fine-tuning of a pretrained GPT-BERT (SPEC section 6).
+"""The ``glue`` evaluation task: GLUE-style fine-tuning of a pretrained GPT-BERT (SPEC section 6).
 
 A first-token (`<s>`) classifier head on the encoder with bidirectional attention; pairs are encoded
 `<s> A </s> B` (the BabyLM recommendation). AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.01 on
@@ -209,3 +209,39 @@ def finetune_tasks(model, tokenizer, cfg) -> dict[str, Any]:
         valid = load_task_file(data / f"{task}.valid.jsonl")
         _, results[task] = finetune(model, tokenizer, train, valid, cfg, metric=task_metric(task))
     return results
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+class FinetuneTask:
+    """Fine-tuning on every task of ``eval.finetune.tasks`` (one classifier per task, best epoch)."""
+
+    name = "glue"
+
+    def data(self, cfg) -> Path | None:
+        return Path(cfg.finetune.data_dir) if cfg.finetune.tasks else None
+
+    def run(self, model, tokenizer, cfg, progress=None) -> dict[str, Any]:
+        return finetune_tasks(model, tokenizer, cfg.finetune)
+
+    def summary(self, results: dict[str, Any]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for task, r in results.items():
+            for name, value in r.get("best", {}).items():
+                if isinstance(value, (int, float)):
+                    out[f"finetune.{task}.{name}"] = float(value)
+        return out
+
+    def report(self, results: dict[str, Any]) -> list[str]:
+        lines = ["## Fine-tuning", "", "| task | metric | best epoch | value | accuracy |", "|---|---|---|---|---|"]
+        for task, r in results.items():
+            best = r["best"]
+            lines.append(f"| {task} | {r['metric']} | {best['epoch']} | {_pct(best[r['metric']])} | "
+                         f"{_pct(best['accuracy'])} |")
+        lines.append("")
+        return lines
+
+
+TASK = FinetuneTask()

@@ -1,0 +1,230 @@
+"""The artifact toolkit: digests, atomic writes, atomic folder swaps and stage records.
+
+Every stage (clean, tokenizer, shard, pretrain, evaluate) writes one output folder and, last, its
+record ``stage.json``:
+
+    {"stage": "shard", "identity": "...", "inputs": {"corpus": "<sha256>", "tokenizer": "<sha256>"},
+     "config": {...}, "output": "manifest.json", "output_digest": "<sha256>", "stats": {...}}
+
+- ``identity`` = digest of (stage, the content digests of its inputs, the config fields that change
+  its output): the same inputs and config give the same identity in the CLI and in the flows.
+- ``output_digest`` is the content digest of the stage's output (a file or a folder), which the
+  next stage lists among its inputs, so the lineage corpus -> tokenizer -> shards -> model ->
+  evaluation can be read from the folders alone.
+- A folder counts as a stage's output only when its record names that stage: one stage never
+  mistakes another stage's folder for its own, and a folder without a record is incomplete.
+
+Records hold no timestamps, so identical inputs give byte-identical folders. Nothing here imports
+torch or any orchestration library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config.base import digest
+
+RECORD_FILE = "stage.json"
+# The pipeline's stages, in order (each stage's record names one of them).
+STAGES = ("clean", "tokenizer", "shard", "pretrain", "evaluate")
+_BLOCK = 1 << 20
+
+
+class DataError(ValueError):
+    """Bad input data or artifact; the message names the file (and line or record where it applies)."""
+
+
+class DigestMismatchError(DataError):
+    """An artifact was made from something other than what it is being used with."""
+
+
+# ----------------------------------------------------------------------------- digests
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_BLOCK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_digest(path: str | Path, exclude: tuple[str, ...] = (RECORD_FILE,)) -> str:
+    """Digest of a file (its sha256), or of a folder: its files' relative names and sha256s, sorted.
+
+    Hidden files and top-level names in ``exclude`` (the record itself) are left out.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"cannot digest missing artifact: {path}")
+    if path.is_file():
+        return file_digest(path)
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path)
+        if rel.parts[0] in exclude or not p.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        h.update(rel.as_posix().encode() + b"\0" + file_digest(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def stage_identity(stage: str, inputs: dict[str, str | None], config: dict[str, Any]) -> str:
+    """The identity of a stage run: digest of (stage, input content digests, output-relevant config)."""
+    return digest({"stage": stage, "inputs": dict(sorted(inputs.items())), "config": config})
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a hidden temporary file beside ``path``, flush it, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """Pretty, key-sorted JSON (stable bytes for equal data), written atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; a missing file is FileNotFoundError, a malformed one a DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def replace_dir(tmp: str | Path, dest: str | Path) -> Path:
+    """Put the finished folder ``tmp`` at ``dest``. An existing ``dest`` is renamed aside first and
+    removed only after the swap, so a reader never sees a half-written folder."""
+    tmp, dest = Path(tmp), Path(dest)
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------- stage records
+
+def read_record(folder: str | Path, stage: str | None = None, identity: str | None = None) -> dict | None:
+    """The folder's record, or None when it has none, an unreadable one, one of another stage
+    (when ``stage`` is given) or of another identity (when ``identity`` is given)."""
+    marker = Path(folder) / RECORD_FILE
+    if not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    if stage is not None and record.get("stage") != stage:
+        return None
+    if identity is not None and record.get("identity") != identity:
+        return None
+    return record
+
+
+def make_record(stage: str, inputs: dict[str, str | None], config: dict[str, Any], folder: str | Path,
+                output: str, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record of a finished stage whose output is ``folder/output`` (a file or a sub-folder)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    return {
+        "stage": stage,
+        "identity": stage_identity(stage, inputs, config),
+        "inputs": dict(sorted(inputs.items())),
+        "config": config,
+        "output": output,
+        "output_digest": tree_digest(Path(folder) / output),
+        "stats": stats or {},
+    }
+
+
+def write_record(folder: str | Path, record: dict[str, Any]) -> None:
+    """Write ``stage.json`` (last: its presence marks the folder complete)."""
+    atomic_write_json(Path(folder) / RECORD_FILE, record)
+
+
+def update_record(folder: str | Path, **fields: Any) -> dict[str, Any]:
+    """Add fields to a finished folder's record (e.g. the tracking run that produced it)."""
+    record = read_record(folder)
+    if record is None:
+        raise DataError(f"{folder}: holds no readable {RECORD_FILE}")
+    record.update(fields)
+    write_record(folder, record)
+    return record
+
+
+def check_output_folder(out: str | Path, stage: str) -> Path:
+    """Refuse an output folder that holds something other than this stage's earlier output: a
+    file, or a non-empty folder whose record is missing or names another stage."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"{out}: output path exists and is not a folder")
+        if any(out.iterdir()) and read_record(out, stage) is None:
+            other = read_record(out)
+            what = f"the output of stage '{other['stage']}'" if other else f"no {stage} {RECORD_FILE}"
+            raise DataError(f"{out}: output folder is not empty and holds {what}; refusing to overwrite it")
+    return out
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: str | Path, stage: str) -> Iterator[Path]:
+    """Yield a fresh hidden folder beside ``out_dir``; when the block succeeds it replaces
+    ``out_dir`` (whose earlier content must be this stage's output, see ``check_output_folder``).
+    A failing block leaves nothing behind; a killed one only a hidden ``.NAME.tmp-*`` folder."""
+    out = check_output_folder(Path(out_dir).resolve(), stage)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_file(path: str | Path, default_name: str, what: str) -> Path:
+    """``path`` itself, or ``path/default_name`` when ``path`` is a stage folder."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / default_name
+    if not p.exists():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    return p
+
+
+__all__ = ["DataError", "DigestMismatchError", "RECORD_FILE", "STAGES", "atomic_write_bytes",
+           "atomic_write_json", "atomic_write_text", "check_output_folder", "file_digest", "make_record",
+           "read_json", "read_record", "replace_dir", "resolve_file", "stage_identity", "staging_dir",
+           "tree_digest", "update_record", "write_record"]

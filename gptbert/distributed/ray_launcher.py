@@ -1,0 +1,309 @@
+"""The Ray launcher: the trainer's loop inside Ray Train workers, each a DeepSpeed rank.
+
+``pretrain_ray(cfg, data, out_dir, ...)`` starts (or attaches to) Ray and runs a ``TorchTrainer``
+with ``launch.num_workers`` workers. In every worker it builds the DeepSpeed backend
+(``deepspeed_backend.py``) and runs ``gptbert.trainer.Trainer`` unchanged: every rank plans the
+same global batch from document lengths and reads only its own examples from the memory-mapped
+shards, so 1 and N workers train the same objective.
+
+Checkpoints: every rank writes its DeepSpeed shard and RNG into a node-local folder (the trainer's
+``save_checkpoint``), which is then handed to ``ray.train.report``; Ray merges all ranks' files
+into ``<storage_path>/<run_name>/step-N``. A restarted worker group (``FailureConfig``) or a
+rerun with the same run name resumes from the latest one. Rank 0 writes the final model folder
+(EMA weights) into the last checkpoint, and the driver installs it as ``<out_dir>/model`` and
+writes the stage record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from common.artifacts import replace_dir
+from common.config import ConfigError, LaunchConfig, PipelineConfig, from_dict, to_dict
+
+CHECKPOINT_PREFIX = "step-"
+
+
+def resolve_ray_address(launch_cfg: LaunchConfig) -> str | None:
+    """``launch.ray_address`` if set, else ``RAY_ADDRESS`` from the environment, else None (local)."""
+    return launch_cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_storage_path(storage_path: str | None, out_dir: str | Path, cluster: bool) -> str:
+    """Where Ray Train persists checkpoints: a URI (``s3://``, ``gs://``, ...) or an absolute path.
+
+    On a cluster the workers of other nodes write there too, so it must be shared storage: it must
+    be given explicitly, and a local path must already exist (an NFS mount, not a folder this
+    driver would create on its own disk). Locally it defaults to ``<out_dir>/ray``.
+    """
+    field = "launch.storage_path"
+    if storage_path is None:
+        if cluster:
+            raise ConfigError(field, "is required when attaching to a Ray cluster (launch.ray_address or "
+                                     "RAY_ADDRESS): shared storage that every node can reach, e.g. "
+                                     "an NFS path mounted on all nodes or an s3:// / gs:// URI")
+        path = (Path(out_dir) / "ray").resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+    if "://" in storage_path:
+        scheme = storage_path.split("://", 1)[0]
+        if not scheme or not scheme.replace("+", "").replace("-", "").isalnum():
+            raise ConfigError(field, f"not a valid URI: {storage_path!r}")
+        return storage_path
+    path = Path(storage_path)
+    if not path.is_absolute():
+        raise ConfigError(field, f"must be an absolute path or a URI (workers run in other working "
+                                 f"folders), got {storage_path!r}")
+    if cluster and not path.is_dir():
+        raise ConfigError(field, f"{storage_path} does not exist: on a cluster it must be an existing "
+                                 "shared folder (mounted on every node) or a URI")
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def default_run_name(out_dir: str | Path) -> str:
+    """A stable run name from the output folder, so rerunning the same command resumes."""
+    p = Path(out_dir).resolve()
+    return f"{p.parent.name}-{p.name}".strip("-") or "gptbert"
+
+
+def _stored_checkpoints(storage_path: str, run_name: str) -> list[Path]:
+    """Complete checkpoints ``step-N`` (with trainer.pt) of a run in local storage, oldest first."""
+    if "://" in storage_path:
+        return []
+    root = Path(storage_path) / run_name
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            n = p.name[len(CHECKPOINT_PREFIX):]
+            if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and n.isdigit() and (p / "trainer.pt").exists():
+                found.append((int(n), p))
+    return [p for _, p in sorted(found)]
+
+
+class _Reporter:
+    """The trainer's ``on_checkpoint`` hook in a worker: hands each checkpoint to Ray Train.
+
+    Every rank calls ``ray.train.report`` (a barrier); one rank per node uploads that node's files
+    (rank 0's node holds ``step-N``, the others their ``.tmp-step-N``). The last checkpoint is kept
+    back until the model folder is inside it."""
+
+    def __init__(self, trainer, local_rank: int, steps: int):
+        self.trainer = trainer
+        self.local_rank = local_rank
+        self.steps = steps
+        self.final: Path | None = None
+
+    def __call__(self, folder: Path) -> None:
+        if self.trainer.step >= self.steps:
+            self.final = self._local(folder)
+        else:
+            self.report(self._local(folder))
+
+    def _local(self, folder: Path) -> Path | None:
+        for candidate in (folder, folder.with_name(f".tmp-{folder.name}")):
+            if candidate.is_dir():
+                return candidate
+        return None
+
+    def report(self, folder: Path | None, extra: dict | None = None) -> None:
+        import ray.train
+
+        metrics = {k: v for k, v in self.trainer.last_metrics.items() if isinstance(v, (int, float))}
+        metrics.update(step=self.trainer.step, **(extra or {}))
+        checkpoint = None
+        if folder is not None and self.local_rank == 0:
+            checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{self.trainer.step}")
+        if folder is not None and folder.name.startswith(".tmp-") and self.local_rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _train_worker(config: dict) -> None:
+    """The per-worker function of the Ray ``TorchTrainer``."""
+    import ray
+    import ray.train
+    import torch
+
+    from ..data import open_data
+    from ..io import save_model_dir
+    from ..metrics import MetricsCallback
+    from ..model import GPTBERT
+    from ..optim import resolve_precision
+    from ..trainer import Trainer, training_summary
+    from .deepspeed_backend import build_deepspeed_backend
+    from .zero import check_zero3_validation
+
+    cfg = from_dict(PipelineConfig, config["cfg"])
+    lc, tc = cfg.launch, cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    local_rank, local_world = ctx.get_local_rank(), ctx.get_local_world_size()
+
+    threads = lc.threads_per_worker or max(1, (os.cpu_count() or 1) // max(local_world, 1))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    if lc.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device = torch.device("cpu")
+        device_name = None
+
+    data = open_data(config["data"], config.get("tokenizer"))
+    backend = build_deepspeed_backend(cfg.model, tc, lc, device, rank, world)
+    bf16 = resolve_precision(tc.precision, device) is not None
+    callback = (MetricsCallback(cfg.model, tc.causal_fraction, world, device_name, bf16, config.get("callback"))
+                if rank == 0 else None)
+    trainer = Trainer(cfg.model, tc, data.train, backend, data.valid, callback)
+    if lc.zero_stage == 3:
+        check_zero3_validation(tc, data.valid, world)
+
+    # Which node every rank runs on (recorded in training.json: proves multi-node placement).
+    node = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+            "hostname": os.uname().nodename, "threads": threads, "device": str(device)}
+    nodes: list[Any] = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+
+    resumed_from = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.load(d)
+        resumed_from = {"step": trainer.step, "via": "ray.train.get_checkpoint"}
+    else:
+        stored = _stored_checkpoints(config["storage_path"], config["run_name"])
+        if stored:
+            trainer.load(stored[-1])
+            resumed_from = {"step": trainer.step, "via": str(stored[-1])}
+
+    # Node-local scratch for the trainer's checkpoint writer; Ray storage keeps the real copies.
+    scratch = Path(config["out_dir"]) / ".ray-checkpoints" / config["run_name"]
+    started = time.time()
+    start_step = trainer.step
+    reporter = _Reporter(trainer, local_rank, tc.steps)
+    trainer.fit(scratch, config.get("stop_after"), on_checkpoint=reporter)
+
+    folder = reporter.final
+    if trainer.step < tc.steps or folder is None:
+        # Stopped early (every checkpoint was reported), or resumed a finished run: nothing to add.
+        return
+    summary = training_summary(trainer, cfg, started, data, start_step=start_step)
+    summary["launch"] = {"backend": "ray+deepspeed", "workers": world, "zero_stage": lc.zero_stage,
+                         "run_name": config["run_name"], "storage_path": config["storage_path"],
+                         "resumed_from": resumed_from, "nodes": nodes}
+    # ZeRO-3: every rank joins the gather of the partitioned EMA; rank 0 writes it.
+    ema_state = trainer.ema.state_dict()
+    if rank == 0:
+        # The final model is the EMA in fp32, in a fresh CPU model: independent of the device.
+        final_model = GPTBERT(cfg.model)
+        with torch.no_grad():
+            for n, param in final_model.named_parameters():
+                param.copy_(ema_state[n])
+        save_model_dir(folder / "model", final_model, cfg.model, data.tokenizer, summary)
+    reporter.report(folder, extra={"final": 1})
+    if local_rank == 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: str | Path | None = None,
+                 callback: Callable[[dict, int], None] | None = None, stop_after: int | None = None,
+                 progress: bool = False) -> Path:
+    """Pretrain with Ray Train + DeepSpeed; returns ``<out_dir>/model`` (or, with ``stop_after`` <
+    steps, the checkpoint in storage where the run stopped).
+
+    ``data``: a shard folder or a token file (workers open it themselves). The run is named
+    ``launch.run_name``, else after ``out_dir``; rerunning with the same name resumes from its
+    latest checkpoint. ``callback(metrics, step)`` runs in the rank-0 worker (it must be
+    picklable). ``tokenizer``: the tokenizer.json shipped in the model folder (default: the shard
+    folder's). Progress is reported through ``callback`` (``progress`` draws no bar in workers).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..data import open_data
+    from ..trainer import check_data_fits, check_run_folder, write_pretrain_record
+    from .zero import check_zero3_steps
+
+    lc = cfg.launch
+    out = Path(out_dir).resolve()
+    check_run_folder(out)
+    if not isinstance(data, (str, Path)):
+        raise ConfigError("launch.backend", "the ray launcher reads a shard folder or token file given by path "
+                                            "(its workers open it themselves), not an in-memory source")
+    data_path = str(Path(data).resolve())
+    opened = open_data(data_path, tokenizer)  # fails here, before Ray starts, on bad data
+    check_data_fits(cfg, opened)
+    if lc.zero_stage == 3:
+        check_zero3_steps(cfg.train, lc.num_workers)
+    out.mkdir(parents=True, exist_ok=True)
+    address = resolve_ray_address(lc)
+    storage = check_storage_path(lc.storage_path, out, cluster=address is not None)
+    name = lc.run_name or default_run_name(out)
+
+    started_ray = False
+    if not ray.is_initialized():
+        if address is not None:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, lc.num_workers * lc.cpus_per_worker),
+                     include_dashboard=False)
+        started_ray = True
+    try:
+        resources = {"CPU": lc.cpus_per_worker}
+        if lc.use_gpu:
+            resources["GPU"] = 1
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={"cfg": to_dict(cfg), "data": data_path, "out_dir": str(out),
+                               "storage_path": storage, "run_name": name, "callback": callback,
+                               "tokenizer": str(opened.tokenizer) if opened.tokenizer else None,
+                               "stop_after": stop_after},
+            scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(
+                name=name, storage_path=storage,
+                failure_config=FailureConfig(max_failures=lc.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.train.keep_checkpoints, 1) + 1),
+                worker_runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get(
+                    "DS_ACCELERATOR", "cuda" if lc.use_gpu else "cpu")}},
+            ),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        checkpoint = result.checkpoint
+        if checkpoint is None:
+            raise RuntimeError(f"run {name!r} in {storage} finished without a checkpoint")
+        if stop_after is not None and stop_after < cfg.train.steps:
+            return Path(checkpoint.path)
+        with checkpoint.as_directory() as d:
+            model_src = Path(d) / "model"
+            if not (model_src / "training.json").is_file():
+                raise RuntimeError(f"latest checkpoint {checkpoint.path} of run {name!r} holds no model folder")
+            model_dir = _install_model_dir(model_src, out / "model")
+    finally:
+        if started_ray:
+            ray.shutdown()
+    write_pretrain_record(out, cfg, opened, json.loads((model_dir / "training.json").read_text()))
+    return model_dir
+
+
+def _install_model_dir(src: Path, dest: Path) -> Path:
+    """Copy the model folder next to ``dest`` under a temporary name, then swap it into place."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    shutil.copytree(src, tmp)
+    return replace_dir(tmp, dest)
+
+
+__all__ = ["check_storage_path", "default_run_name", "pretrain_ray", "resolve_ray_address"]

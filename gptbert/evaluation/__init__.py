@@ -1,0 +1,167 @@
+"""Evaluation: a registry of tasks and the evaluate stage that runs the configured ones.
+
+A task is a small object (see ``Task``): where its data is in the ``EvalConfig``, ``run`` on a
+model and tokenizer, the flat summary metrics that go to MLflow, and its section of ``report.md``.
+``evaluate`` runs every task of ``eval.tasks`` whose data is configured and notes the others as
+skipped; ``evaluate_model_dir`` is the stage (the CLI's ``gptbert evaluate`` and the Prefect task):
+it writes ``results.json``, ``report.md`` and the stage record. Adding a task is one module with a
+``TASK`` object, registered below.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from common.artifacts import atomic_write_text, make_record, staging_dir, tree_digest, write_record
+from common.config import EvalConfig, to_dict
+
+from . import finetune, minimal_pairs
+
+STAGE = "evaluate"
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+Progress = Callable[[int, int], None]
+
+
+class Task(Protocol):
+    """One evaluation task."""
+
+    name: str
+
+    def data(self, cfg: EvalConfig) -> Path | None:
+        """The task's data (a folder or file) under ``cfg``, or None when it is not configured."""
+        ...
+
+    def run(self, model, tokenizer, cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any]:
+        """Results (JSON-serialisable)."""
+        ...
+
+    def summary(self, results: dict[str, Any]) -> dict[str, float]:
+        """Headline metrics as flat names (``blimp.causal.t1_accuracy``)."""
+        ...
+
+    def report(self, results: dict[str, Any]) -> list[str]:
+        """The task's section of report.md (markdown lines)."""
+        ...
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> None:
+    """Make ``task`` available to ``eval.tasks`` under ``task.name``."""
+    TASKS[task.name] = task
+
+
+register_task(minimal_pairs.TASK)
+register_task(finetune.TASK)
+
+
+def configured_tasks(cfg: EvalConfig) -> tuple[dict[str, Task], dict[str, str]]:
+    """(tasks that will run, {task: why it is skipped}) for ``cfg``."""
+    run, skipped = {}, {}
+    for name in cfg.tasks:
+        task = TASKS.get(name)
+        if task is None:
+            raise ValueError(f"config field 'eval.tasks': unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
+        data = task.data(cfg)
+        if data is None:
+            skipped[name] = "no data configured"
+        elif not data.exists():
+            raise FileNotFoundError(f"evaluation data of task {name!r} not found: {data}")
+        else:
+            run[name] = task
+    return run, skipped
+
+
+def data_digests(cfg: EvalConfig) -> dict[str, str]:
+    """Content digest of each configured task's data (part of the evaluation's identity)."""
+    tasks, _ = configured_tasks(cfg)
+    return {name: tree_digest(task.data(cfg)) for name, task in tasks.items()}
+
+
+def evaluate(model, tokenizer, cfg: EvalConfig, progress: Progress | None = None,
+             model_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run the configured tasks; ``{"config", "model_dir", "tasks": {name: results}, "skipped": {...}}``."""
+    tasks, skipped = configured_tasks(cfg)
+    if not tasks:
+        raise ValueError("nothing to evaluate: no task of eval.tasks has data "
+                         "(set eval.blimp_dir, or eval.finetune.data_dir and eval.finetune.tasks)")
+    results: dict[str, Any] = {"config": to_dict(cfg), "tasks": {}, "skipped": skipped}
+    if model_dir is not None:
+        results["model_dir"] = str(model_dir)
+    for name, task in tasks.items():
+        results["tasks"][name] = task.run(model, tokenizer, cfg, progress=progress)
+    return results
+
+
+def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """Flat name -> number view of every task's headline results (for MLflow metrics)."""
+    out: dict[str, float] = {}
+    for name, task_results in results.get("tasks", {}).items():
+        out.update(TASKS[name].summary(task_results))
+    return out
+
+
+def render_report(results: dict[str, Any]) -> str:
+    """report.md: each task's section, then the skipped tasks."""
+    lines = ["# Evaluation report", ""]
+    if "model_dir" in results:
+        lines += [f"Model: `{results['model_dir']}`", ""]
+    for name, task_results in results.get("tasks", {}).items():
+        lines += TASKS[name].report(task_results)
+    if results.get("skipped"):
+        lines += ["## Skipped", ""] + [f"- {name}: {why}" for name, why in results["skipped"].items()] + [""]
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``report.md`` and ``results.json``, each atomically; returns the json path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / REPORT_FILE, render_report(results))
+    path = out / RESULTS_FILE
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def evaluation_inputs(model_dir: str | Path, cfg: EvalConfig) -> dict[str, str]:
+    """The inputs part of the evaluate stage's identity: the model folder and each task's data."""
+    return {"model": tree_digest(model_dir), **{f"data.{k}": v for k, v in data_digests(cfg).items()}}
+
+
+def evaluation_config(cfg: EvalConfig) -> dict[str, Any]:
+    """The config part of the evaluate stage's identity (data locations are in the inputs' digests)."""
+    config = cfg.identity_dict()
+    config.pop("blimp_dir", None)
+    config["finetune"] = {k: v for k, v in config["finetune"].items() if k != "data_dir"}
+    return config
+
+
+def evaluate_model_dir(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Path, progress: Progress | None = None,
+                       after: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
+    """The evaluate stage: load the model folder, run the tasks, write results, report and record
+    into ``out_dir`` atomically; ``after(results, folder)`` may add files (plots) before the record.
+    Returns the record."""
+    from ..io import load_model_dir
+
+    inputs = evaluation_inputs(model_dir, cfg)
+    model, tokenizer = load_model_dir(model_dir)
+    if tokenizer is None:
+        raise FileNotFoundError(f"model folder {model_dir} lacks tokenizer.json (needed to encode text)")
+    results = evaluate(model, tokenizer, cfg, progress=progress, model_dir=model_dir)
+    results["lineage"] = inputs
+    with staging_dir(out_dir, STAGE) as tmp:
+        write_results(results, tmp)
+        if after is not None:
+            after(results, tmp)
+        record = make_record(STAGE, inputs, evaluation_config(cfg), tmp, RESULTS_FILE, summary_metrics(results))
+        write_record(tmp, record)
+    return record
+
+
+__all__ = ["RESULTS_FILE", "REPORT_FILE", "STAGE", "TASKS", "Task", "configured_tasks", "data_digests", "evaluate",
+           "evaluate_model_dir", "evaluation_config", "evaluation_inputs", "register_task",
+           "render_report", "summary_metrics", "write_results"]
