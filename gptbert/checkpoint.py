@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.artifacts import replace_dir
+
 PREFIX = "step-"
 
 
@@ -111,9 +113,7 @@ def save_checkpoint(
         (tmp / "checkpoint.json").write_text(json.dumps(
             {k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str, dict, list))},
             indent=2, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        replace_dir(tmp, final)
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

@@ -12,20 +12,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.artifacts import replace_dir
 from common.config import ModelConfig, from_dict, to_dict
-
-
-def replace_dir(tmp: Path, dest: Path) -> Path:
-    """Put the finished folder ``tmp`` at ``dest``; an existing ``dest`` is moved aside first and
-    removed only after the rename, so a reader never sees a half-written folder."""
-    if dest.exists():
-        old = dest.parent / f".old-{dest.name}-{uuid.uuid4().hex[:8]}"
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dest)
-    return dest
 
 
 def save_model_dir(out_dir: str | Path, model: torch.nn.Module, model_cfg: ModelConfig,

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,6 +19,7 @@ from cli.main import main as cli_main
 from common.config.base import ConfigError
 from common.config.data import CHILDES_SPEAKER_PATTERN, CleanConfig, CleanRule
 from tokenization import clean as clean_mod
+from tokenization.formats import base as formats_base
 from tokenization.clean import clean_corpus, count_words
 from common.artifacts import DataError, read_record, stage_identity
 
@@ -120,7 +122,7 @@ def test_streaming_segments_give_the_same_output(tmp_path, monkeypatch):
     cfg = CleanConfig(inputs=[str(tmp_path / "in")], max_document_chars=1000,
                       rules=[CleanRule(pattern=r"Gamma", replacement="")])
     whole = clean_corpus(cfg, tmp_path / "whole", progress_bar=False)
-    monkeypatch.setattr(clean_mod, "BLOCK", 97)
+    monkeypatch.setattr(formats_base, "BLOCK", 97)
     monkeypatch.setattr(clean_mod, "SEGMENT", 61)
     streamed = clean_corpus(cfg, tmp_path / "streamed", progress_bar=False)
     assert _docs(tmp_path / "whole") == _docs(tmp_path / "streamed")
@@ -238,3 +240,29 @@ def test_newline_and_normalisation_options(tmp_path):
                      progress_bar=False)
     assert _docs(tmp_path / "o2") == [{"text": "long enough", "source": "b"}]
     assert s["stats"]["totals"]["dropped_empty"] == 1
+
+
+def test_input_formats_are_a_registry(tmp_path, monkeypatch):
+    """A file is read by the format with the longest matching suffix; registering a format (one
+    module's FORMAT) makes clean read it, from folders too."""
+    from tokenization import formats
+    from tokenization.formats.base import InputFormat
+
+    assert formats.format_for(Path("a.jsonl.gz")).name == "jsonl"
+    assert formats.format_for(Path("childes.train.gz")).name == "text"
+    assert formats.format_for(Path("x.parquet")).name == "parquet"
+    assert formats.format_for(Path("notes.md")).name == "text"  # named explicitly: read as text
+
+    def read_tsv(path, cfg, sink):
+        for line in path.read_text().splitlines():
+            sink.add_bytes(len(line) + 1)
+            sink.start()
+            sink.feed(line.split("\t")[1])
+            sink.end()
+
+    monkeypatch.setitem(formats.FORMATS, "tsv", InputFormat("tsv", (".tsv",), read_tsv))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.tsv").write_text("1\tfirst text\n2\tsecond  text\n")
+    record = clean_corpus(CleanConfig(inputs=[str(tmp_path / "in")]), tmp_path / "out", progress_bar=False)
+    assert _docs(tmp_path / "out") == [{"text": "first text", "source": "a"}, {"text": "second text", "source": "a"}]
+    assert record["stats"]["totals"]["bytes_in"] == len("1\tfirst text\n2\tsecond  text\n")

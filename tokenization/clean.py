@@ -20,34 +20,28 @@ Writes ``documents.parquet`` (columns ``text``, ``source``) and the stage record
 
 from __future__ import annotations
 
-import codecs
-import gzip
 import hashlib
 import json
 import re
 import time
 import unicodedata
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.artifacts import DataError, file_digest, make_record, staging_dir, write_record
 from common.config.data import CleanConfig
 
-from common.artifacts import DataError, file_digest, make_record, staging_dir, write_record
-
+from . import formats
 from .runtime import progress
 
 STAGE = "clean"
 DOCUMENTS_FILE = "documents.parquet"
 SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string())])
 
-# File names taken from folders (a file named explicitly is read whatever its name).
-FOLDER_SUFFIXES = (".txt", ".gz", ".jsonl", ".parquet", ".train", ".dev", ".test")
-BLOCK = 1 << 20  # bytes read at a time
 SEGMENT = 1 << 20  # characters of one long document cleaned at a time
 
 # Control characters (C0/C1 minus the whitespace ones), lone surrogates, and invisible format
@@ -66,18 +60,6 @@ _MANY_NEWLINES = re.compile(r"\n{3,}")
 # The greedy ".*" makes match() find the last one, scanning back from the end of the window.
 _LAST_SENTENCE_END = re.compile(
     r".*(?:[.!?\u2026\u3002\uff01\uff1f][\"'\u201d\u2019)\]]*(?=\s)|\n)", re.S)
-
-# Invalid UTF-8 replaced with U+FFFD is counted through this error handler.
-_replaced_bytes = [0]
-
-
-def _count_and_replace(exc: UnicodeDecodeError):
-    _replaced_bytes[0] += exc.end - exc.start
-    return "\ufffd", exc.end
-
-
-codecs.register_error("gptbert.count_replace", _count_and_replace)
-
 
 @dataclass
 class SourceStats:
@@ -115,15 +97,6 @@ def source_name(path: Path) -> str:
     return path.name.split(".")[0] or path.name
 
 
-def _kind(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        return "jsonl"
-    return "text"
-
-
 def list_input_files(inputs: list[str]) -> list[InputFile]:
     """Expand files and folders (recursively, sorted) into the ordered list of input files."""
     if not inputs:
@@ -134,17 +107,17 @@ def list_input_files(inputs: list[str]) -> list[InputFile]:
         if not root.exists():
             raise FileNotFoundError(f"input not found: {root}")
         if root.is_file():
-            files.append(InputFile(root, root.name, source_name(root), _kind(root)))
+            files.append(InputFile(root, root.name, source_name(root), formats.format_for(root).name))
             continue
         found = sorted(
             p for p in root.rglob("*")
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            and p.name.lower().endswith(FOLDER_SUFFIXES)
+            and p.name.lower().endswith(formats.suffixes())
         )
         if not found:
-            raise DataError(f"{root}: folder holds no input files (looked for {', '.join(FOLDER_SUFFIXES)})")
+            raise DataError(f"{root}: folder holds no input files (looked for {', '.join(formats.suffixes())})")
         for p in found:
-            files.append(InputFile(p, p.relative_to(root).as_posix(), source_name(p), _kind(p)))
+            files.append(InputFile(p, p.relative_to(root).as_posix(), source_name(p), formats.format_for(p).name))
     return files
 
 
@@ -174,7 +147,8 @@ class _Rules:
 
 
 class _DocumentCleaner:
-    """Cleans one document at a time, fed as text segments; emits finished documents."""
+    """Cleans one document at a time, fed as text segments; emits finished documents (the
+    ``DocumentSink`` the input formats deliver to)."""
 
     def __init__(self, cfg: CleanConfig, emit: Callable[[str], None]):
         self.cfg = cfg
@@ -182,6 +156,9 @@ class _DocumentCleaner:
         self.form = None if cfg.unicode_normalization == "none" else cfg.unicode_normalization
         self.rules: list = []
         self.stats = SourceStats()
+
+    def add_bytes(self, n: int) -> None:
+        self.stats.bytes_in += n
 
     def start(self) -> None:
         self.raw = ""  # decoded input not yet cleaned
@@ -362,164 +339,6 @@ class _Writer:
         self.writer.close()
 
 
-def _open_binary(path: Path):
-    f = open(path, "rb")
-    magic = f.read(2)
-    f.seek(0)
-    if magic == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=f, mode="rb")
-    return f
-
-
-def _decoder(cfg: CleanConfig):
-    errors = "strict" if cfg.invalid_utf8 == "strict" else "gptbert.count_replace"
-    return codecs.getincrementaldecoder("utf-8")(errors)
-
-
-def _check_binary(chunk: bytes, f: InputFile, line: int) -> None:
-    if b"\x00" in chunk:
-        raise DataError(f"{f.path}: line {line}: NUL byte found; this looks like a binary file, "
-                        "not text")
-
-
-def _decode_error(f: InputFile, where: str, exc: UnicodeDecodeError, offset: int) -> DataError:
-    return DataError(f"{f.path}: {where}: invalid UTF-8 at byte {offset + exc.start} of the "
-                     f"{'line' if where.startswith('line') else 'value'} "
-                     f"({exc.reason}); set clean.invalid_utf8=replace to replace such bytes")
-
-
-def _read_text(f: InputFile, cfg: CleanConfig, cleaner: _DocumentCleaner, stats: SourceStats) -> None:
-    """One document per line; a line of any length is fed to the cleaner in blocks."""
-    decoder = _decoder(cfg)
-    line_no, in_line, line_bytes, docs = 1, False, 0, 0
-    try:
-        with _open_binary(f.path) as stream:
-            while block := stream.read(BLOCK):
-                stats.bytes_in += len(block)
-                start = 0
-                while start < len(block):
-                    nl = block.find(b"\n", start)
-                    end = len(block) if nl < 0 else nl
-                    piece = block[start:end]
-                    if piece:
-                        _check_binary(piece, f, line_no)
-                        if not in_line:
-                            if not piece.strip():
-                                piece = b""  # leading blanks: not yet a document
-                            else:
-                                in_line = True
-                                cleaner.start()
-                        if piece:
-                            try:
-                                cleaner.feed(decoder.decode(piece))
-                            except UnicodeDecodeError as exc:
-                                raise _decode_error(f, f"line {line_no}", exc, line_bytes) from None
-                            line_bytes += len(piece)
-                    if nl < 0:
-                        break
-                    if in_line:
-                        try:
-                            cleaner.feed(decoder.decode(b"", final=True))
-                        except UnicodeDecodeError as exc:
-                            raise _decode_error(f, f"line {line_no}", exc, line_bytes) from None
-                        cleaner.end()
-                        docs += 1
-                    decoder.reset()
-                    in_line, line_bytes = False, 0
-                    line_no += 1
-                    start = nl + 1
-            if in_line:
-                try:
-                    cleaner.feed(decoder.decode(b"", final=True))
-                except UnicodeDecodeError as exc:
-                    raise _decode_error(f, f"line {line_no}", exc, line_bytes) from None
-                cleaner.end()
-                docs += 1
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"{f.path}: not a readable gzip file ({exc})") from None
-    if docs == 0:
-        raise DataError(f"{f.path}: empty input (no non-blank lines)")
-
-
-def _read_jsonl(f: InputFile, cfg: CleanConfig, cleaner: _DocumentCleaner, stats: SourceStats) -> None:
-    errors = "strict" if cfg.invalid_utf8 == "strict" else "gptbert.count_replace"
-    key, docs = cfg.text_field, 0
-    try:
-        with _open_binary(f.path) as stream:
-            for line_no, raw in enumerate(stream, 1):
-                stats.bytes_in += len(raw)
-                if not raw.strip():
-                    continue
-                _check_binary(raw, f, line_no)
-                try:
-                    line = raw.decode("utf-8", errors)
-                except UnicodeDecodeError as exc:
-                    raise _decode_error(f, f"line {line_no}", exc, 0) from None
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{f.path}: line {line_no}: malformed JSON ({exc.msg} at "
-                                    f"column {exc.colno})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{f.path}: line {line_no}: expected a JSON object, got "
-                                    f"{type(record).__name__}")
-                if key not in record:
-                    raise DataError(f"{f.path}: line {line_no}: record has no field {key!r} "
-                                    f"(fields: {', '.join(sorted(record)) or 'none'}); set "
-                                    "clean.text_field")
-                text = record[key]
-                if text is not None and not isinstance(text, str):
-                    raise DataError(f"{f.path}: line {line_no}: field {key!r} must be a string, "
-                                    f"got {type(text).__name__}")
-                cleaner.start()
-                if text:
-                    cleaner.feed(text)
-                cleaner.end()
-                docs += 1
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"{f.path}: not a readable gzip file ({exc})") from None
-    if docs == 0:
-        raise DataError(f"{f.path}: empty input (no JSON records)")
-
-
-def _read_parquet(f: InputFile, cfg: CleanConfig, cleaner: _DocumentCleaner, stats: SourceStats) -> None:
-    errors = "strict" if cfg.invalid_utf8 == "strict" else "gptbert.count_replace"
-    key = cfg.text_field
-    try:
-        pf = pq.ParquetFile(f.path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{f.path}: not a readable Parquet file ({exc})") from None
-    names = pf.schema_arrow.names
-    if key not in names:
-        raise DataError(f"{f.path}: Parquet file has no column {key!r} (columns: "
-                        f"{', '.join(names)}); set clean.text_field")
-    kind = pf.schema_arrow.field(key).type
-    is_binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-    if not (is_binary or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise DataError(f"{f.path}: column {key!r} must hold strings, has type {kind}")
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=[key]):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            if is_binary and value is not None:
-                stats.bytes_in += len(value)
-                try:
-                    value = value.decode("utf-8", errors)
-                except UnicodeDecodeError as exc:
-                    raise _decode_error(f, f"record {row - 1}", exc, 0) from None
-            elif value is not None:
-                stats.bytes_in += len(value)  # characters; exact bytes are not worth a copy
-            cleaner.start()
-            if value:
-                cleaner.feed(value)
-            cleaner.end()
-    if row == 0:
-        raise DataError(f"{f.path}: empty input (no rows)")
-
-
-_READERS = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}
-
-
 def clean_corpus(cfg: CleanConfig, out_dir: str | Path, progress_bar: bool = True) -> dict[str, Any]:
     """Clean ``cfg.inputs`` into ``out_dir/documents.parquet``; returns the stage record (also
     written as ``out_dir/stage.json``) plus the wall time in ``seconds``."""
@@ -541,9 +360,9 @@ def clean_corpus(cfg: CleanConfig, out_dir: str | Path, progress_bar: bool = Tru
                 writer.stats = cleaner.stats = stats
                 writer.source = f.source
                 cleaner.rules = rules.for_source(f.source)
-                before = _replaced_bytes[0]
-                _READERS[f.kind](f, cfg, cleaner, stats)
-                stats.bytes_replaced += _replaced_bytes[0] - before
+                before = formats.replaced_bytes()
+                formats.FORMATS[f.kind].read(f.path, cfg, cleaner)
+                stats.bytes_replaced += formats.replaced_bytes() - before
                 bar.update(entry["bytes"])
         finally:
             bar.close()

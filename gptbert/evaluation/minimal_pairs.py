@@ -10,7 +10,6 @@ honest comparison.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from common.artifacts import tree_digest
 from common.jsonl import iter_objects
 
 REQUIRED_FIELDS = ("sentence_good", "sentence_bad", "UID", "linguistics_term", "field")
@@ -66,15 +66,6 @@ def load_blimp(folder: str | Path, max_pairs_per_paradigm: int | None = None) ->
     if not pairs:
         raise BlimpFormatError(f"{folder}: the jsonl files hold no minimal pairs")
     return pairs
-
-
-def data_digest(folder: str | Path) -> str:
-    """sha256 over the names and bytes of the folder's jsonl files (the evaluation data identity)."""
-    h = hashlib.sha256()
-    for path in sorted(Path(folder).glob("*.jsonl")):
-        h.update(path.name.encode() + b"\0")
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def _group_mean(keys: Sequence[str], values: np.ndarray) -> dict[str, np.ndarray]:
@@ -155,7 +146,7 @@ def evaluate_blimp(model, tokenizer, cfg, blimp_dir: str | Path | None = None, p
              for m in mode_names}
     return {
         "data_dir": str(folder),
-        "data_digest": data_digest(folder),
+        "data_digest": tree_digest(folder),
         "num_pairs": len(pairs),
         "num_paradigms": len({p.uid for p in pairs}),
         "temperatures": [float(t) for t in temperatures],
