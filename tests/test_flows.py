@@ -152,7 +152,8 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
     tags = {s: children[s].data.tags for s in STAGES}
     assert tags["tokenizer"]["gptbert.input.corpus"] == first["stages"]["clean"]["digest"]
     assert tags["shard"]["gptbert.input.tokenizer"] == first["stages"]["tokenizer"]["digest"]
-    assert tags["pretrain"]["gptbert.input.shards"] == first["stages"]["shard"]["digest"]
+    assert tags["pretrain"]["gptbert.input.data"] == first["stages"]["shard"]["digest"]
+    assert tags["pretrain"]["gptbert.input.tokenizer"] == first["stages"]["tokenizer"]["digest"]
     assert tags["evaluate"]["gptbert.input.model"] == first["stages"]["pretrain"]["digest"]
     for stage in STAGES:
         assert parent.data.tags[f"gptbert.lineage.{stage}"] == first["stages"][stage]["digest"]
@@ -211,11 +212,14 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
     assert not second["registered"]["new"] and second["registered"]["version"] == 1
     assert client.get_metric_history(children2["pretrain"].info.run_id, "loss") == []  # nothing retrained
 
-    # A tokenizer change reruns the tokenizer and everything after it, not the cleaning.
-    third = pipeline(config=_test_config(tmp_path / "run", "tokenizer.min_frequency=3"))
+    # A tokenizer change that changes the tokenizer reruns it and everything after it, not the
+    # cleaning. (Identities are built from content digests: a config change that leaves the
+    # tokenizer's bytes as they were would rerun only the tokenizer stage.)
+    third = pipeline(config=_test_config(tmp_path / "run", "tokenizer.max_token_chars=6"))
     assert third["cached"] == ["clean"] and third["ran"] == ["tokenizer", "shard", "pretrain", "evaluate"]
     assert third["stages"]["clean"]["digest"] == first["stages"]["clean"]["digest"]
     assert third["stages"]["tokenizer"]["identity"] != first["stages"]["tokenizer"]["identity"]
+    assert third["stages"]["tokenizer"]["digest"] != first["stages"]["tokenizer"]["digest"]
     reg3 = third["registered"]
     assert reg3["new"] and reg3["version"] == 2
     metric = cfg.tracking.champion_metric
