@@ -6,7 +6,7 @@ folder would hold): masked and causal validation loss, and BLiMP-format minimal 
 MNTP mode at T = 1. Optionally prints the n-gram baselines of the same shards beside it, so a
 curve can be read against "what word-pair counts already get".
 
-    python benchmarks/learning_curve.py --data work/shards --blimp ../shared/data/blimp-dev \
+    python benchmarks/learning_curve.py --data work/shards --blimp BLIMP_DIR \
         --preset mini --set train.steps=2000 --every-words 1000000 --ngram 2 3 --out curve.jsonl
 
 Prints one table row per evaluation (and appends it as JSON to ``--out``).

@@ -1,8 +1,7 @@
 """Training throughput of the GPT-BERT model on CPU: reference vs fused attention path.
 
 One training step = forward + LM head on the target positions + cross-entropy + backward + AdamW
-step, at batch 8 x seq 128 in masked mode (25% of positions have a target, as in STACK.md's
-measurement of the paper's code: ~220 tokens/s for `small` on 2 threads).
+step, at batch 8 x seq 128 in masked mode (25% of positions have a target).
 
 Timing runs all variants of a preset in one process and interleaves their steps, so load from other
 processes on a shared machine hits every variant alike; compare the ratio column, not absolute

@@ -56,7 +56,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "train-tokenizer", help="train the byte-level BPE tokenizer on cleaned documents",
-        description="Train the SPEC section 4 tokenizer; writes OUT/tokenizer.json and the "
+        description="Train the recipe §4 tokenizer; writes OUT/tokenizer.json and the "
                     "record OUT/stage.json.")
     p.add_argument("documents", help="documents.parquet, or the clean stage's folder")
     p.add_argument("--out", required=True, help="output folder")

@@ -1,4 +1,4 @@
-"""CLI: `gptbert score`, `gptbert generate`, `gptbert evaluate` (SPEC section 6)."""
+"""CLI: `gptbert score`, `gptbert generate`, `gptbert evaluate` (recipe §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CLI: `gptbert pretrain` (SPEC sections 2, 3, 5)."""
+"""CLI: `gptbert pretrain` (recipe §2, §3, §5)."""
 
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def shard(cfg: PipelineConfig, corpus: Artifact, tokenizer: Artifact) -> Artifac
 
 def pretrain(cfg: PipelineConfig, shards: Artifact, tokenizer: Artifact, callback: Callable | None = None) -> Artifact:
     """Resumable: the folder keeps its checkpoints (and a Ray run is named after it), so a retried
-    or restarted run continues. How the run is launched is not part of its identity (SPEC 2: the
+    or restarted run continues. How the run is launched is not part of its identity (recipe §2: the
     objective is independent of the worker count)."""
     from gptbert.distributed import run_pretraining
     from gptbert.trainer import pretrain_config

@@ -30,8 +30,8 @@ def resolve_tracking_uri(cfg: PipelineConfig) -> str:
 
 
 def default_artifact_root(cfg: PipelineConfig, uri: str) -> str | None:
-    """An absolute artifact location for new experiments when the store is local (STACK.md: Ray
-    workers run elsewhere, so a relative default would land inside Ray's session folder)."""
+    """An absolute artifact location for new experiments when the store is local: Ray workers run
+    in other working folders, so a relative default would land inside Ray's session folder."""
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
     if uri.startswith(("http://", "https://", "databricks")):

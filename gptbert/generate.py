@@ -1,6 +1,6 @@
 """Text generation in causal mode: greedy or sampled decoding with a repetition penalty.
 
-SPEC 6: greedy decoding loops without a repetition penalty; a CTRL-style penalty of 1.5 fixes it.
+recipe §6: greedy decoding loops without a repetition penalty; a CTRL-style penalty of 1.5 fixes it.
 The penalty divides the positive logits and multiplies the negative logits of tokens already
 generated (each such token once, however often it occurred), then temperature, top-k and top-p
 shape the distribution. Special tokens other than `</s>` are never produced.

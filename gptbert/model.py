@@ -1,4 +1,4 @@
-"""The GPT-BERT model: an LTG-BERT encoder with a GELU attention gate and layer weighting (SPEC 1).
+"""The GPT-BERT model: an LTG-BERT encoder with a GELU attention gate and layer weighting (recipe §1).
 
 One network serves both objectives: the attention mask alone decides whether an example is causal
 (lower triangle) or masked (bidirectional). Tensors are batch-first, (B, T, H).
@@ -32,7 +32,7 @@ from common.config.model import ModelConfig
 
 
 def relative_position_buckets(relative: torch.Tensor, buckets: int = 32, max_position: int = 512) -> torch.Tensor:
-    """Log-bucketed signed distance (SPEC 1): |r| <= buckets//2 is kept, larger distances map to
+    """Log-bucketed signed distance (recipe §1): |r| <= buckets//2 is kept, larger distances map to
     sign(r) * (ceil(log(|r|/mid) / log((max-1)/mid) * (mid-1)) + mid); result in [-(buckets-1), buckets-1].
 
     Computed in float32 exactly as the paper's code does, so the table matches it bit for bit.

@@ -1,6 +1,6 @@
 """The hybrid GPT-BERT objective: examples, packing, span masking, the causal/masked mix, the loss.
 
-SPEC sections 2 and 3. Everything that decides *what* is trained on is a pure function of
+recipe §2 and §3. Everything that decides *what* is trained on is a pure function of
 (document lengths, seed, global step, example index in the global batch):
 
 - the packing plan of a global batch is computed from document lengths only, so every rank
@@ -228,7 +228,7 @@ def span_mask(
     mask_prob: float = 0.8,
     random_prob: float = 0.1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Span masking of one example (SPEC 3). Returns (corrupted items, masked-position mask).
+    """Span masking of one example (recipe §3). Returns (corrupted items, masked-position mask).
 
     Each segment is cut into consecutive spans of length uniform in {1..max_span}; spans are
     taken in random order until at least round_stochastic(rate * L) tokens are masked (L = real
@@ -386,7 +386,7 @@ class TrainingStream:
 
 def validation_batches(source, train_cfg, vocab_size: int, seq_len: int, micro_batch_size: int,
                        causal: bool, indices=None) -> list[Batch]:
-    """Fixed validation examples: one segment each (no packing), fixed mask rate (SPEC 3).
+    """Fixed validation examples: one segment each (no packing), fixed mask rate (recipe §3).
 
     ``causal=True`` gives the same examples scored causally. ``indices`` restricts to a subset of
     the examples (a rank's share); batches have at most ``micro_batch_size`` examples.

@@ -1,4 +1,4 @@
-"""Optimisation (SPEC 5): LAMB, parameter groups, the learning-rate schedule, EMA, precision.
+"""Optimisation (recipe §5): LAMB, parameter groups, the learning-rate schedule, EMA, precision.
 
 LAMB as the reference used it: Adam moments with bias correction, eps added after the square root,
 weight decay added to the update, then (only for groups with weight decay) a layer-wise trust ratio
@@ -24,7 +24,7 @@ def trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor) -> torch.Tensor:
 
 
 class LAMB(torch.optim.Optimizer):
-    """LAMB (SPEC 5): Adam moments with bias correction, eps after the square root, weight decay
+    """LAMB (recipe §5): Adam moments with bias correction, eps after the square root, weight decay
     added to the update, then the trust ratio ||w|| / ||update|| per parameter of decay groups.
 
     Steps run as multi-tensor (``torch._foreach_*``) ops over chunks of parameters that share a step
@@ -202,7 +202,7 @@ def schedule_lr(step: int, train_cfg) -> float:
 
 class EMA:
     """Exponential moving average of the parameters (fp32), updated after every optimiser step
-    (SPEC 5: decay 0.999; evaluation and the final model use the average)."""
+    (recipe §5: decay 0.999; evaluation and the final model use the average)."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
         self.decay = decay
@@ -264,7 +264,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
     One meaning on every backend (plain loop and DeepSpeed, CPU and CUDA): ``bf16`` is
     ``torch.autocast(dtype=bfloat16)`` around the forward and the loss, over fp32 weights, with fp32
-    gradients, optimizer state and EMA (SPEC 5: bf16 autocast with fp32 master weights). ``auto``
+    gradients, optimizer state and EMA (recipe §5: bf16 autocast with fp32 master weights). ``auto``
     is bf16 where the hardware runs it natively (CUDA with bf16; a CPU with AVX-512-BF16 or AMX,
     where bf16 matmuls are ~6x faster than fp32) and fp32 elsewhere (on AVX2-only CPUs bf16 is
     emulated and ~7x slower); ``GPTBERT_AUTO_PRECISION`` overrides that choice.

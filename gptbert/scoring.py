@@ -1,4 +1,4 @@
-"""Sentence log-likelihoods under a GPT-BERT model (SPEC section 6).
+"""Sentence log-likelihoods under a GPT-BERT model (recipe §6).
 
 Every sentence is scored with `<s>` prepended. Three modes:
 
@@ -25,7 +25,7 @@ import torch
 
 MODES = ("causal", "mntp", "fused")
 
-# Special token ids fixed by the tokenizer contract (SPEC section 4).
+# Special token ids fixed by the tokenizer contract (recipe §4).
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, MASK_ID = 0, 1, 2, 3, 4
 NUM_SPECIAL = 16
 HEAD_CHUNK = 2048  # scored positions per LM-head call
@@ -34,7 +34,7 @@ Progress = Callable[[int, int], None]  # (rows just finished, total rows)
 
 
 def special_ids(tokenizer) -> dict[str, int]:
-    """`<s>`, `</s>`, `<pad>`, `<mask>` ids from a `tokenizers.Tokenizer` (checked, with SPEC defaults)."""
+    """`<s>`, `</s>`, `<pad>`, `<mask>` ids from a `tokenizers.Tokenizer` (checked, with the recipe's defaults)."""
     ids = {}
     for name, token, default in (("bos", "<s>", BOS_ID), ("eos", "</s>", EOS_ID),
                                  ("pad", "<pad>", PAD_ID), ("mask", "<mask>", MASK_ID)):

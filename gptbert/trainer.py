@@ -133,7 +133,7 @@ def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
 
 
 class Trainer:
-    """Owns the data stream, EMA, schedules and step counter of one rank (SPEC 2, 3, 5)."""
+    """Owns the data stream, EMA, schedules and step counter of one rank (recipe §2, §3, §5)."""
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, source, backend: StepBackend,
                  valid_source=None, callback: Callback | None = None, progress: bool = False):

@@ -1,4 +1,4 @@
-"""Stage 2, ``gptbert train-tokenizer``: byte-level BPE exactly as SPEC section 4 describes.
+"""Stage 2, ``gptbert train-tokenizer``: byte-level BPE exactly as recipe §4 describes.
 
 ``build_tokenizer(cfg)`` assembles the untrained pipeline (the benchmark reuses it to time the raw
 library), ``train_tokenizer`` trains it on a cleaned ``documents.parquet`` and writes
@@ -26,7 +26,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>"] + [f"<special_{i}>"
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, MASK_ID = range(5)
 NUM_SPECIALS = len(SPECIAL_TOKENS)
 
-# The GPT-4 split without contraction rules, with CamelCase splitting and single digits (SPEC 4):
+# The GPT-4 split without contraction rules, with CamelCase splitting and single digits (recipe §4):
 # letters (optionally preceded by one non-letter, non-digit, non-newline character) as
 # Upper*lower+ or Upper+lower*; one digit with an optional space; punctuation runs with an
 # optional space plus trailing newlines or slashes; whitespace ending in newlines; whitespace not
@@ -45,7 +45,7 @@ SPLIT_PATTERN = "|".join([
 
 
 def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
-    """The untrained SPEC tokenizer: model, normaliser, pre-tokenizer, decoder, post-processor."""
+    """The untrained recipe §4 tokenizer: model, normaliser, pre-tokenizer, decoder, post-processor."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False, fuse_unk=False,
                                ignore_merges=True))
     tok.normalizer = normalizers.Sequence([
@@ -115,7 +115,7 @@ def _documents(path: str | Path) -> Path:
 
 def train_tokenizer(documents_parquet: str | Path, cfg: TokenizerConfig, out_dir: str | Path,
                     progress_bar: bool = True) -> dict[str, Any]:
-    """Train the SPEC byte-level BPE on the cleaned documents; write tokenizer.json and the stage
+    """Train the recipe §4 byte-level BPE on the cleaned documents; write tokenizer.json and the stage
     record (returned, plus the wall time in ``seconds``)."""
     from .clean import iter_documents, open_documents
 

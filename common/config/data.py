@@ -1,4 +1,4 @@
-"""Configs of the data stages: cleaning, tokenizer training, sharding (SPEC section 4)."""
+"""Configs of the data stages: cleaning, tokenizer training, sharding (recipe §4)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class CleanConfig(ConfigBase):
 class TokenizerConfig(ConfigBase):
     vocab_size: int = 8192  # must equal model.vocab_size (PipelineConfig checks)
     min_frequency: int = 0  # BPE trainer: minimum pair count for a merge (0 = the library default)
-    max_token_chars: int = 24  # SPEC: pre-tokenized chunks (and so tokens) of at most 24 chars
+    max_token_chars: int = 24  # recipe §4: pre-tokenized chunks (and so tokens) of at most 24 chars
     max_documents: int = 0  # train on the first N documents only (0 = all)
     num_threads: int = 0  # RAYON_NUM_THREADS for training (0 = library default: all cores)
 

@@ -1,4 +1,4 @@
-"""EvalConfig: BLiMP-style minimal pairs, scoring modes, temperatures, fine-tuning (SPEC section 6)."""
+"""EvalConfig: BLiMP-style minimal pairs, scoring modes, temperatures, fine-tuning (recipe §6)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def temperature_sweep(start: float = 0.05, stop: float = 3.0, step: float = 0.05
 
 @dataclass
 class FinetuneConfig(ConfigBase):
-    """GLUE-style sentence(-pair) classification (SPEC 6: the paper's settings are the defaults)."""
+    """GLUE-style sentence(-pair) classification (recipe §6: the paper's settings are the defaults)."""
 
     # Folder with `<task>.train.jsonl` and `<task>.valid.jsonl` (sentence1, [sentence2,] label).
     data_dir: str = ""

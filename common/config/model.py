@@ -1,4 +1,4 @@
-"""ModelConfig: the GPT-BERT architecture hyper-parameters (SPEC section 1)."""
+"""ModelConfig: the GPT-BERT architecture hyper-parameters (recipe §1)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class ModelConfig(ConfigBase):
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     layer_norm_eps: float = 1e-5
-    # SPEC ablations: the GELU attention gate and DenseFormer-style layer weighting.
+    # Recipe §1 ablations: the GELU attention gate and DenseFormer-style layer weighting.
     gate: bool = True
     layer_weighting: bool = True
     # "fused": scaled_dot_product_attention with the position terms as an additive bias;

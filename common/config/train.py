@@ -1,6 +1,6 @@
-"""TrainConfig: objective, masking, optimisation and loop settings (SPEC sections 2, 3, 5).
+"""TrainConfig: objective, masking, optimisation and loop settings (recipe §2, §3, §5).
 
-Defaults are the faithful values of the `small` run where the SPEC fixes them; the presets override
+Defaults are the faithful values of the `small` run where docs/recipe.md fixes them; the presets override
 steps, lr and the batch numbers. Batch sizes are given in *tokens* per global batch so that the
 sequence-length schedule (128 -> 256 -> 512) keeps tokens per step constant by halving/quartering
 the number of sequences, and so that the number of processes never changes the objective.
@@ -20,13 +20,13 @@ class TrainConfig(ConfigBase):
     lr: float = 1.41e-2
     seed: int = 0
 
-    # --- hybrid objective (SPEC 2) ---
+    # --- hybrid objective (recipe §2) ---
     # Fraction of examples in every global batch that are causal; 1/16 is the paper's 1:15 mix.
     # 0.0 = masked-only baseline, 1.0 = causal-only baseline.
     causal_fraction: float = 0.0625
     z_loss: float = 1e-4
 
-    # --- sequences and masking (SPEC 3) ---
+    # --- sequences and masking (recipe §3) ---
     # Maximum sequence length (the last stage of the schedule, or the only one without it).
     seq_len: int = 512
     # seq_len_stages[i] is used from step fraction seq_len_boundaries[i-1] on (first from step 0).
@@ -34,7 +34,7 @@ class TrainConfig(ConfigBase):
     seq_len_stages: list[int] = field(default_factory=lambda: [128, 256, 512])
     seq_len_boundaries: list[float] = field(default_factory=lambda: [0.7, 0.9])
     # Global batch in tokens (padding slots included) at step 0 and at the last step; linear ramp.
-    # Equal values give a constant batch. SPEC: about 1M -> about 4.2M tokens.
+    # Equal values give a constant batch. Recipe §3: about 1M -> about 4.2M tokens.
     batch_tokens_start: int = 1_048_576
     batch_tokens_end: int = 4_194_304
     # At most this many tokens go through one forward/backward (gradient accumulation beyond it).
@@ -46,7 +46,7 @@ class TrainConfig(ConfigBase):
     random_token_prob: float = 0.1
     max_span_length: int = 3
 
-    # --- optimisation (SPEC 5) ---
+    # --- optimisation (recipe §5) ---
     optimizer: Literal["lamb", "adamw"] = "lamb"
     beta1: float = 0.9
     beta2: float = 0.98

@@ -27,7 +27,7 @@ def deepspeed_config(train_cfg: TrainConfig, launch_cfg: LaunchConfig, world_siz
     """The DeepSpeed config of a run: ``infra/deepspeed/zero<stage>.json`` with its ``"auto"``
     values filled from the typed config; ``bf16`` is the resolved ``train.precision``.
 
-    One meaning of bf16 on every backend (SPEC 5: bf16 autocast with fp32 master weights): the
+    One meaning of bf16 on every backend (recipe §5: bf16 autocast with fp32 master weights): the
     engine holds fp32 weights, gradients and optimizer state, and bf16 is ``torch.autocast`` as in
     the single-process loop. DeepSpeed runs its forward with autocast switched off unless its
     ``torch_autocast`` section is enabled, so that section mirrors ``bf16``, with no "lower
@@ -136,7 +136,7 @@ class DeepSpeedBackend:
 
 def _skip_shm_build() -> None:
     # DeepSpeed JIT-compiles a shared-memory all-reduce op (1-2 minutes) on first init; training
-    # collectives go through gloo and never use it (STACK.md). Replace the builder in the module
+    # collectives go through gloo and never use it (losses are identical either way). Replace the builder in the module
     # object itself: `import deepspeed.comm.torch as m` would bind the torch package instead.
     import deepspeed  # noqa: F401  (loads deepspeed.comm.torch)
 

@@ -1,4 +1,4 @@
-"""The ``glue`` evaluation task: GLUE-style fine-tuning of a pretrained GPT-BERT (SPEC section 6).
+"""The ``glue`` evaluation task: GLUE-style fine-tuning of a pretrained GPT-BERT (recipe §6).
 
 A first-token (`<s>`) classifier head on the encoder with bidirectional attention; pairs are encoded
 `<s> A </s> B` (the BabyLM recommendation). AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.01 on

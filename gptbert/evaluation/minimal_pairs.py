@@ -1,6 +1,6 @@
-"""The ``blimp`` evaluation task: BLiMP-format minimal pairs (SPEC 6).
+"""The ``blimp`` evaluation task: BLiMP-format minimal pairs (recipe §6).
 
-A pair is right when the good sentence scores strictly higher than the bad one (SPEC 6). Accuracy is
+A pair is right when the good sentence scores strictly higher than the bad one (recipe §6). Accuracy is
 computed per paradigm (UID); a phenomenon's (linguistics_term) and a field's accuracy are the mean
 of their paradigms' accuracies, and the headline number is the macro-average over paradigms. Every
 scoring mode (causal, mntp, fused) is reported at every temperature of the sweep, with the best T
