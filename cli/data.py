@@ -44,6 +44,7 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    """Add the ``clean``, ``train-tokenizer`` and ``shard`` subcommands."""
     p = subparsers.add_parser(
         "clean", help="clean raw text (.txt/.gz/.jsonl/.parquet) into documents.parquet",
         description="Decode, normalise, apply rules, split long and drop empty/duplicate "

@@ -9,6 +9,7 @@ from .options import add_config_args, config_from_args
 
 
 def register(subparsers) -> None:
+    """Add the ``score``, ``generate`` and ``evaluate`` subcommands."""
 
     p = subparsers.add_parser("score", help="log-likelihood of sentences in causal, mntp and fused mode")
     p.add_argument("model_dir", help="a trained model folder (model.safetensors, config.json, tokenizer.json)")
@@ -75,6 +76,7 @@ def _ngram_baseline(shard_dir: str, order: int, smoothing: str):
 
 
 def score_command(args: argparse.Namespace) -> int:
+    """Print each sentence's log-likelihood per scoring mode and temperature, as a table or JSON."""
     import json
 
     from gptbert.scoring import score_sentences
@@ -97,6 +99,7 @@ def score_command(args: argparse.Namespace) -> int:
 
 
 def generate_command(args: argparse.Namespace) -> int:
+    """Print the prompt followed by its continuation under the given decoding settings."""
     from gptbert.generate import GenerationSettings, generate
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
@@ -109,6 +112,8 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
+    """Evaluate a model folder (or an n-gram baseline of a shard folder) into results.json and
+    report.md, and print the headline metrics."""
     from tqdm import tqdm
 
     from common.config import from_dict, to_dict

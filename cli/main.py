@@ -18,6 +18,7 @@ COMMAND_GROUPS = (data, model, train, evaluate, pipeline)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``gptbert`` argument parser with every subcommand group registered."""
     parser = argparse.ArgumentParser(prog="gptbert", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in COMMAND_GROUPS:
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``gptbert`` command and return its exit code (1 for a config, missing-file or value
+    error; 2 without a subcommand)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -7,6 +7,7 @@ import json
 
 
 def register(subparsers) -> None:
+    """Add the ``model-info`` subcommand."""
     p = subparsers.add_parser("model-info", help="parameters, config and FLOPs per token of a model config (JSON)")
     p.add_argument("preset", nargs="?", default=None, help="named preset: tiny, mini, small, base")
     p.add_argument("--config", help="YAML file with a (partial) PipelineConfig")
@@ -67,6 +68,7 @@ def model_info(cfg, seq_len: int = 128, batch_size: int = 8, masked_target_fract
 
 
 def model_info_command(args: argparse.Namespace) -> int:
+    """Print ``model_info`` of the configured model as JSON."""
     from common.config import load_config
 
     cfg = load_config(preset=args.preset, path=args.config, overrides=args.overrides)

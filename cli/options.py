@@ -14,6 +14,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    """The validated PipelineConfig from ``--preset``, ``--config`` and ``--set``."""
     from common.config import load_config
 
     return load_config(preset=args.preset, path=args.config, overrides=args.overrides)

@@ -19,6 +19,7 @@ from .options import add_config_args, config_from_args
 
 
 def register(subparsers) -> None:
+    """Add the ``pipeline`` and ``demo`` subcommands."""
 
     p = subparsers.add_parser("pipeline", help="run the Prefect pipeline (clean -> ... -> evaluate) on a config")
     add_config_args(p)
@@ -77,6 +78,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def print_summary(summary: dict, wall_s: float, as_json: bool = False) -> None:
+    """Print a pipeline run's summary (ids, stages run and cached, final losses, minimal-pair
+    accuracies, registered model, where to look), or it as JSON."""
     if as_json:
         print(json.dumps({**summary, "wall_s": round(wall_s, 1)}, indent=2, default=str))
         return

@@ -9,6 +9,7 @@ from .options import add_config_args, config_from_args
 
 
 def register(subparsers) -> None:
+    """Add the ``pretrain`` and ``show-batch`` subcommands."""
     p = subparsers.add_parser(
         "pretrain", help="pretrain a GPT-BERT model (resumes from OUT/checkpoints; writes OUT/model)")
     p.add_argument("--data", required=True,
@@ -32,6 +33,7 @@ def register(subparsers) -> None:
 
 
 def pretrain_command(args) -> int:
+    """Pretrain with the configured launcher, then print the model folder and its final losses."""
     from gptbert.distributed import run_pretraining
 
     cfg = config_from_args(args)
@@ -47,6 +49,7 @@ def pretrain_command(args) -> int:
 
 
 def show_batch_command(args) -> int:
+    """Print the examples the trainer sees at ``--step``, decoded, up to ``--examples`` of each kind."""
     from tokenization.tokenizer import load_tokenizer
 
     from gptbert.data import open_data

@@ -98,6 +98,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` as UTF-8 to ``path`` atomically (``atomic_write_bytes``)."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 

@@ -137,11 +137,13 @@ def _scalars(d: dict[str, Any]) -> dict[str, Any]:
 
 @task(name="clean", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def clean_task(config: PipelineConfig, parent_run_id: Optional[str] = None) -> Artifact:
+    """Prefect task: the clean stage (cached by identity), tracked as a child MLflow run."""
     return _run_stage_tracked("clean", config, parent_run_id, lambda _: stages.clean(config))
 
 
 @task(name="train-tokenizer", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def tokenizer_task(config: PipelineConfig, corpus: Artifact, parent_run_id: Optional[str] = None) -> Artifact:
+    """Prefect task: train the tokenizer on the cleaned corpus, tracked as a child MLflow run."""
     return _run_stage_tracked("tokenizer", config, parent_run_id,
                               lambda _: stages.train_tokenizer(config, corpus))
 
@@ -149,6 +151,7 @@ def tokenizer_task(config: PipelineConfig, corpus: Artifact, parent_run_id: Opti
 @task(name="shard", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def shard_task(config: PipelineConfig, corpus: Artifact, tokenizer: Artifact,
                parent_run_id: Optional[str] = None) -> Artifact:
+    """Prefect task: encode the corpus into token shards, tracked as a child MLflow run."""
     return _run_stage_tracked("shard", config, parent_run_id,
                               lambda _: stages.shard(config, corpus, tokenizer))
 
@@ -157,6 +160,8 @@ def shard_task(config: PipelineConfig, corpus: Artifact, tokenizer: Artifact,
 @task(name="pretrain", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def pretrain_task(config: PipelineConfig, shards: Artifact, tokenizer: Artifact,
                   parent_run_id: Optional[str] = None) -> Artifact:
+    """Prefect task: pretrain on the shards (resuming from checkpoints), tracked as a child MLflow run
+    with the step metrics, the model folder and the loss curves."""
     def run(child: Optional[str]) -> Artifact:
         callback = None
         if child is not None:
@@ -194,6 +199,7 @@ def _log_loss_plot(tracker, run_id: str, source_run_id: str, folder: Path) -> No
 
 @task(name="evaluate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Optional[str] = None) -> Artifact:
+    """Prefect task: evaluate the model (recipe §6), tracked as a child MLflow run with its metrics."""
     def run(child: Optional[str]) -> Artifact:
         from .plots import evaluation_figures
 

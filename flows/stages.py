@@ -56,6 +56,7 @@ def _cached_or_run(cfg: PipelineConfig, stage: str, inputs: dict[str, Any], conf
 
 
 def clean(cfg: PipelineConfig) -> Artifact:
+    """The clean stage: ``clean.inputs`` -> documents.parquet, reused when cached."""
     from tokenization.clean import clean_corpus, clean_inputs
 
     return _cached_or_run(cfg, "clean", clean_inputs(cfg.clean), cfg.clean.identity_dict(),
@@ -63,6 +64,7 @@ def clean(cfg: PipelineConfig) -> Artifact:
 
 
 def train_tokenizer(cfg: PipelineConfig, corpus: Artifact) -> Artifact:
+    """The tokenizer stage: train the recipe §4 tokenizer on the cleaned corpus, reused when cached."""
     from tokenization.clean import DOCUMENTS_FILE
     from tokenization.tokenizer import train_tokenizer as train
 
@@ -71,6 +73,7 @@ def train_tokenizer(cfg: PipelineConfig, corpus: Artifact) -> Artifact:
 
 
 def shard(cfg: PipelineConfig, corpus: Artifact, tokenizer: Artifact) -> Artifact:
+    """The shard stage: encode the cleaned corpus with the tokenizer into Arrow shards, reused when cached."""
     from tokenization.clean import DOCUMENTS_FILE
     from tokenization.shards import write_shards
     from tokenization.tokenizer import TOKENIZER_FILE

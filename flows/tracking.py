@@ -40,6 +40,7 @@ def default_artifact_root(cfg: PipelineConfig, uri: str) -> str | None:
 
 
 def client_for(uri: str):
+    """An MlflowClient for tracking and registry at ``uri`` (a sqlite store's folder is created)."""
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("sqlite:///"):
@@ -48,6 +49,7 @@ def client_for(uri: str):
 
 
 def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
+    """The id of experiment ``name``, created with ``artifact_location`` when missing (race-safe)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -97,10 +99,12 @@ class Tracker:
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> "Tracker":
+        """A tracker for the config's tracking URI and experiment."""
         uri = resolve_tracking_uri(cfg)
         return cls(uri, cfg.tracking.experiment, default_artifact_root(cfg, uri))
 
     def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+        """Create a run ``name`` (a child of ``parent_run_id`` if given) with ``tags``; return its id."""
         all_tags = {RUN_NAME_TAG: name, **(tags or {})}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
@@ -108,9 +112,11 @@ class Tracker:
         return run.info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """Mark the run terminated with ``status``."""
         self.client.set_terminated(run_id, status=status)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Log ``params`` (keys sanitised, values as strings of at most 6000 characters)."""
         from mlflow.entities import Param
 
         items = [Param(_clean_key(k), str(v)[:6000]) for k, v in params.items()]
@@ -118,6 +124,7 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i:i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+        """Log the numeric leaves of ``metrics`` under dotted names at ``step``."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -126,6 +133,7 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i:i + 1000])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        """Set ``tags`` on the run (keys sanitised, values as strings)."""
         from mlflow.entities import RunTag
 
         items = [RunTag(_clean_key(k), str(v)) for k, v in tags.items()]
@@ -133,6 +141,7 @@ class Tracker:
             self.client.log_batch(run_id, tags=items)
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a file or a folder under ``artifact_path``; a missing path is skipped."""
         path = Path(path)
         if path.is_dir():
             self.client.log_artifacts(run_id, str(path), artifact_path)
@@ -140,9 +149,11 @@ class Tracker:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """Log ``text`` as the run's artifact file ``artifact_file``."""
         self.client.log_text(run_id, text, artifact_file)
 
     def params_of(self, cfg: PipelineConfig) -> dict[str, Any]:
+        """The config as flat dotted params (``train.lr``)."""
         return flatten(cfg)
 
 

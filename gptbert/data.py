@@ -37,17 +37,21 @@ class ListDocumentSource:
 
     @property
     def lengths(self) -> np.ndarray:
+        """Token count of every document (int64)."""
         return self._lengths
 
     def document(self, i: int) -> np.ndarray:
+        """The token ids of document ``i``."""
         return self._docs[i]
 
     @property
     def num_tokens(self) -> int:
+        """Total tokens over all documents."""
         return int(self._lengths.sum())
 
     @property
     def num_words(self) -> int | None:
+        """Total word count, or None when unknown."""
         return self._words
 
 

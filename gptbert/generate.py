@@ -21,6 +21,9 @@ from gptbert.scoring import BOS_ID, EOS_ID, NUM_SPECIAL, special_ids
 
 @dataclass
 class GenerationSettings:
+    """How ``generate`` decodes: length, greedy or sampling (temperature, top-k, top-p), the
+    repetition penalty (recipe §6), stopping at ``</s>`` and the sampling seed."""
+
     max_new_tokens: int = 64
     greedy: bool = False
     temperature: float = 1.0
@@ -31,6 +34,7 @@ class GenerationSettings:
     seed: int | None = None
 
     def validate(self) -> None:
+        """Reject settings that cannot decode with a ValueError naming the field."""
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not self.greedy and not self.temperature > 0:

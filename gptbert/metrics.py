@@ -54,6 +54,7 @@ class MetricsCallback:
         self._fpt: dict[tuple[int, float], float] = {}
 
     def flops_per_token(self, seq_len: int, mask_rate: float) -> float:
+        """Training FLOPs per input token at ``seq_len`` and ``mask_rate`` (cached per pair)."""
         # Targets per input token: every causal position, about mask_rate of a masked example's.
         frac = round(self.causal_fraction + (1.0 - self.causal_fraction) * mask_rate, 3)
         key = (seq_len, frac)
@@ -86,6 +87,7 @@ class JsonlCallback:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file (blank lines skipped); [] when the file does not exist."""
     p = Path(path)
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
 

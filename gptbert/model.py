@@ -133,6 +133,9 @@ class _LayerMix(torch.autograd.Function):
 
 
 class Attention(nn.Module):
+    """The attention block (recipe §1): LayerNorm, disentangled relative-position attention, the
+    optional GELU gate, LayerNorm, output Linear and dropout; the caller adds the residual."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         H = config.hidden_size
@@ -230,6 +233,9 @@ class _GEGLU(torch.autograd.Function):
 
 
 class FeedForward(nn.Module):
+    """The feed-forward block (recipe §1): LayerNorm, Linear H->2I, GEGLU, LayerNorm, Linear I->H and
+    dropout; the caller adds the residual."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.eps = config.layer_norm_eps
@@ -246,6 +252,9 @@ class FeedForward(nn.Module):
 
 
 class Layer(nn.Module):
+    """One transformer layer: an attention and a feed-forward block, which ``GPTBERT.forward`` runs
+    with a layer-weighting step after each."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.attention = Attention(config)
@@ -277,6 +286,7 @@ class ClassifierHead(nn.Module):
 
 
 def init_std(config: ModelConfig) -> float:
+    """Standard deviation of the truncated-normal initialisation: sqrt(2 / (5H)) (recipe §1)."""
     return math.sqrt(2.0 / (5.0 * config.hidden_size))
 
 
@@ -285,6 +295,17 @@ def init_std(config: ModelConfig) -> float:
 
 
 class GPTBERT(nn.Module):
+    """The GPT-BERT encoder of one ModelConfig (architecture: docs/recipe.md §1).
+
+    ``forward(input_ids, blocked)`` takes ``input_ids`` (B, T) long and ``blocked`` (B, T, T) bool,
+    where True means the query may not attend the key (``build_blocked_mask`` builds it from segment
+    ids and causal flags; the mask alone makes an example causal or masked). It returns the hidden
+    states (B, T, H) after the last layer-weighting step (the last block's output when layer weighting
+    is off); there is no final encoder LayerNorm. ``lm_logits`` is the LM head, whose output projection
+    is tied to the word embedding, applied to states gathered at the positions that have a target;
+    ``add_classifier`` and ``classifier_logits`` give the fine-tuning head.
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -306,6 +327,9 @@ class GPTBERT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Initialise as recipe §1: truncated-normal weights and embeddings (std ``init_std``, cut at
+        ±2 std), zero biases, layer i's feed-forward weights scaled by sqrt(1/(2(i+1))), layer weights
+        [0, ..., 0, 1], the relative-position LayerNorm at identity."""
         std = init_std(self.config)
 
         def trunc(t: torch.Tensor) -> None:

@@ -44,10 +44,12 @@ class Cursor:
     offset: int = 0
 
     def to_dict(self) -> dict[str, int]:
+        """The cursor as a plain dict (the checkpoint's trainer state)."""
         return {"epoch": self.epoch, "position": self.position, "offset": self.offset}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Cursor":
+        """The cursor saved by ``to_dict``."""
         return cls(int(d["epoch"]), int(d["position"]), int(d["offset"]))
 
 
@@ -75,6 +77,7 @@ class PackingPlanner:
         self._lengths_list = self.lengths.tolist()
 
     def order(self, epoch: int) -> np.ndarray:
+        """Document order of ``epoch``: the usable documents in a permutation seeded by (seed, epoch)."""
         if epoch != self._order_epoch:
             rng = np.random.default_rng([self.seed, 2, epoch])
             self._order = self.usable[rng.permutation(len(self.usable))]
@@ -145,6 +148,8 @@ def num_micro_batches(batch_size: int, world_size: int, micro_batch_size: int) -
 
 @dataclass
 class Batch:
+    """Examples as tensors (recipe §3): inputs, targets, segment ids and causal flags."""
+
     input_ids: torch.Tensor  # (B, T) long
     target_ids: torch.Tensor  # (B, T) long, IGNORE where there is no target
     segment_ids: torch.Tensor  # (B, T) long, 0 = padding, 1.. = packed segment
@@ -165,6 +170,7 @@ class Batch:
         return int(has.sum()) - causal, causal
 
     def to(self, device) -> "Batch":
+        """The batch with every tensor moved to ``device``."""
         return Batch(self.input_ids.to(device), self.target_ids.to(device),
                      self.segment_ids.to(device), self.causal.to(device))
 
@@ -183,6 +189,7 @@ class StepPlan:
 
     @property
     def batch_size(self) -> int:
+        """Number of examples in the global batch."""
         return len(self.examples)
 
 
@@ -367,6 +374,8 @@ class TrainingStream:
                         causal_flags(batch_size, self.cfg.causal_fraction)), nxt
 
     def batch(self, plan: StepPlan, indices) -> Batch:
+        """Materialise examples ``indices`` of ``plan`` with this run's masking settings; a token id
+        outside the model vocabulary is a ValueError."""
         c = self.cfg
         b = build_batch(self.source, plan, indices, c.seed, self.vocab_size, c.max_span_length,
                         c.mask_token_prob, c.random_token_prob)
@@ -439,6 +448,7 @@ class LossNorm:
 
     @property
     def total(self) -> int:
+        """Target tokens of both kinds."""
         return self.masked + self.causal
 
 

@@ -131,6 +131,8 @@ class ShardedLAMB(LAMB):
 
     def attach_partitions(self, flat: torch.Tensor, segment_ids: torch.Tensor, num_params: int,
                           process_group=None) -> None:
+        """Record which parameter every element of ZeRO's flat tensor ``flat`` belongs to (``num_params``
+        for padding); trust-ratio norms are all-reduced over ``process_group``."""
         self._segments[id(flat)] = (segment_ids.to(flat.device), num_params, process_group)
 
     def _trust_ratios(self, params, weights, updates):
@@ -196,6 +198,7 @@ def lr_at(step: int, total_steps: int, peak: float, warmup_fraction: float = 0.0
 
 
 def schedule_lr(step: int, train_cfg) -> float:
+    """Learning rate of ``step`` under ``train_cfg``'s schedule (``lr_at``, recipe §5)."""
     c = train_cfg
     return lr_at(step, c.steps, c.lr, c.warmup_fraction, c.cooldown_fraction, c.min_lr_ratio)
 
@@ -240,6 +243,8 @@ class EMA:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The device of ``train.device``: ``auto`` is CUDA when available, else the CPU; ``cuda``
+    without CUDA is a ValueError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

@@ -56,8 +56,13 @@ class AveragedWeights(Protocol):
     def update(self, model: torch.nn.Module) -> None: ...
     def state_dict(self) -> dict[str, torch.Tensor]: ...
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
-    def copy_to(self, model: torch.nn.Module) -> None: ...
-    def backup(self, model: torch.nn.Module) -> Any: ...
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        """Write the averaged weights into ``model``."""
+
+    def backup(self, model: torch.nn.Module) -> Any:
+        """What ``restore`` needs to put ``model``'s current weights back after ``copy_to``."""
+
     def restore(self, model: torch.nn.Module, saved: Any) -> None: ...
 
 
@@ -160,6 +165,7 @@ class Trainer:
 
     # -- identity of the run, for refusing to resume a different one -------------------------
     def run_digest(self) -> str:
+        """This run's identity digest (``run_digest``), checked when resuming from a checkpoint."""
         return run_digest(self.model_cfg, self.tc)
 
     def _autocast(self):
@@ -182,6 +188,18 @@ class Trainer:
             self._pending = None
 
     def train_step(self) -> dict[str, Any]:
+        """Run global step ``self.step`` (one optimiser step) and return its metrics.
+
+        Takes this rank's micro-batches of the step (prefetched in a background thread when
+        ``train.prefetch``, which then starts on the next step's), all-reduces their target counts so
+        that every micro-batch loss is normalised over the whole global batch (recipe §2), accumulates
+        gradients over the micro-batches (a rank without examples in one backpropagates a zero loss to
+        keep the collectives in step), steps the backend at the scheduled learning rate with clipping
+        (recipe §5), updates the EMA and advances the step, data cursor and token count. The metrics:
+        loss, loss_masked, loss_causal, lr, mask_rate, grad_norm (before clipping), seq_len, batch_size,
+        micro_batches, tokens, tokens_per_s, data_time_s, step_time_s and, where the data has a word
+        count, words_per_s.
+        """
         tc, module = self.tc, self.backend.module
         t0 = time.perf_counter()
         pending, self._pending = self._pending, None
@@ -287,6 +305,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """The loop state saved as trainer.pt: step, data cursor, tokens seen and the run digest."""
         return {"step": self.step, "cursor": self.cursor.to_dict(), "tokens_seen": self.tokens_seen,
                 "run_digest": self.run_digest()}
 

@@ -63,6 +63,8 @@ _LAST_SENTENCE_END = re.compile(
 
 @dataclass
 class SourceStats:
+    """Counters of the clean stage for one source (and, summed, for all), recorded in stage.json."""
+
     files: int = 0
     bytes_in: int = 0
     documents_in: int = 0
@@ -78,6 +80,8 @@ class SourceStats:
 
 @dataclass
 class InputFile:
+    """One input file of the clean stage: its path, name under its input, source and format."""
+
     path: Path
     name: str  # path relative to the input it was found under
     source: str
@@ -94,6 +98,7 @@ def count_words(text: str) -> int:
 
 
 def source_name(path: Path) -> str:
+    """The source of an input file: its name up to the first dot (``childes`` for ``childes.train.gz``)."""
     return path.name.split(".")[0] or path.name
 
 
@@ -398,6 +403,8 @@ def iter_documents(documents_parquet: str | Path, columns=("text",), batch_size:
 
 
 def open_documents(documents_parquet: str | Path) -> pq.ParquetFile:
+    """Open the clean stage's documents.parquet; a DataError unless it is readable, has a ``text``
+    column and holds at least one document."""
     path = Path(documents_parquet)
     if not path.exists():
         raise FileNotFoundError(f"documents file not found: {path}")

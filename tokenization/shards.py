@@ -50,6 +50,7 @@ def shard_inputs(documents_parquet: str | Path, tokenizer_json: str | Path) -> d
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
+    """The shards' token dtype: uint16 for vocabularies up to 65536 ids, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 

@@ -73,6 +73,8 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
 
 
 def build_trainer(cfg: TokenizerConfig, show_progress: bool = False) -> trainers.BpeTrainer:
+    """The BPE trainer of recipe §4: vocabulary size, minimum merge count, the specials, the 256
+    byte characters as initial alphabet and tokens of at most ``max_token_chars``."""
     return trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,

@@ -36,6 +36,8 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 @dataclass
 class PipelineConfig(ConfigBase):
+    """The whole pipeline's configuration: the run root (``workdir``) and one section per stage."""
+
     workdir: str = "runs"
     clean: CleanConfig = field(default_factory=CleanConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -47,15 +49,18 @@ class PipelineConfig(ConfigBase):
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
+        """Reject model.vocab_size != tokenizer.vocab_size with a ConfigError naming model.vocab_size."""
         check(self.tokenizer.vocab_size == self.model.vocab_size, "model.vocab_size",
               f"must equal tokenizer.vocab_size ({self.tokenizer.vocab_size}), got {self.model.vocab_size}")
 
 
 def preset_names() -> list[str]:
+    """Names of the shipped presets (``presets/*.yaml``), sorted."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
 def preset_dict(name: str) -> dict[str, Any]:
+    """The raw mapping of preset ``name``; an unknown name is a ConfigError listing the known ones."""
     path = PRESET_DIR / f"{name}.yaml"
     if not path.exists():
         raise ConfigError("preset", f"unknown preset {name!r} (known: {', '.join(preset_names())})")
@@ -83,6 +88,7 @@ def load_config(
 
 
 def preset(name: str) -> PipelineConfig:
+    """The validated config of preset ``name``."""
     return load_config(preset=name)
 
 

@@ -237,6 +237,7 @@ def digest(obj: Any) -> str:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping ({} when empty); ConfigError if not valid YAML or not a mapping."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"config file not found: {p}")
@@ -252,6 +253,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def dump_yaml(cfg: Any) -> str:
+    """YAML of a config (or a plain dict), keys in declaration order."""
     return yaml.safe_dump(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=False)
 
 

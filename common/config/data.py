@@ -24,6 +24,7 @@ class CleanRule(ConfigBase):
     sources: list[str] = field(default_factory=list)  # empty: every source
 
     def validate(self) -> None:
+        """Reject invalid values with a ConfigError naming the field."""
         check(bool(self.pattern), "pattern", "must be a non-empty regular expression")
         try:
             re.compile(self.pattern)
@@ -33,6 +34,9 @@ class CleanRule(ConfigBase):
 
 @dataclass
 class CleanConfig(ConfigBase):
+    """Configures the clean stage: inputs, decoding, Unicode normalisation, rules, deduplication,
+    document length limits and the Parquet output."""
+
     # Files or folders: .txt / .gz (one document per line), .jsonl (.jsonl.gz), .parquet.
     inputs: list[str] = field(default_factory=list)
     text_field: str = "text"  # jsonl key / parquet column holding the text
@@ -50,6 +54,7 @@ class CleanConfig(ConfigBase):
     RUNTIME_FIELDS = ("inputs", "row_group_documents")
 
     def validate(self) -> None:
+        """Reject invalid values with a ConfigError naming the field."""
         check(bool(self.text_field), "text_field", "must be non-empty")
         check(self.max_document_chars >= 100, "max_document_chars", "must be at least 100")
         check(self.min_document_chars >= 1, "min_document_chars", "must be at least 1")
@@ -60,6 +65,8 @@ class CleanConfig(ConfigBase):
 
 @dataclass
 class TokenizerConfig(ConfigBase):
+    """Configures the tokenizer stage (recipe §4): vocabulary size, BPE merges, training subset, threads."""
+
     vocab_size: int = 8192  # must equal model.vocab_size (PipelineConfig checks)
     min_frequency: int = 0  # BPE trainer: minimum pair count for a merge (0 = the library default)
     max_token_chars: int = 24  # recipe §4: pre-tokenized chunks (and so tokens) of at most 24 chars
@@ -69,6 +76,7 @@ class TokenizerConfig(ConfigBase):
     RUNTIME_FIELDS = ("num_threads",)
 
     def validate(self) -> None:
+        """Reject invalid values with a ConfigError naming the field."""
         check(self.vocab_size >= 16 + 256, "vocab_size", "must hold 16 specials and 256 bytes")
         check(self.vocab_size <= 2**32, "vocab_size", "must fit in uint32")
         check(self.min_frequency >= 0, "min_frequency", "must be >= 0")
@@ -79,6 +87,8 @@ class TokenizerConfig(ConfigBase):
 
 @dataclass
 class ShardConfig(ConfigBase):
+    """Configures the shard stage: the validation split, shard size, encoding batch and threads."""
+
     validation_fraction: float = 0.01  # of documents, chosen by a seeded hash of their text
     split_seed: int = 0
     shard_tokens: int = 2**27  # a shard is cut at the first document boundary past this
@@ -88,6 +98,7 @@ class ShardConfig(ConfigBase):
     RUNTIME_FIELDS = ("batch_documents", "num_threads")
 
     def validate(self) -> None:
+        """Reject invalid values with a ConfigError naming the field."""
         check(0.0 <= self.validation_fraction < 1.0, "validation_fraction", "must be in [0, 1)")
         check(self.shard_tokens > 0, "shard_tokens", "must be positive")
         check(self.shard_tokens < 2**31, "shard_tokens", "must be below 2**31 (int32 offsets)")

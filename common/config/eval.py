@@ -36,6 +36,7 @@ class FinetuneConfig(ConfigBase):
     seed: int = 0
 
     def validate(self) -> None:
+        """Reject invalid values with a ConfigError naming the field."""
         check(self.lr > 0, "lr", "must be positive")
         check(self.batch_size > 0, "batch_size", "must be positive")
         check(self.epochs > 0, "epochs", "must be positive")
@@ -51,6 +52,9 @@ class FinetuneConfig(ConfigBase):
 
 @dataclass
 class EvalConfig(ConfigBase):
+    """Configures the evaluate stage (recipe §6): tasks, BLiMP data, scoring modes, temperatures, batch
+    size and fine-tuning."""
+
     # Evaluation tasks (registered in gptbert.evaluation) to run, in order; a task whose data is
     # not configured is skipped with a note in the results.
     tasks: list[str] = field(default_factory=lambda: ["blimp", "glue"])
@@ -66,6 +70,7 @@ class EvalConfig(ConfigBase):
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
+        """Reject invalid values with a ConfigError naming the field."""
         check(len(set(self.tasks)) == len(self.tasks), "tasks", f"has duplicates: {self.tasks}")
         check(len(self.modes) > 0, "modes", "must name at least one of causal, mntp, fused")
         check(len(set(self.modes)) == len(self.modes), "modes", f"has duplicates: {self.modes}")

@@ -16,6 +16,8 @@ from .base import ConfigBase, check
 
 @dataclass
 class LaunchConfig(ConfigBase):
+    """Configures how the pretrain stage is launched: locally, or as Ray Train workers with DeepSpeed."""
+
     # A launcher registered in gptbert.distributed (checked when pretraining starts).
     backend: str = "local"
     # Ray Train workers (one DeepSpeed rank each) and what each one reserves.
@@ -43,6 +45,7 @@ class LaunchConfig(ConfigBase):
     max_failures: int = 0
 
     def validate(self) -> None:
+        """Reject invalid values with a ConfigError naming the field."""
         check(bool(self.backend.strip()), "backend", "must name a launcher (local, ray, ...)")
         check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         check(self.cpus_per_worker >= 1, "cpus_per_worker", f"must be >= 1, got {self.cpus_per_worker}")

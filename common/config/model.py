@@ -10,6 +10,9 @@ from .base import ConfigBase, check
 
 @dataclass
 class ModelConfig(ConfigBase):
+    """Configures the model (recipe §1): sizes, relative positions, dropout, the gate and layer-weighting
+    ablations, and the attention implementation."""
+
     vocab_size: int = 8192
     hidden_size: int = 384
     num_layers: int = 12
@@ -29,9 +32,11 @@ class ModelConfig(ConfigBase):
 
     @property
     def head_dim(self) -> int:
+        """Size of one attention head: hidden_size // num_heads."""
         return self.hidden_size // self.num_heads
 
     def validate(self) -> None:
+        """Reject invalid values with a ConfigError naming the field."""
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_position_embeddings", "position_buckets"):
             check(getattr(self, name) > 0, name, "must be positive")

@@ -10,6 +10,8 @@ from .base import ConfigBase, check
 
 @dataclass
 class TrackingConfig(ConfigBase):
+    """Configures MLflow tracking: store, experiment, model registry, champion rule, metric batching."""
+
     # Off: the pipeline runs and caches the same, only nothing is logged to MLflow.
     enabled: bool = True
     # Empty: $MLFLOW_TRACKING_URI if set, else sqlite:///<workdir>/mlflow/mlflow.db (the embedded default).
@@ -24,6 +26,7 @@ class TrackingConfig(ConfigBase):
     log_every: int = 10
 
     def validate(self) -> None:
+        """Reject invalid values with a ConfigError naming the field."""
         check(bool(self.experiment.strip()), "experiment", "must not be empty")
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(bool(self.champion_metric.strip()), "champion_metric", "must not be empty")

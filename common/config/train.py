@@ -16,6 +16,9 @@ from .base import ConfigBase, check
 
 @dataclass
 class TrainConfig(ConfigBase):
+    """Configures the pretrain stage (recipe §2, §3, §5): the objective mix, sequence and batch schedules,
+    masking, optimiser and loop."""
+
     steps: int = 7812
     lr: float = 1.41e-2
     seed: int = 0
@@ -87,6 +90,7 @@ class TrainConfig(ConfigBase):
         return length
 
     def batch_tokens_at(self, step: int) -> int:
+        """Global batch tokens at ``step``: batch_tokens_start to batch_tokens_end, linearly (recipe §3)."""
         frac = step / max(self.steps - 1, 1)
         return int(round(self.batch_tokens_start + (self.batch_tokens_end - self.batch_tokens_start) * frac))
 
@@ -95,14 +99,17 @@ class TrainConfig(ConfigBase):
         return max(1, int(round(self.batch_tokens_at(step) / self.seq_len_at(step))))
 
     def mask_rate_at(self, step: int) -> float:
+        """Mask rate at ``step``: linear from mask_rate_start to mask_rate_end (recipe §3)."""
         frac = min(step / max(self.steps - 1, 1), 1.0)
         return self.mask_rate_start + (self.mask_rate_end - self.mask_rate_start) * frac
 
     @property
     def max_seq_len(self) -> int:
+        """The longest sequence length of the run (the last stage of the schedule, or seq_len)."""
         return max(self.seq_len_stages) if self.seq_len_schedule else self.seq_len
 
     def validate(self) -> None:
+        """Reject invalid values with a ConfigError naming the field."""
         check(self.steps > 0, "steps", "must be positive")
         check(self.lr > 0, "lr", "must be positive")
         check(0.0 <= self.causal_fraction <= 1.0, "causal_fraction", "must be in [0, 1]")

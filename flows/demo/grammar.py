@@ -27,17 +27,22 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Noun:
+    """A noun of the lexicon: singular and plural forms, gender (for the reflexive) and animacy."""
+
     sg: str
     pl: str
     gender: str  # "m", "f", "n": picks himself / herself / itself
     animate: bool
 
     def form(self, plural: bool) -> str:
+        """The plural or the singular form."""
         return self.pl if plural else self.sg
 
 
 @dataclass(frozen=True)
 class Verb:
+    """A verb of the lexicon: its present, past, participle and -ing forms, and whether it is transitive."""
+
     base: str  # "eat": also the plural present
     s3: str  # "eats": singular present
     past: str  # "ate"
@@ -46,6 +51,7 @@ class Verb:
     transitive: bool
 
     def present(self, plural: bool) -> str:
+        """The present form that agrees with a plural or a singular subject."""
         return self.base if plural else self.s3
 
 
@@ -193,6 +199,7 @@ def sentence(rng: random.Random) -> str:
 
 
 def document(rng: random.Random, min_sentences: int = 3, max_sentences: int = 8) -> str:
+    """One document: ``min_sentences`` to ``max_sentences`` sentences (inclusive), space-joined."""
     return " ".join(sentence(rng) for _ in range(rng.randint(min_sentences, max_sentences)))
 
 

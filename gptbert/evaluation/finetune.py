@@ -33,12 +33,16 @@ class TaskFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
+    """One fine-tuning example: a sentence, an optional second sentence and an integer label."""
+
     text_a: str
     text_b: str | None
     label: int
 
 
 def load_task_file(path: str | Path, max_examples: int | None = None) -> list[Example]:
+    """Read a task's jsonl file (at most ``max_examples`` examples); a bad record or an empty file
+    is a TaskFormatError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"fine-tuning data file not found: {path}")
@@ -96,6 +100,7 @@ def classification_metrics(predictions: Sequence[int], labels: Sequence[int]) ->
 
 
 def task_metric(task: str) -> str:
+    """The metric that picks the best epoch: MCC for CoLA, F1 for MRPC and QQP, accuracy elsewhere."""
     return TASK_METRIC.get(task.lower(), "accuracy")
 
 

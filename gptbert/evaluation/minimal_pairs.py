@@ -29,6 +29,8 @@ class BlimpFormatError(ValueError):
 
 @dataclass(frozen=True)
 class MinimalPair:
+    """One BLiMP pair: the good and the bad sentence, with paradigm, phenomenon, field and source line."""
+
     good: str
     bad: str
     uid: str  # paradigm

@@ -39,10 +39,17 @@ def replaced_bytes() -> int:
 class DocumentSink(Protocol):
     """Where a format delivers documents (the cleaner)."""
 
-    def start(self) -> None: ...
-    def feed(self, text: str) -> None: ...
-    def end(self) -> None: ...
-    def add_bytes(self, n: int) -> None: ...
+    def start(self) -> None:
+        """Begin a document."""
+
+    def feed(self, text: str) -> None:
+        """Append the next piece of the current document's text."""
+
+    def end(self) -> None:
+        """Finish the current document."""
+
+    def add_bytes(self, n: int) -> None:
+        """Count ``n`` more bytes read from the input file."""
 
 
 @dataclass(frozen=True)

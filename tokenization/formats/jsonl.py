@@ -14,6 +14,8 @@ from .base import DocumentSink, InputFormat, check_binary, decode_error, open_bi
 
 
 def read(path: Path, cfg: CleanConfig, cleaner: DocumentSink) -> None:
+    """Deliver each record's ``clean.text_field`` to ``cleaner`` as one document (blank lines skipped,
+    a null text is an empty document); a DataError names the line."""
     errors = utf8_errors(cfg)
     key, docs = cfg.text_field, 0
     try:

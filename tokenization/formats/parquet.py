@@ -14,6 +14,8 @@ from .base import DocumentSink, InputFormat, decode_error, utf8_errors
 
 
 def read(path: Path, cfg: CleanConfig, cleaner: DocumentSink) -> None:
+    """Deliver each row of the ``clean.text_field`` column to ``cleaner`` as one document (a null is an
+    empty document); a DataError names the problem."""
     errors = utf8_errors(cfg)
     key = cfg.text_field
     try:
