@@ -9,6 +9,7 @@ pays for the libraries it uses.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import data, evaluate, model, pipeline, train
@@ -17,29 +18,61 @@ from . import data, evaluate, model, pipeline, train
 COMMAND_GROUPS = (data, model, train, evaluate, pipeline)
 
 
+DEBUG_ENV = "GPTBERT_DEBUG"
+# Errors caused by what the user gave (a file, a folder, a config value): one line, exit code 1.
+USER_ERRORS = (ValueError, OSError, LookupError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gptbert`` argument parser with every subcommand group registered."""
     parser = argparse.ArgumentParser(prog="gptbert", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.register(sub)
     return parser
 
 
+def error_line(exc: BaseException) -> str:
+    """One line saying what went wrong: the exception's message (the library's messages name the
+    file or config field), its last line when a library wrapped a traceback into it."""
+    text = str(exc).strip()
+    if isinstance(exc, KeyError):
+        text = f"missing key {text}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1:
+        # A wrapped remote traceback ends with "SomeError: message".
+        named = [line for line in lines if ": " in line and line.split(": ", 1)[0].replace(".", "").isidentifier()]
+        return named[-1] if named else lines[-1]
+    return lines[0]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``gptbert`` command and return its exit code (1 for a config, missing-file or value
-    error; 2 without a subcommand)."""
+    """Run the ``gptbert`` command and return its exit code: 0, 1 for an error (printed as one line
+    naming the file or field; ``--debug`` or GPTBERT_DEBUG=1 shows the traceback), 2 without a
+    subcommand, 130 after Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from common.config import ConfigError
-
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     try:
         result = args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"gptbert {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"gptbert {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (the one place every error becomes one line)
+        if debug:
+            raise
+        kind = "error" if isinstance(exc, USER_ERRORS) else f"unexpected {type(exc).__name__}"
+        hint = "" if isinstance(exc, USER_ERRORS) else f" (rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+        print(f"gptbert {args.command}: {kind}: {error_line(exc)}{hint}", file=sys.stderr)
         return 1
     return int(result or 0)
 

@@ -12,6 +12,7 @@ are kept. Resuming restores all of it, so a resumed run continues exactly.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -21,9 +22,51 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.artifacts import replace_dir
+from common.artifacts import DataError, replace_dir
 
 PREFIX = "step-"
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries wrap long tracebacks into theirs)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class CheckpointError(DataError):
+    """A checkpoint that cannot be read: a missing, truncated or corrupt file (the message names it)."""
+
+
+class UnsafeCheckpointError(DataError):
+    """A checkpoint file holding objects other than tensors and plain data, refused unread: loading it
+    could run code."""
+
+    def __init__(self, path, exc: Exception):
+        super().__init__(f"{path}: refused: the file holds objects other than tensors and plain data, "
+                         f"and loading it could run code ({_reason(exc)})")
+
+
+def torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: a payload that is not plain data raises UnsafeCheckpointError,
+    an unreadable file CheckpointError; both name the file."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(path, exc) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({_reason(exc)})") from None
+
+
+def safetensors_load(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; an unreadable file raises CheckpointError naming it."""
+    try:
+        return load_file(str(path), device=device)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except Exception as exc:  # safetensors raises its own SafetensorError for truncated files
+        raise CheckpointError(f"{path}: unreadable ({_reason(exc)})") from None
 
 
 def _is_dist() -> bool:
@@ -122,19 +165,36 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, backend, ema, rank: int = 0) -> dict[str, Any]:
-    """Restore backend (model + optimizer), EMA and this rank's RNG; returns the trainer state."""
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The loop state of a checkpoint (step, data cursor, run digest), read before any weights."""
     path = Path(path)
     if not (path / "trainer.pt").exists():
-        raise FileNotFoundError(f"not a complete checkpoint (no trainer.pt): {path}")
-    backend.load(path)
-    ema.load_state_dict(load_file(str(path / "ema.safetensors")))
-    state = torch.load(path / "trainer.pt", weights_only=True)
+        raise CheckpointError(f"{path}: not a complete checkpoint (no trainer.pt)")
+    return torch_load(path / "trainer.pt")
+
+
+def load_checkpoint(path: str | Path, backend, ema, rank: int = 0, run_digest: str | None = None) -> dict[str, Any]:
+    """Restore backend (model + optimizer), EMA and this rank's RNG; returns the trainer state.
+
+    With ``run_digest``, a checkpoint of another run (model or train config) is refused before any
+    weights are read. Every file is read without unpickling code (``weights_only``)."""
+    path = Path(path)
+    state = read_trainer_state(path)
+    if run_digest is not None and state.get("run_digest") != run_digest:
+        raise DataError(f"checkpoint {path} was written by a run with a different model or train config; "
+                        "use a new output folder or the original config")
+    try:
+        backend.load(path)
+    except (CheckpointError, UnsafeCheckpointError):
+        raise
+    except Exception as exc:  # a backend's own reader (safetensors, DeepSpeed) on a damaged file
+        raise CheckpointError(f"{path}: the model or optimizer state is unreadable ({_reason(exc)})") from None
+    ema.load_state_dict(safetensors_load(path / "ema.safetensors"))
     rng_file = path / f"rng-{rank}.pt"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(torch_load(rng_file))
     return state
 
 
-__all__ = ["latest_checkpoint", "list_checkpoints", "load_checkpoint", "rng_state", "save_checkpoint",
-           "set_rng_state"]
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
+           "read_trainer_state", "rng_state", "safetensors_load", "save_checkpoint", "set_rng_state", "torch_load"]

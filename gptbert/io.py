@@ -10,26 +10,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from common.artifacts import replace_dir
-from common.config import ModelConfig, from_dict, to_dict
+from common.artifacts import DataError, DigestMismatchError, file_digest, read_json, replace_dir
+from common.config import ConfigError, ModelConfig, from_dict, to_dict
+
+from .checkpoint import safetensors_load
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+SUMMARY_FILE = "training.json"
 
 
 def save_model_dir(out_dir: str | Path, model: torch.nn.Module, model_cfg: ModelConfig,
                    tokenizer_path: str | Path | None, summary: dict[str, Any]) -> Path:
-    """Write the model folder to a temporary sibling, then rename it into place."""
+    """Write the model folder to a temporary sibling, then swap it into place. ``training.json``
+    records the tokenizer's sha256, which ``load_model_dir`` checks."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(to_dict(model_cfg), indent=2) + "\n")
+        save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(to_dict(model_cfg), indent=2) + "\n")
+        summary = dict(summary)
         if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        (tmp / "training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+            summary["tokenizer_sha256"] = file_digest(tmp / TOKENIZER_FILE)
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -38,26 +48,46 @@ def save_model_dir(out_dir: str | Path, model: torch.nn.Module, model_cfg: Model
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizers.Tokenizer or None when the folder has no tokenizer.json)."""
+    """(model in eval mode, tokenizers.Tokenizer or None when the folder has no tokenizer.json).
+
+    The folder is checked as it is read: ``config.json`` must be a valid ModelConfig, the weights
+    must have exactly its shapes, and the tokenizer must be the one training recorded (sha256),
+    hold the 16 special tokens at their ids and fit the model's vocabulary. Every error names the
+    file."""
+    from tokenization.tokenizer import load_tokenizer
+
     from .model import GPTBERT
 
     p = Path(path)
-    for name in ("config.json", "model.safetensors"):
+    if not p.is_dir():
+        raise FileNotFoundError(f"model folder not found: {p}")
+    for name in (CONFIG_FILE, MODEL_FILE):
         if not (p / name).is_file():
             raise FileNotFoundError(f"model folder {p} lacks {name}")
+    raw = read_json(p / CONFIG_FILE)
     try:
-        cfg = from_dict(ModelConfig, json.loads((p / "config.json").read_text()))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{p / 'config.json'}: not valid JSON ({exc})") from None
+        cfg = from_dict(ModelConfig, raw if isinstance(raw, dict) else {"": raw})
+    except ConfigError as exc:
+        raise DataError(f"{p / CONFIG_FILE}: {exc}") from None
     model = GPTBERT(cfg)
-    model.load_state_dict(load_file(str(p / "model.safetensors")))
+    state = safetensors_load(p / MODEL_FILE)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:3] if line.strip())
+        raise DataError(f"{p / MODEL_FILE}: the weights do not fit {CONFIG_FILE} ({detail})") from None
     model.to(device).eval()
     tokenizer = None
-    if (p / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(p / "tokenizer.json"))
+    if (p / TOKENIZER_FILE).is_file():
+        expected = read_json(p / SUMMARY_FILE).get("tokenizer_sha256") if (p / SUMMARY_FILE).is_file() else None
+        if expected is not None and file_digest(p / TOKENIZER_FILE) != expected:
+            raise DigestMismatchError(f"{p / TOKENIZER_FILE}: sha256 differs from the one the model was trained "
+                                      f"with ({SUMMARY_FILE} records {expected[:16]}...)")
+        tokenizer = load_tokenizer(p / TOKENIZER_FILE)
+        if tokenizer.get_vocab_size() > cfg.vocab_size:
+            raise DataError(f"{p / TOKENIZER_FILE}: {tokenizer.get_vocab_size()} tokens, more than the model's "
+                            f"vocabulary ({CONFIG_FILE}: vocab_size {cfg.vocab_size})")
     return model, tokenizer
 
 
-__all__ = ["load_model_dir", "save_model_dir"]
+__all__ = ["CONFIG_FILE", "MODEL_FILE", "SUMMARY_FILE", "TOKENIZER_FILE", "load_model_dir", "save_model_dir"]

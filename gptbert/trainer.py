@@ -8,6 +8,7 @@ on rank 0; the library logs nowhere.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -15,16 +16,19 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from common.artifacts import DataError, file_digest, make_record, read_record, write_record
 from common.config import ModelConfig, PipelineConfig, TrainConfig, digest
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         safetensors_load, save_checkpoint, torch_load)
 from .data import TrainingData, open_data
 from .objective import (Cursor, LossNorm, TrainingStream, hybrid_loss, objective_value, rank_slice,
                         segment_pieces, validation_batches)
 from .optim import EMA, build_optimizer, precision_name, resolve_device, resolve_precision, schedule_lr
+
+log = logging.getLogger("gptbert")
 
 STAGE = "pretrain"
 MODEL_DIR = "model"
@@ -48,6 +52,10 @@ def _all_reduce(values: list[float], device) -> list[float]:
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The model inside a wrapper (a DeepSpeed engine keeps it in ``.module``)."""
     return getattr(module, "module", module)
+
+
+class NonFiniteLossError(ValueError):
+    """Training produced a non-finite loss or gradient norm (the message names the step)."""
 
 
 class AveragedWeights(Protocol):
@@ -85,7 +93,7 @@ class StepBackend(Protocol):
     world_size: int
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None: ...
-    def step(self, lr: float) -> float: ...
+    def step(self, lr: float) -> float | None: ...
     def save(self, directory: str | Path) -> None: ...
     def load(self, directory: str | Path) -> None: ...
     def make_ema(self, model: torch.nn.Module, decay: float) -> AveragedWeights: ...
@@ -114,10 +122,11 @@ class LocalBackend:
             group["lr"] = lr
         params = [p for p in self.module.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.optimizer.step()
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if math.isfinite(norm):  # a non-finite step is not applied (the loop stops on it)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
@@ -127,9 +136,8 @@ class LocalBackend:
 
     def load(self, directory: str | Path) -> None:
         d = Path(directory)
-        self.module.load_state_dict(load_file(str(d / "model.safetensors"), device=str(self.device)))
-        self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True,
-                                                  map_location=self.device))
+        self.module.load_state_dict(safetensors_load(d / "model.safetensors", device=str(self.device)))
+        self.optimizer.load_state_dict(torch_load(d / "optimizer.pt"))
 
 
 def _zero_loss(module: torch.nn.Module) -> torch.Tensor:
@@ -156,6 +164,7 @@ class Trainer:
         words, tokens = source.num_words, source.num_tokens
         self.words_per_token = (words / tokens) if words and tokens else None
         self.step = 0
+        self.last_checkpoint_step = 0
         self.tokens_seen = 0
         self.cursor = Cursor()  # data position after the last completed step
         self.last_metrics: dict[str, Any] = {}
@@ -240,6 +249,11 @@ class Trainer:
         g = _all_reduce(sums.tolist(), self.device)
         values = objective_value({"ce_masked": g[0], "ce_causal": g[1], "z": g[2]}, norm,
                                  tc.causal_fraction, tc.z_loss)
+        if not math.isfinite(values["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            kept = f" (the latest is step-{self.last_checkpoint_step})" if self.last_checkpoint_step else ""
+            raise NonFiniteLossError(f"step {self.step + 1}: the loss ({values['loss']:.4g}) or the gradient norm "
+                                     f"({grad_norm}) is not finite; training stopped, the checkpoints written so far "
+                                     f"are kept{kept}; lower train.lr or check the data")
         self.step += 1
         self.cursor = self.stream.cursor = nxt
         self.tokens_seen += int(n_tokens)
@@ -314,14 +328,34 @@ class Trainer:
                                keep=self.tc.keep_checkpoints, rank=self.rank)
 
     def load(self, checkpoint: str | Path) -> None:
+        """Restore a checkpoint of this run (a checkpoint of another run is refused before any weights
+        are read)."""
         self._drop_prefetch()
-        state = load_checkpoint(checkpoint, self.backend, self.ema, rank=self.rank)
-        if state.get("run_digest") != self.run_digest():
-            raise DataError(f"checkpoint {checkpoint} was written by a run with a different model or "
-                            "train config; use a new output folder or the original config")
-        self.step = int(state["step"])
+        state = load_checkpoint(checkpoint, self.backend, self.ema, rank=self.rank, run_digest=self.run_digest())
+        self.step = self.last_checkpoint_step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.cursor = self.stream.cursor = Cursor.from_dict(state["cursor"])
+
+    def resume(self, checkpoints: list[Path]) -> Path | None:
+        """Load the newest of ``checkpoints`` (oldest first) that reads completely on every rank; a
+        damaged one (missing, truncated or corrupt file) is skipped with a warning naming it. Returns
+        the checkpoint loaded, or None when there is none; raises when none of them reads."""
+        failures = []
+        for path in reversed(checkpoints):
+            error = None
+            try:
+                self.load(path)
+            except CheckpointError as exc:
+                error = exc
+            # Every rank must resume from the same step: a file damaged on one rank skips it for all.
+            if _all_reduce([1.0 if error else 0.0], self.device)[0] == 0:
+                return path
+            failures.append(f"{path.name}: {error}" if error else f"{path.name}: damaged on another rank")
+            log.warning("checkpoint %s cannot be resumed from (%s); trying the previous one", path,
+                        error or "a file of another rank is damaged")
+        if failures:
+            raise CheckpointError("no checkpoint can be resumed from: " + "; ".join(failures))
+        return None
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, checkpoint_root: str | Path | None = None, stop_after: int | None = None,
@@ -360,6 +394,7 @@ class Trainer:
 
     def _checkpoint(self, root, on_checkpoint) -> None:
         folder = self.save(root)
+        self.last_checkpoint_step = self.step
         if on_checkpoint is not None:
             on_checkpoint(folder)
 
@@ -437,9 +472,7 @@ def pretrain(cfg: PipelineConfig, data, out_dir: str | Path, callback: Callback 
         backend = build_local_backend(cfg.model, cfg.train)
     trainer = Trainer(cfg.model, cfg.train, opened.train, backend, opened.valid, callback, progress)
     ckpt_root = out / CHECKPOINT_DIR
-    latest = latest_checkpoint(ckpt_root)
-    if latest is not None:
-        trainer.load(latest)
+    trainer.resume(list_checkpoints(ckpt_root))
     started = time.time()
     trainer.fit(ckpt_root, stop_after)
     if trainer.step < cfg.train.steps:
@@ -495,6 +528,6 @@ def training_summary(trainer: "Trainer", cfg: PipelineConfig, started: float, da
     return summary
 
 
-__all__ = ["AveragedWeights", "LocalBackend", "StepBackend", "Trainer", "build_local_backend", "check_data_fits",
+__all__ = ["AveragedWeights", "LocalBackend", "NonFiniteLossError", "StepBackend", "Trainer", "build_local_backend", "check_data_fits",
            "check_run_folder", "pretrain", "pretrain_config", "pretrain_inputs", "run_digest", "training_summary",
            "unwrap", "write_pretrain_record"]

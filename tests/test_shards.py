@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 import random
 
 import numpy as np
@@ -137,6 +139,10 @@ def test_tokenizer_and_shard_digest_mismatch_refused(corpus, tmp_path):
     (tmp_path / "out" / "train-00001.arrow").write_bytes(b"garbage")
     manifest["tokenizer_sha256"] = json.loads((root / "out" / "manifest.json").read_text())["tokenizer_sha256"]
     (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DigestMismatchError, match="train-00001.arrow: sha256 .* differs from the manifest"):
+        ShardReader(tmp_path / "out")
+    manifest["splits"]["train"]["shards"][1]["sha256"] = hashlib.sha256(b"garbage").hexdigest()
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="train-00001.arrow: not a readable Arrow IPC shard"):
         ShardReader(tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="shard manifest not found"):
@@ -171,3 +177,44 @@ def test_dtype_choice_and_bad_inputs(corpus, tmp_path):
                      progress_bar=False)
     with pytest.raises(ValueError, match="split must be one of"):
         ShardReader(root / "out", split="test")
+
+
+def _copy_shards(root: Path, dest: Path) -> dict:
+    dest.mkdir()
+    for p in root.iterdir():
+        (dest / p.name).write_bytes(p.read_bytes())
+    return json.loads((dest / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("case", ["edited shard", "traversal", "absolute", "no splits", "no sha256", "bad dtype",
+                                  "out of vocabulary"])
+def test_shards_are_verified_on_open(corpus, tmp_path, case):
+    """An edited shard, a manifest naming files outside the folder or lacking fields, and token ids
+    beyond the vocabulary are refused when the reader opens the folder, with one line naming the file."""
+    root = corpus[0]
+    out = tmp_path / "out"
+    manifest = _copy_shards(root / "out", out)
+    first = manifest["splits"]["train"]["shards"][0]
+    expected = {"edited shard": "sha256 .* differs from the manifest", "traversal": "not a file inside",
+                "absolute": "not a file inside", "no splits": "no field 'splits'",
+                "no sha256": "lacks file, documents, tokens or sha256", "bad dtype": "field 'dtype'",
+                "out of vocabulary": "outside the tokenizer's vocabulary"}[case]
+    if case == "edited shard":
+        data = bytearray((out / first["file"]).read_bytes())
+        data[-100] ^= 1
+        (out / first["file"]).write_bytes(bytes(data))
+    elif case == "traversal":
+        first["file"] = "../elsewhere.arrow"
+    elif case == "absolute":
+        first["file"] = str(out / first["file"])
+    elif case == "no splits":
+        del manifest["splits"]
+    elif case == "no sha256":
+        del first["sha256"]
+    elif case == "bad dtype":
+        manifest["dtype"] = "float32"
+    elif case == "out of vocabulary":
+        manifest["vocab_size"] = 100  # the shards hold ids up to ~300
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=expected):
+        ShardReader(out)

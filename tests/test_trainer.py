@@ -97,7 +97,10 @@ def _minimal_tokenizer_json() -> str:
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
-    tok = Tokenizer(WordLevel({"<unk>": 0, "<s>": 1, "a": 2}, unk_token="<unk>"))
+    from tokenization.tokenizer import SPECIAL_TOKENS
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)} | {"a": len(SPECIAL_TOKENS)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     return tok.to_str()
 
 

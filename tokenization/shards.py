@@ -191,6 +191,31 @@ def write_shards(documents_parquet: str | Path, tokenizer_json: str | Path, cfg:
     return dict(record, manifest=manifest, seconds=time.perf_counter() - t0)
 
 
+def _manifest_entries(manifest: Any, path: Path, split: str) -> list[dict[str, Any]]:
+    """The shard entries of ``split``, checked: every field the reader needs, and file names that
+    stay inside the shard folder (no paths, no ``..``)."""
+    def bad(why: str) -> DataError:
+        return DataError(f"{path}: {why} (expected the manifest written by gptbert shard)")
+
+    if not isinstance(manifest, dict):
+        raise bad("not a JSON object")
+    for key in ("tokenizer_sha256", "vocab_size", "dtype", "splits"):
+        if key not in manifest:
+            raise bad(f"no field '{key}'")
+    if manifest["dtype"] not in ("uint16", "uint32"):
+        raise bad(f"field 'dtype' must be uint16 or uint32, got {manifest['dtype']!r}")
+    section = manifest["splits"].get(split) if isinstance(manifest["splits"], dict) else None
+    if not isinstance(section, dict) or not isinstance(section.get("shards"), list):
+        raise bad(f"no list of shards for split '{split}'")
+    for i, entry in enumerate(section["shards"]):
+        if not isinstance(entry, dict) or any(k not in entry for k in ("file", "documents", "tokens", "sha256")):
+            raise bad(f"shard entry {i} of split '{split}' lacks file, documents, tokens or sha256")
+        name = entry["file"]
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise bad(f"shard entry {i} names {name!r}, not a file inside the shard folder")
+    return section["shards"]
+
+
 class ShardReader:
     """Memory-mapped, zero-copy view of one split of a shard folder (the DocumentSource protocol).
 
@@ -211,7 +236,9 @@ class ShardReader:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataError(f"{manifest_path}: not valid JSON ({exc})") from None
         self.split = split
+        entries = _manifest_entries(self.manifest, manifest_path, split)
         expected = self.manifest["tokenizer_sha256"]
+        vocab_size = int(self.manifest["vocab_size"])
         if tokenizer_json is not None:
             tok_path = resolve_file(tokenizer_json, TOKENIZER_FILE, "tokenizer")
             actual = file_digest(tok_path)
@@ -224,10 +251,15 @@ class ShardReader:
         self._values: list[np.ndarray] = []
         self._offsets: list[np.ndarray] = []
         words = []
-        for entry in self.manifest["splits"][split]["shards"]:
+        for entry in entries:
             path = self.dir / entry["file"]
-            if not path.exists():
-                raise FileNotFoundError(f"shard listed in {self.dir / MANIFEST_FILE} not found: {path}")
+            if not path.is_file():
+                raise FileNotFoundError(f"shard listed in {manifest_path} not found: {path}")
+            # Verified on open (~40 ms per 25 MB shard): an edited or damaged shard never trains.
+            actual = file_digest(path)
+            if actual != entry["sha256"]:
+                raise DigestMismatchError(f"{path}: sha256 {actual[:16]}... differs from the manifest's "
+                                          f"{entry['sha256'][:16]}...; the shard was changed after it was written")
             source = pa.memory_map(str(path), "r")
             try:
                 reader = pa.ipc.open_file(source)
@@ -251,6 +283,9 @@ class ShardReader:
             values = tokens.values.to_numpy(zero_copy_only=True)
             if len(values) != entry["tokens"] or int(offsets[-1] - offsets[0]) != entry["tokens"]:
                 raise DataError(f"{path}: holds {len(values)} tokens, manifest says {entry['tokens']}")
+            if len(values) and int(values.max()) >= vocab_size:
+                raise DataError(f"{path}: token id {int(values.max())} is outside the tokenizer's vocabulary "
+                                f"({vocab_size} ids)")
             self._maps.append(source)
             self._offsets.append(offsets)
             self._values.append(values)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -120,12 +121,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
+            number = None
             if isinstance(value, str):
                 try:
-                    return float(value)  # YAML 1.1 reads "1e-4" as a string
+                    number = float(value)  # YAML 1.1 reads "1e-4" as a string
                 except ValueError:
                     pass
-            raise ConfigError(path, f"expected a number, got {value!r}")
+            if number is None:
+                raise ConfigError(path, f"expected a number, got {value!r}")
+            value = number
+        if not math.isfinite(value):
+            raise ConfigError(path, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if isinstance(value, Path):
@@ -241,8 +247,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"config file not found: {p}")
+    if not p.is_file():
+        raise ConfigError(str(p), "is not a file (expected a YAML config file)")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(p), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(str(p), f"not valid YAML: {exc}") from None
     if data is None:

@@ -117,12 +117,12 @@ class DeepSpeedBackend:
         # The loop already normalised the loss over the global batch: no 1/GAS scaling.
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self, lr: float) -> float:
+    def step(self, lr: float) -> float | None:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else None  # None: DeepSpeed did not compute it
 
     def save(self, directory: str | Path) -> None:
         self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
@@ -164,6 +164,9 @@ def build_deepspeed_backend(model_cfg: ModelConfig, train_cfg: TrainConfig, laun
         prepare_zero3_model(model)
     ds_cfg = deepspeed_config(tc, launch_cfg, world_size, bf16)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    from .safe_checkpoint import WeightsOnlyCheckpointEngine
+
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)  # loads never unpickle code
     if isinstance(optimizer, ShardedLAMB) and launch_cfg.zero_stage in (1, 2):
         if attach_zero_partitions(optimizer, ds_optimizer) == 0:
             raise RuntimeError("ZeRO optimizer exposes no flat partitions; cannot keep LAMB per-layer")

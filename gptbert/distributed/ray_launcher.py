@@ -16,6 +16,7 @@ writes the stage record.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -174,17 +175,16 @@ def _train_worker(config: dict) -> None:
     nodes: list[Any] = [None] * world
     torch.distributed.all_gather_object(nodes, node)
 
-    resumed_from = None
+    # Resume from Ray's latest checkpoint (a restarted worker group) or the run's stored ones (a
+    # rerun under the same name); a damaged newest one falls back to the one before.
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trainer.load(d)
-        resumed_from = {"step": trainer.step, "via": "ray.train.get_checkpoint"}
-    else:
-        stored = _stored_checkpoints(config["storage_path"], config["run_name"])
-        if stored:
-            trainer.load(stored[-1])
-            resumed_from = {"step": trainer.step, "via": str(stored[-1])}
+    stored = _stored_checkpoints(config["storage_path"], config["run_name"])
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as d:
+        candidates = list(stored)
+        if d is not None and Path(d).resolve() not in {p.resolve() for p in stored}:
+            candidates.append(Path(d))
+        loaded = trainer.resume(candidates)
+    resumed_from = {"step": trainer.step, "via": str(loaded)} if loaded is not None else None
 
     # Node-local scratch for the trainer's checkpoint writer; Ray storage keeps the real copies.
     scratch = Path(config["out_dir"]) / ".ray-checkpoints" / config["run_name"]
