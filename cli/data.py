@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .options import add_config_args, config_from_args
 
@@ -28,11 +29,32 @@ def _clean(args: argparse.Namespace) -> int:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
+    from common.config import ConfigError
     from tokenization.tokenizer import train_tokenizer
 
-    cfg = config_from_args(args).tokenizer
-    _print_record(train_tokenizer(args.documents, cfg, args.out, progress_bar=not args.no_progress))
+    try:
+        cfg = config_from_args(args).tokenizer
+    except ConfigError as exc:
+        if exc.field != "model.vocab_size":
+            raise
+        # The vocabularies must agree for pretraining; here it is the tokenizer's that was set.
+        raise ConfigError("tokenizer.vocab_size", f"{exc.reason}; set model.vocab_size to the same value "
+                                                  "(or use a preset)") from None
+    record = train_tokenizer(args.documents, cfg, args.out, progress_bar=not args.no_progress)
+    _print_record(record)
+    warning = vocabulary_warning(record)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def vocabulary_warning(record: dict) -> str | None:
+    """A warning when the trained tokenizer is smaller than ``tokenizer.vocab_size`` asked for."""
+    got, asked = record["stats"]["vocab_size"], record["stats"]["vocab_size_requested"]
+    if got >= asked:
+        return None
+    return (f"the tokenizer has {got} tokens, fewer than tokenizer.vocab_size = {asked}: the corpus holds too "
+            f"few distinct merges; a model with vocab_size {asked} still works (its extra rows stay unused)")
 
 
 def _shard(args: argparse.Namespace) -> int:

@@ -21,13 +21,15 @@ torch or any orchestration library.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .config.base import digest
 
@@ -185,8 +187,9 @@ def update_record(folder: str | Path, **fields: Any) -> dict[str, Any]:
 
 
 def check_output_folder(out: str | Path, stage: str) -> Path:
-    """Refuse an output folder that holds something other than this stage's earlier output: a
-    file, or a non-empty folder whose record is missing or names another stage."""
+    """Refuse, before any work, an output folder that cannot take this stage's output: a file, a
+    non-empty folder whose record is missing or names another stage, or a place that cannot be
+    written (probed by creating a hidden folder beside it)."""
     out = Path(out)
     if out.exists():
         if not out.is_dir():
@@ -195,17 +198,81 @@ def check_output_folder(out: str | Path, stage: str) -> Path:
             other = read_record(out)
             what = f"the output of stage '{other['stage']}'" if other else f"no {stage} {RECORD_FILE}"
             raise DataError(f"{out}: output folder is not empty and holds {what}; refusing to overwrite it")
+    check_writable(out)
     return out
+
+
+def check_writable(out: str | Path) -> None:
+    """Create ``out``'s parent folders and a hidden probe folder beside ``out`` (removed at once):
+    an unwritable destination fails here, before any work, with the OS error naming the path."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = temporary_sibling(out, "probe")
+        probe.mkdir()
+        probe.rmdir()
+    except NotADirectoryError:
+        raise DataError(f"{out}: a parent of the output folder is a file") from None
+
+
+def check_outside_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse an output folder that is, lies inside, or contains one of the inputs: the stage
+    would read its own output back, or replace what it reads."""
+    o = Path(out).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        i = Path(given).resolve()
+        relation = ("is" if o == i else "lies inside" if i in o.parents else "contains" if o in i.parents
+                    else None)
+        if relation:
+            raise DataError(f"output folder {o} {relation} the input {i}; choose an output folder outside "
+                            "the inputs")
+
+
+def temporary_sibling(dest: str | Path, kind: str = "tmp") -> Path:
+    """A hidden name beside ``dest`` for a folder being written: ``.NAME.tmp-HOST-PID-RANDOM``, so a
+    later run can tell the leftovers of killed processes (``remove_stale_siblings``) from live ones."""
+    dest = Path(dest)
+    return dest.with_name(f".{dest.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_siblings(dest: str | Path) -> list[Path]:
+    """Remove the hidden temporaries of ``dest`` left by killed processes of this host (SIGKILL
+    skips every cleanup); folders of running processes and of other hosts are left alone."""
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    removed = []
+    host = socket.gethostname()
+    for p in dest.parent.glob(f".{glob.escape(dest.name)}.tmp-*"):
+        parts = p.name[len(dest.name) + 6:].rsplit("-", 2)  # HOST, PID, RANDOM
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _alive(int(parts[1])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 @contextlib.contextmanager
 def staging_dir(out_dir: str | Path, stage: str) -> Iterator[Path]:
     """Yield a fresh hidden folder beside ``out_dir``; when the block succeeds it replaces
     ``out_dir`` (whose earlier content must be this stage's output, see ``check_output_folder``).
-    A failing block leaves nothing behind; a killed one only a hidden ``.NAME.tmp-*`` folder."""
+    A failing block leaves nothing behind; a killed one a hidden ``.NAME.tmp-*`` folder, which the
+    next run of the stage removes."""
     out = check_output_folder(Path(out_dir).resolve(), stage)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_stale_siblings(out)
+    tmp = temporary_sibling(out)
     tmp.mkdir()
     try:
         yield tmp
@@ -226,6 +293,6 @@ def resolve_file(path: str | Path, default_name: str, what: str) -> Path:
 
 
 __all__ = ["DataError", "DigestMismatchError", "RECORD_FILE", "STAGES", "atomic_write_bytes",
-           "atomic_write_json", "atomic_write_text", "check_output_folder", "file_digest", "make_record",
-           "read_json", "read_record", "replace_dir", "resolve_file", "stage_identity", "staging_dir",
-           "tree_digest", "update_record", "write_record"]
+           "atomic_write_json", "atomic_write_text", "check_output_folder", "check_outside_inputs", "check_writable", "file_digest",
+           "make_record", "read_json", "read_record", "remove_stale_siblings", "replace_dir", "resolve_file",
+           "stage_identity", "staging_dir", "temporary_sibling", "tree_digest", "update_record", "write_record"]

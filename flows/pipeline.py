@@ -134,21 +134,41 @@ def _scalars(d: dict[str, Any]) -> dict[str, Any]:
 
 # --- tasks -----------------------------------------------------------------------------------------
 
+# Errors that a retry would only repeat: bad input, bad config, missing or unwritable files.
+PERMANENT_ERRORS = (ValueError, LookupError, FileNotFoundError, PermissionError, IsADirectoryError,
+                    NotADirectoryError, FileExistsError)
 
-@task(name="clean", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry a failed stage unless its error is permanent (a retry of bad
+    input or config would fail the same way, after the same wait)."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001  (an unreadable result: retry, as Prefect would)
+            return True
+    return not isinstance(exc, PERMANENT_ERRORS)
+
+
+
+@task(name="clean", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
 def clean_task(config: PipelineConfig, parent_run_id: Optional[str] = None) -> Artifact:
     """Prefect task: the clean stage (cached by identity), tracked as a child MLflow run."""
     return _run_stage_tracked("clean", config, parent_run_id, lambda _: stages.clean(config))
 
 
-@task(name="train-tokenizer", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="train-tokenizer", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
 def tokenizer_task(config: PipelineConfig, corpus: Artifact, parent_run_id: Optional[str] = None) -> Artifact:
     """Prefect task: train the tokenizer on the cleaned corpus, tracked as a child MLflow run."""
     return _run_stage_tracked("tokenizer", config, parent_run_id,
                               lambda _: stages.train_tokenizer(config, corpus))
 
 
-@task(name="shard", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="shard", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
 def shard_task(config: PipelineConfig, corpus: Artifact, tokenizer: Artifact,
                parent_run_id: Optional[str] = None) -> Artifact:
     """Prefect task: encode the corpus into token shards, tracked as a child MLflow run."""
@@ -157,7 +177,8 @@ def shard_task(config: PipelineConfig, corpus: Artifact, tokenizer: Artifact,
 
 
 # Idempotent: the stage folder keeps checkpoints, so a retry resumes where the failed try stopped.
-@task(name="pretrain", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="pretrain", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
 def pretrain_task(config: PipelineConfig, shards: Artifact, tokenizer: Artifact,
                   parent_run_id: Optional[str] = None) -> Artifact:
     """Prefect task: pretrain on the shards (resuming from checkpoints), tracked as a child MLflow run
@@ -197,7 +218,8 @@ def _log_loss_plot(tracker, run_id: str, source_run_id: str, folder: Path) -> No
         tracker.log_artifact(run_id, png, "pretrain")
 
 
-@task(name="evaluate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="evaluate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
 def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Optional[str] = None) -> Artifact:
     """Prefect task: evaluate the model (recipe §6), tracked as a child MLflow run with its metrics."""
     def run(child: Optional[str]) -> Artifact:
@@ -211,7 +233,8 @@ def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Option
     return _run_stage_tracked("evaluate", config, parent_run_id, run)
 
 
-@task(name="register-model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="register-model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
 def register_task(config: PipelineConfig, model: Artifact, evaluation: Artifact) -> Optional[dict]:
     """Register the model once per model digest; move `champion` only when it scores better."""
     tracker = _tracker(config)

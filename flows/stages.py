@@ -11,12 +11,15 @@ record, and the record is checked against it afterwards. No Prefect, no MLflow h
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from common.artifacts import STAGES, read_record, stage_identity
+from common.artifacts import STAGES, read_record, stage_identity, tree_digest
 from common.config import PipelineConfig
+
+log = logging.getLogger("gptbert")
 
 
 @dataclass
@@ -44,6 +47,10 @@ def _cached_or_run(cfg: PipelineConfig, stage: str, inputs: dict[str, Any], conf
     identity = stage_identity(stage, inputs, config)
     folder = stage_dir(cfg.workdir, stage, identity)
     record = read_record(folder, stage, identity)
+    if record is not None and not _output_matches(folder, record):
+        log.warning("stage %s: %s no longer holds the output its record describes (digest changed); "
+                    "running the stage again", stage, folder)
+        record = None
     cached = record is not None
     if not cached:
         run(folder)
@@ -53,6 +60,15 @@ def _cached_or_run(cfg: PipelineConfig, stage: str, inputs: dict[str, Any], conf
                                f"{(record or {}).get('identity', 'none')[:16]}, expected {identity[:16]}: "
                                "its inputs or config changed while it ran")
     return Artifact(stage, str(folder), identity, record["output_digest"], cached, record)
+
+
+def _output_matches(folder: Path, record: dict[str, Any]) -> bool:
+    """Whether the folder's output still has the digest its record holds (a swapped or edited
+    output is not reused under the old digest)."""
+    try:
+        return tree_digest(folder / record["output"]) == record["output_digest"]
+    except (FileNotFoundError, KeyError, TypeError):
+        return False
 
 
 def clean(cfg: PipelineConfig) -> Artifact:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from common.artifacts import DataError, DigestMismatchError, file_digest, read_json, replace_dir
+from common.artifacts import (DataError, DigestMismatchError, file_digest, read_json, remove_stale_siblings,
+                              replace_dir, temporary_sibling)
 from common.config import ConfigError, ModelConfig, from_dict, to_dict
 
 from .checkpoint import safetensors_load
@@ -29,7 +29,8 @@ def save_model_dir(out_dir: str | Path, model: torch.nn.Module, model_cfg: Model
     records the tokenizer's sha256, which ``load_model_dir`` checks."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    remove_stale_siblings(out)
+    tmp = temporary_sibling(out)
     tmp.mkdir()
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

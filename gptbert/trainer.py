@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from common.artifacts import DataError, file_digest, make_record, read_record, write_record
+from common.artifacts import (DataError, check_outside_inputs, check_writable, file_digest, make_record,
+                              read_record, write_record)
 from common.config import ModelConfig, PipelineConfig, TrainConfig, digest
 
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
@@ -418,7 +419,9 @@ def pretrain_inputs(data: TrainingData) -> dict[str, str | None]:
 
 
 def check_run_folder(out: Path) -> None:
-    """A run folder is empty, or holds this stage's checkpoints, model or record, nothing else."""
+    """A run folder is empty, or holds this stage's checkpoints, model or record, nothing else; and it
+    can be written (checked before any work)."""
+    check_writable(out)
     if not out.exists():
         return
     if not out.is_dir():
@@ -466,6 +469,7 @@ def pretrain(cfg: PipelineConfig, data, out_dir: str | Path, callback: Callback 
 
     out = Path(out_dir)
     check_run_folder(out)
+    check_outside_inputs(out, [data if isinstance(data, (str, Path)) else None, tokenizer])
     opened = open_data(data, tokenizer, valid_data)
     check_data_fits(cfg, opened)
     if backend is None:

@@ -4,6 +4,7 @@ records, and the flows' identity-keyed cache built on them."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,38 @@ def test_flows_stage_cache_is_the_stage_identity(tmp_path):
     (Path(a.path) / RECORD_FILE).write_text(json.dumps(record))
     d = clean(load_config("tiny", overrides=over))
     assert not d.cached and d.path == a.path and read_record(d.path, "clean", a.identity) is not None
+
+
+def test_flows_rerun_a_stage_whose_output_changed_after_its_record(tmp_path):
+    """A swapped output is not reused under the digest its record holds: the stage runs again."""
+    from common.config import load_config
+    from flows.stages import clean
+
+    (tmp_path / "in.txt").write_text("first document\nsecond document\n")
+    cfg = load_config("tiny", overrides=[f"workdir={tmp_path / 'work'}", f'clean.inputs=["{tmp_path / "in.txt"}"]'])
+    a = clean(cfg)
+    original = (Path(a.path) / "documents.parquet").read_bytes()
+    (Path(a.path) / "documents.parquet").write_bytes(b"swapped")
+    b = clean(cfg)
+    assert not b.cached and b.path == a.path and b.digest == a.digest
+    assert (Path(a.path) / "documents.parquet").read_bytes() == original
+
+
+def test_outputs_inside_or_around_inputs_and_stale_temporaries(tmp_path):
+    from common.artifacts import check_outside_inputs, remove_stale_siblings, temporary_sibling
+
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    for out, word in ((tmp_path / "data", "is"), (tmp_path / "data" / "sub" / "out", "lies inside"),
+                      (tmp_path, "contains")):
+        with pytest.raises(DataError, match=word):
+            check_outside_inputs(out, [tmp_path / "other", tmp_path / "data"])
+    check_outside_inputs(tmp_path / "out", [tmp_path / "data", None])
+    out = tmp_path / "out"
+    mine = temporary_sibling(out)
+    mine.mkdir()
+    dead = out.with_name(mine.name.replace(f"-{os.getpid()}-", "-999999999-"))  # a killed process of this host
+    dead.mkdir()
+    other_host = out.with_name(".out.tmp-elsewhere-1-abc")
+    other_host.mkdir()
+    assert remove_stale_siblings(out) == [dead]
+    assert mine.exists() and other_host.exists() and not dead.exists()

@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.artifacts import DataError, file_digest, make_record, staging_dir, write_record
+from common.artifacts import (DataError, check_outside_inputs, file_digest, make_record, staging_dir,
+                              write_record)
 from common.config.data import CleanConfig
 
 from . import formats
@@ -348,6 +349,7 @@ def clean_corpus(cfg: CleanConfig, out_dir: str | Path, progress_bar: bool = Tru
     """Clean ``cfg.inputs`` into ``out_dir/documents.parquet``; returns the stage record (also
     written as ``out_dir/stage.json``) plus the wall time in ``seconds``."""
     t0 = time.perf_counter()
+    check_outside_inputs(out_dir, cfg.inputs)
     files = list_input_files(cfg.inputs)
     in_digest, listing = inputs_digest(files)
     rules = _Rules(cfg)

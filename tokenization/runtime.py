@@ -1,10 +1,16 @@
-"""How the data stages run: progress bars and the tokenizers library's thread pool."""
+"""How the data stages run: progress bars, the tokenizers library's thread pool, and native calls
+that Ctrl-C can interrupt."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+import queue
+import threading
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+POLL_SECONDS = 0.1  # how often a waiting main thread gets the chance to see Ctrl-C
 
 
 class _NoBar:
@@ -43,3 +49,65 @@ def rayon_threads(num_threads: int) -> Iterator[None]:
             os.environ.pop("RAYON_NUM_THREADS", None)
         else:
             os.environ["RAYON_NUM_THREADS"] = old
+
+
+def interruptible(fn: Callable[..., T], *args, **kwargs) -> T:
+    """``fn(*args, **kwargs)`` in a daemon thread, waited for in short polls: Ctrl-C reaches the main
+    thread within ~0.1 s even while ``fn`` runs native code that never returns to Python (the
+    tokenizers library's training). An interrupted call is abandoned and ends with the process."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller's thread)
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, name="gptbert-native", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(POLL_SECONDS)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def background_map(fn: Callable[[Any], T], items: Iterable[Any]) -> Iterator[tuple[Any, T]]:
+    """``(item, fn(item))`` for each item, computed one ahead in a daemon thread (the next batch is
+    encoded while this one is written) and waited for in short polls, so Ctrl-C stops the caller
+    within ~0.1 s. Leaving the loop early stops the thread after its current item."""
+    done, stop = object(), threading.Event()
+    box: queue.Queue = queue.Queue(maxsize=1)
+
+    def put(value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(value, timeout=POLL_SECONDS)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def worker() -> None:
+        try:
+            for item in items:
+                if not put((item, fn(item))):
+                    return
+            put(done)
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+            put(exc)
+
+    threading.Thread(target=worker, name="gptbert-background", daemon=True).start()
+    try:
+        while True:
+            try:
+                got = box.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
+            if got is done:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+    finally:
+        stop.set()

@@ -21,19 +21,18 @@ import itertools
 import json
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from common.artifacts import (DataError, DigestMismatchError, atomic_write_json, file_digest, make_record,
-                              resolve_file, staging_dir, write_record)
+from common.artifacts import (DataError, DigestMismatchError, atomic_write_json, check_outside_inputs, file_digest,
+                              make_record, resolve_file, staging_dir, write_record)
 from common.config.data import ShardConfig
 
 from .clean import DOCUMENTS_FILE, count_words, iter_documents, open_documents
-from .runtime import progress, rayon_threads
+from .runtime import background_map, progress, rayon_threads
 from .tokenizer import TOKENIZER_FILE, load_tokenizer
 
 STAGE = "shard"
@@ -129,6 +128,7 @@ def write_shards(documents_parquet: str | Path, tokenizer_json: str | Path, cfg:
                  out_dir: str | Path, progress_bar: bool = True) -> dict[str, Any]:
     """Encode the documents with batched parallel encoding into train/valid Arrow shards."""
     t0 = time.perf_counter()
+    check_outside_inputs(out_dir, [documents_parquet, tokenizer_json])
     docs_path = resolve_file(documents_parquet, DOCUMENTS_FILE, "documents file")
     tok_path = resolve_file(tokenizer_json, TOKENIZER_FILE, "tokenizer")
     tok = load_tokenizer(tok_path)
@@ -147,20 +147,14 @@ def write_shards(documents_parquet: str | Path, tokenizer_json: str | Path, cfg:
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=sum(lengths))
         return flat, lengths
 
-    with staging_dir(out_dir, STAGE) as tmp, rayon_threads(cfg.num_threads), \
-            ThreadPoolExecutor(max_workers=1) as pool:
+    with staging_dir(out_dir, STAGE) as tmp, rayon_threads(cfg.num_threads):
         writers = {s: _ShardWriter(tmp, s, dtype, cfg, metadata) for s in SPLITS}
         bar = progress(total=num_docs, enabled=progress_bar, unit="doc", desc="shard")
-        # Encoding (Rust, parallel, GIL released) of the next batch overlaps with turning the
-        # previous one into arrays here.
+        # Encoding (Rust, parallel, GIL released) of the next batch overlaps with turning this one
+        # into arrays here; the main thread only polls, so Ctrl-C stops the stage at once.
+        index = 0
         batches = iter_documents(docs_path, batch_size=cfg.batch_documents)
-        first = next(batches, None)
-        pending = pool.submit(encode, first) if first is not None else None
-        texts, index = first, 0
-        while pending is not None:
-            flat, lengths = pending.result()
-            nxt = next(batches, None)
-            pending = pool.submit(encode, nxt) if nxt is not None else None
+        for texts, (flat, lengths) in background_map(encode, batches):
             start = 0
             for text, n in zip(texts, lengths):
                 writer = writers["valid" if is_valid[index] else "train"]
@@ -168,7 +162,6 @@ def write_shards(documents_parquet: str | Path, tokenizer_json: str | Path, cfg:
                 start += n
                 index += 1
             bar.update(len(texts))
-            texts = nxt
         bar.close()
         for w in writers.values():
             w.flush()

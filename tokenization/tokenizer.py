@@ -15,9 +15,10 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from common.config.data import TokenizerConfig
 
-from common.artifacts import DataError, file_digest, make_record, resolve_file, staging_dir, write_record
+from common.artifacts import (DataError, check_output_folder, check_outside_inputs, file_digest, make_record, resolve_file,
+                              staging_dir, write_record)
 
-from .runtime import rayon_threads
+from .runtime import interruptible, rayon_threads
 
 STAGE = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
@@ -122,6 +123,8 @@ def train_tokenizer(documents_parquet: str | Path, cfg: TokenizerConfig, out_dir
     from .clean import iter_documents, open_documents
 
     t0 = time.perf_counter()
+    check_outside_inputs(out_dir, [documents_parquet])
+    check_output_folder(out_dir, STAGE)  # before training, not after
     docs_path = _documents(documents_parquet)
     pf = open_documents(docs_path)
     num_docs = pf.metadata.num_rows
@@ -139,7 +142,7 @@ def train_tokenizer(documents_parquet: str | Path, cfg: TokenizerConfig, out_dir
 
     tok = build_tokenizer(cfg)
     with rayon_threads(cfg.num_threads):
-        tok.train_from_iterator(batches(), trainer=build_trainer(cfg, progress_bar), length=num_docs)
+        interruptible(tok.train_from_iterator, batches(), trainer=build_trainer(cfg, progress_bar), length=num_docs)
 
     with staging_dir(out_dir, STAGE) as tmp:
         tok.save(str(tmp / TOKENIZER_FILE), pretty=True)

@@ -51,7 +51,8 @@ class PipelineConfig(ConfigBase):
     def validate(self) -> None:
         """Reject model.vocab_size != tokenizer.vocab_size with a ConfigError naming model.vocab_size."""
         check(self.tokenizer.vocab_size == self.model.vocab_size, "model.vocab_size",
-              f"must equal tokenizer.vocab_size ({self.tokenizer.vocab_size}), got {self.model.vocab_size}")
+              f"tokenizer.vocab_size ({self.tokenizer.vocab_size}) and model.vocab_size ({self.model.vocab_size}) "
+              "must be equal")
 
 
 def preset_names() -> list[str]:

@@ -21,11 +21,10 @@ import json
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from common.artifacts import replace_dir
+from common.artifacts import check_outside_inputs, remove_stale_siblings, replace_dir, temporary_sibling
 from common.config import ConfigError, LaunchConfig, PipelineConfig, from_dict, to_dict
 
 CHECKPOINT_PREFIX = "step-"
@@ -242,6 +241,7 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
         raise ConfigError("launch.backend", "the ray launcher reads a shard folder or token file given by path "
                                             "(its workers open it themselves), not an in-memory source")
     data_path = str(Path(data).resolve())
+    check_outside_inputs(out, [data_path, tokenizer])
     opened = open_data(data_path, tokenizer)  # fails here, before Ray starts, on bad data
     check_data_fits(cfg, opened)
     if lc.zero_stage == 3:
@@ -281,7 +281,7 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
         )
         result = trainer.fit()
         if result.error is not None:
-            raise result.error
+            raise worker_error(result.error)
         checkpoint = result.checkpoint
         if checkpoint is None:
             raise RuntimeError(f"run {name!r} in {storage} finished without a checkpoint")
@@ -299,11 +299,22 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
     return model_dir
 
 
+def worker_error(error: BaseException) -> BaseException:
+    """The exception a worker raised (the lowest failed rank's), out of Ray Train's wrapper, so a
+    bad-input or config error keeps its type and one-line message; other errors pass unchanged."""
+    failures = getattr(error, "worker_failures", None)
+    if not failures:
+        return error
+    exc = failures[min(failures)]
+    return getattr(exc, "cause", None) or exc  # a RayTaskError carries the original as .cause
+
+
 def _install_model_dir(src: Path, dest: Path) -> Path:
     """Copy the model folder next to ``dest`` under a temporary name, then swap it into place."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_stale_siblings(dest)
+    tmp = temporary_sibling(dest)
     shutil.copytree(src, tmp)
     return replace_dir(tmp, dest)
 
 
-__all__ = ["check_storage_path", "default_run_name", "pretrain_ray", "resolve_ray_address"]
+__all__ = ["check_storage_path", "default_run_name", "pretrain_ray", "resolve_ray_address", "worker_error"]

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from common.artifacts import atomic_write_text, make_record, staging_dir, tree_digest, write_record
+from common.artifacts import (atomic_write_text, check_output_folder, check_outside_inputs, make_record,
+                              staging_dir, tree_digest, write_record)
 from common.config import EvalConfig, to_dict
 
 from . import finetune, minimal_pairs
@@ -147,6 +148,9 @@ def evaluate_model_dir(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Pa
     Returns the record."""
     from ..io import load_model_dir
 
+    tasks, _ = configured_tasks(cfg)
+    check_outside_inputs(out_dir, [model_dir, *(task.data(cfg) for task in tasks.values())])
+    check_output_folder(out_dir, STAGE)  # before scoring, not after
     inputs = evaluation_inputs(model_dir, cfg)
     model, tokenizer = load_model_dir(model_dir)
     if tokenizer is None:

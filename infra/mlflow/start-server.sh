@@ -22,7 +22,7 @@ ROOT="${MLFLOW_SERVER_ROOT:-$(pwd)/mlruns-server}"
 mkdir -p "${ROOT}"
 STORE="${MLFLOW_BACKEND_STORE_URI:-sqlite:///${ROOT}/mlflow.db}"
 ARTIFACTS="${MLFLOW_ARTIFACTS_DESTINATION:-${ROOT}/artifacts}"
-# STACK.md: without these the server starts ~15 processes and ~2.5 GB; with them 2 and ~0.5 GB.
+# Without these the server starts ~15 processes and ~2.5 GB of memory; with them 2 and ~0.5 GB.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 WORKERS="${MLFLOW_WORKERS:-1}"
 echo "MLflow tracking server on http://${HOST}:${PORT}  store ${STORE}  artifacts ${ARTIFACTS}"

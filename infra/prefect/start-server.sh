@@ -11,7 +11,12 @@ set -euo pipefail
 HOST="${PREFECT_HOST:-127.0.0.1}"
 PORT="${PREFECT_PORT:-4200}"
 export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
-# The UI must call the API at the address the browser uses.
-export PREFECT_UI_API_URL="${PREFECT_UI_API_URL:-http://${HOST}:${PORT}/api}"
-echo "Prefect server on http://${HOST}:${PORT}  (export PREFECT_API_URL=http://${HOST}:${PORT}/api)"
+# The UI must call the API at an address the browser can reach: a wildcard bind address is not one,
+# so a widened server advertises this machine's name (set PREFECT_PUBLIC_HOST to choose another).
+case "${HOST}" in
+    0.0.0.0|::|"[::]") PUBLIC="${PREFECT_PUBLIC_HOST:-$(hostname -f 2>/dev/null || hostname)}" ;;
+    *) PUBLIC="${PREFECT_PUBLIC_HOST:-${HOST}}" ;;
+esac
+export PREFECT_UI_API_URL="${PREFECT_UI_API_URL:-http://${PUBLIC}:${PORT}/api}"
+echo "Prefect server on http://${PUBLIC}:${PORT}  (export PREFECT_API_URL=http://${PUBLIC}:${PORT}/api)"
 exec prefect server start --host "${HOST}" --port "${PORT}" "$@"
