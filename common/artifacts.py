@@ -213,6 +213,8 @@ def check_writable(out: str | Path) -> None:
         probe.rmdir()
     except NotADirectoryError:
         raise DataError(f"{out}: a parent of the output folder is a file") from None
+    except OSError as exc:
+        raise DataError(f"{out}: cannot write the output folder there ({exc.strerror or exc})") from None
 
 
 def check_outside_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> None:

@@ -10,11 +10,15 @@ from typing import Any, Iterator
 def iter_objects(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """Yield ``(where, lineno, object)`` for each non-blank line; a line that is not a JSON object
     raises ``error`` naming ``file:line`` and what was expected."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise error(f"{where}: not UTF-8 text (byte {exc.start} of the line: {exc.reason})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
