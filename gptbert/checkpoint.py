@@ -41,9 +41,11 @@ class UnsafeCheckpointError(DataError):
     """A checkpoint file holding objects other than tensors and plain data, refused unread: loading it
     could run code."""
 
-    def __init__(self, path, exc: Exception):
-        super().__init__(f"{path}: refused: the file holds objects other than tensors and plain data, "
-                         f"and loading it could run code ({_reason(exc)})")
+    @classmethod
+    def refuse(cls, path, exc: Exception) -> "UnsafeCheckpointError":
+        """The error for ``path``, whose weights-only load failed with ``exc``."""
+        return cls(f"{path}: refused: the file holds objects other than tensors and plain data, "
+                   f"and loading it could run code ({_reason(exc)})")
 
 
 def torch_load(path: Path) -> Any:
@@ -52,7 +54,7 @@ def torch_load(path: Path) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(path, exc) from None
+        raise UnsafeCheckpointError.refuse(path, exc) from None
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:

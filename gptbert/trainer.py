@@ -477,13 +477,13 @@ def pretrain(cfg: PipelineConfig, data, out_dir: str | Path, callback: Callback 
     trainer = Trainer(cfg.model, cfg.train, opened.train, backend, opened.valid, callback, progress)
     ckpt_root = out / CHECKPOINT_DIR
     trainer.resume(list_checkpoints(ckpt_root))
-    started = time.time()
+    started, start_step = time.time(), trainer.step
     trainer.fit(ckpt_root, stop_after)
     if trainer.step < cfg.train.steps:
         return latest_checkpoint(ckpt_root)
 
     model = unwrap(backend.module)
-    summary = training_summary(trainer, cfg, started, opened)
+    summary = training_summary(trainer, cfg, started, opened, start_step=start_step)
     trainer.ema.copy_to(model)  # the final model is the EMA of the weights
     model_dir = out / MODEL_DIR
     if trainer.rank == 0:
@@ -496,7 +496,8 @@ def pretrain(cfg: PipelineConfig, data, out_dir: str | Path, callback: Callback 
 
 def write_pretrain_record(out: Path, cfg: PipelineConfig, data: TrainingData, summary: dict) -> dict:
     """The pretraining stage's record (written once the model folder is complete)."""
-    stats = {k: summary[k] for k in ("steps", "tokens", "words", "final", "precision") if k in summary}
+    stats = {k: summary[k] for k in ("steps", "steps_this_session", "tokens", "words", "final", "precision")
+             if k in summary}
     record = make_record(STAGE, pretrain_inputs(data), pretrain_config(cfg.model, cfg.train), out, MODEL_DIR,
                          stats)
     write_record(out, record)

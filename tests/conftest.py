@@ -42,3 +42,23 @@ def _quiet_env(monkeypatch):
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A temporary Prefect server for the session (PREFECT_HOME in a temporary folder)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.testing.utilities import prefect_test_harness
+
+    try:
+        with prefect_test_harness(server_startup_timeout=180):
+            yield home
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -76,25 +76,6 @@ def test_champion_moves_only_to_a_better_model(tracker):
 # --- the pipeline end to end (Prefect test harness + MLflow sqlite) ------------------------------
 
 
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
-    os.environ["PREFECT_HOME"] = str(home)
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    from prefect.testing.utilities import prefect_test_harness
-
-    try:
-        with prefect_test_harness(server_startup_timeout=180):
-            yield home
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 STEPS = 4
 
 

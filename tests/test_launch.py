@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -309,8 +311,42 @@ def cluster(tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _run(cluster, name: str, extra: list[str], fail_at: int | None = None) -> tuple[Path, dict[int, float]]:
-    """A Ray run named ``name``; with ``fail_at``, rank 0 raises once when that step is reported."""
+class StepReporter:
+    """A trainer callback that writes the rank-0 worker's pid and latest step to a file (a test
+    thread reads it to kill that process), then passes the metrics to ``inner``."""
+
+    def __init__(self, inner, path: Path):
+        self.inner, self.path = inner, str(path)
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        self.inner(metrics, step)
+        Path(self.path).write_text(json.dumps({"pid": os.getpid(), "step": step}))
+
+
+def _kill_when(progress: Path, at_step: int, timeout: float = 600) -> threading.Thread:
+    """A thread that SIGKILLs the process named in ``progress`` once it reports ``at_step``."""
+    def watch() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                info = json.loads(progress.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                info = None
+            if info and info["step"] >= at_step:
+                os.kill(info["pid"], signal.SIGKILL)
+                progress.with_suffix(".killed").write_text(json.dumps(info))
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _run(cluster, name: str, extra: list[str], fail_at: int | None = None,
+         progress: Path | None = None) -> tuple[Path, dict[int, float]]:
+    """A Ray run named ``name``; with ``fail_at``, rank 0 raises once when that step is reported;
+    with ``progress``, rank 0 reports its pid and step there."""
     import ray.cloudpickle
 
     from gptbert.distributed import run_pretraining
@@ -323,10 +359,13 @@ def _run(cluster, name: str, extra: list[str], fail_at: int | None = None) -> tu
                                                      f"launch.storage_path={storage}",
                                                      f"launch.run_name={name}"] + extra)
     callback = JsonlCallback(root / f"{name}.jsonl")
-    if fail_at is not None:
-        # Ray workers cannot import this test module: ship FailOnce by value.
+    if fail_at is not None or progress is not None:
+        # Ray workers cannot import this test module: ship its callbacks by value.
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    if fail_at is not None:
         callback = FailOnce(callback, fail_at, root / f"{name}.failed")
+    if progress is not None:
+        callback = StepReporter(callback, progress)
     model_dir = run_pretraining(cfg, cluster["data"], root / name, callback=callback)
     return model_dir, _curve(root / f"{name}.jsonl")
 
@@ -436,6 +475,83 @@ def test_bf16_two_workers_match_the_plain_bf16_loop(cluster):
     assert abs(curve[1] - plain[1]) < BF16_STEP1_TOL, (curve[1], plain[1])
     assert abs(plain[1] - plain_fp32[1]) > 5 * BF16_STEP1_TOL  # the step-1 check tells bf16 from fp32
     _assert_same_curve(curve, plain, BF16_TOL)
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_worker_process_is_survived(cluster):
+    """A real fault: the rank-0 worker process is SIGKILLed after step 4 of a 2-worker run; Ray
+    restarts the worker group from the latest checkpoint and the run matches the plain loop."""
+    progress = cluster["root"] / "sigkill.progress"
+    killer = _kill_when(progress, at_step=4)
+    model_dir, curve = _run(cluster, "sigkill", ["launch.num_workers=2", "launch.zero_stage=1",
+                                                 "launch.max_failures=2"], progress=progress)
+    killer.join(1)
+    killed = json.loads(progress.with_suffix(".killed").read_text())
+    assert killed["step"] >= 4
+    summary = json.loads((model_dir / "training.json").read_text())
+    assert summary["launch"]["resumed_from"]["step"] in (3, 6) and summary["steps"] == 8
+    _assert_same_curve(curve, cluster["plain"])
+
+
+@pytest.mark.slow
+def test_a_ray_checkpoint_carrying_a_pickle_payload_is_refused(cluster):
+    """Resuming under Ray reads DeepSpeed's files with weights_only: a checkpoint whose optimizer
+    file carries a pickle payload is refused with the file named, and the payload never runs."""
+    extra = ["launch.num_workers=2", "launch.zero_stage=1", "launch.max_failures=0"]
+    with pytest.raises(Exception, match="injected fault"):
+        _run(cluster, "payload", extra, fail_at=5)
+    step = cluster["root"] / "storage" / "payload" / "step-3"
+    optim = next(step.rglob("*optim_states.pt"))
+    marker = cluster["root"] / "payload-ran"
+    state = torch.load(optim, weights_only=False)
+    state["evil"] = _Payload(str(marker))
+    torch.save(state, optim)
+    from common.artifacts import DataError
+
+    with pytest.raises(DataError, match=rf"{optim.name}: refused: .* could run code"):
+        _run(cluster, "payload", extra)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_sigkill_of_gptbert_pretrain_on_ray_then_the_same_command_resumes(cluster):
+    """The whole `gptbert pretrain` driver is SIGKILLed once a checkpoint is in storage; the same
+    command again resumes from it (same run name) and ends with the plain loop's model."""
+    root = cluster["root"]
+    storage = root / "storage"
+    argv = [sys.executable, "-m", "cli.main", "pretrain", "--data", str(cluster["data"]), "--out",
+            str(root / "cli-ray"), "--preset", "tiny", "--no-progress"]
+    for item in OVERRIDES + ["launch.num_workers=2", f"launch.ray_address={cluster['address']}",
+                             f"launch.storage_path={storage}", "launch.run_name=cli-ray"]:
+        argv += ["--set", item]
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while not (storage / "cli-ray" / "step-3").is_dir():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = json.loads((root / "cli-ray" / "model" / "training.json").read_text())
+    assert summary["steps"] == 8 and summary["launch"]["resumed_from"]["step"] in (3, 6)
+    from safetensors.torch import load_file
+
+    ours = load_file(str(root / "cli-ray" / "model" / "model.safetensors"))
+    theirs = load_file(str(root / "plain" / "model" / "model.safetensors"))
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-3
+
+
+class _Payload:
+    """Unpickling this runs code: it creates a marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
 
 
 def test_ray_infra_manifests_parse_and_match_the_installed_ray():

@@ -227,7 +227,7 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
     folder's). Progress is reported through ``callback`` (``progress`` draws no bar in workers).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from ..data import open_data
@@ -279,7 +279,10 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
                     "DS_ACCELERATOR", "cuda" if lc.use_gpu else "cpu")}},
             ),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as exc:
+            raise worker_error(exc) from None
         if result.error is not None:
             raise worker_error(result.error)
         checkpoint = result.checkpoint

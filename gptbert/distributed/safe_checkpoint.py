@@ -31,7 +31,7 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
             with torch.serialization.safe_globals(SAFE_GLOBALS):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise UnsafeCheckpointError(path, exc) from None
+            raise UnsafeCheckpointError.refuse(path, exc) from None
 
 
 __all__ = ["SAFE_GLOBALS", "WeightsOnlyCheckpointEngine"]
