@@ -12,10 +12,10 @@ import argparse
 import os
 import sys
 
-from . import data, evaluate, model, pipeline, train
+from . import data, evaluate, export, model, pipeline, train
 
 # Subcommand groups, in the order `gptbert --help` lists them.
-COMMAND_GROUPS = (data, model, train, evaluate, pipeline)
+COMMAND_GROUPS = (data, model, train, export, evaluate, pipeline)
 
 
 DEBUG_ENV = "GPTBERT_DEBUG"

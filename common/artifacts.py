@@ -35,7 +35,7 @@ from .config.base import digest
 
 RECORD_FILE = "stage.json"
 # The pipeline's stages, in order (each stage's record names one of them).
-STAGES = ("clean", "tokenizer", "shard", "pretrain", "evaluate")
+STAGES = ("clean", "tokenizer", "shard", "pretrain", "export", "evaluate")
 _BLOCK = 1 << 20
 
 

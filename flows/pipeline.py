@@ -5,14 +5,14 @@ folder for the same inputs + config is complete is skipped, in any process, and 
 the logs, the returned summary and the stage's MLflow tags (``gptbert.cached``). Tasks therefore use
 ``NO_CACHE`` and retry transient failures; pretraining resumes from its checkpoints on a retry.
 
-A stage flow (``clean``, ``train-tokenizer``, ``shard``, ``pretrain``, ``evaluate``) runs the
+A stage flow (``clean``, ``train-tokenizer``, ``shard``, ``pretrain``, ``export``, ``evaluate``) runs the
 pipeline up to and including its stage: upstream stages are resolved through the same cache (a
 no-op when they are done), so each stage can be deployed and triggered on its own.
 
 MLflow: one parent run per flow run, a nested child run per stage (params: that stage's config;
 metrics: stage stats, the trainer's step metrics, evaluation; artifacts: stats, tokenizer.json,
-the shard manifest, model folder, results, plots). Tags link Prefect and MLflow both ways and
-carry the lineage digests.
+the shard manifest, model folder, the exported transformers folder, results, plots). Tags link
+Prefect and MLflow both ways and carry the lineage digests.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ STAGE_SECTIONS = {
     "tokenizer": ("tokenizer",),
     "shard": ("shard",),
     "pretrain": ("model", "train", "launch"),
+    "export": ("export",),
     "evaluate": ("eval",),
 }
 # Small files of each stage folder logged as MLflow artifacts.
@@ -44,6 +45,7 @@ STAGE_FILES = {
     "tokenizer": ("tokenizer.json",),
     "shard": ("manifest.json",),
     "pretrain": ("model/training.json", "model/config.json"),
+    "export": ("config.json",),
     "evaluate": ("results.json", "report.md", "by_phenomenon.png"),
 }
 
@@ -218,6 +220,36 @@ def _log_loss_plot(tracker, run_id: str, source_run_id: str, folder: Path) -> No
         tracker.log_artifact(run_id, png, "pretrain")
 
 
+@task(name="export", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
+def export_task(config: PipelineConfig, model: Artifact, parent_run_id: Optional[str] = None) -> Artifact:
+    """Prefect task: export the model (and its word milestones) as a ``transformers`` folder, tracked as
+    a child MLflow run with the folder as its ``hf`` artifact (what a user downloads to share)."""
+    def run(child: Optional[str]) -> Artifact:
+        artifact = stages.export(config, model)
+        if child is not None and (not artifact.cached or not artifact.record.get("mlflow_run_id")):
+            _tracker(config).log_artifact(child, Path(artifact.path), "hf")
+            if artifact.cached:
+                artifact.record = update_record(artifact.path, mlflow_run_id=child)
+        return artifact
+
+    return _run_stage_tracked("export", config, parent_run_id, run)
+
+
+def export_available(config: PipelineConfig) -> Optional[str]:
+    """Why the export stage cannot run here (None when it can)."""
+    from common.artifacts import DataError
+    from gptbert.export import require_transformers
+
+    if not config.export.enabled:
+        return "export.enabled is false"
+    try:
+        require_transformers()
+    except DataError as exc:
+        return str(exc)
+    return None
+
+
 @task(name="evaluate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
       retry_condition_fn=retry_if_transient)
 def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Optional[str] = None) -> Artifact:
@@ -332,6 +364,12 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
             arts["shard"] = shard_task(config, arts["clean"], arts["tokenizer"], parent)
         if "pretrain" in want:
             arts["pretrain"] = pretrain_task(config, arts["shard"], arts["tokenizer"], parent)
+        if "export" in want:
+            skip = export_available(config)
+            if skip is None:
+                arts["export"] = export_task(config, arts["pretrain"], parent)
+            else:
+                logger.warning("export stage skipped: %s", skip)
         if "evaluate" in want:
             arts["evaluate"] = evaluate_task(config, arts["pretrain"], parent)
         registered = None
@@ -398,15 +436,16 @@ def _flow(name: str, until: str, description: str):
 
 
 pipeline = _flow("gptbert-pipeline", "evaluate",
-                 "Clean -> tokenizer -> shards -> pretrain -> evaluate -> register, cached by artifact identity")
+                 "Clean -> tokenizer -> shards -> pretrain -> export -> evaluate -> register, cached by artifact identity")
 clean_flow = _flow("gptbert-clean", "clean", "Clean the raw corpus into documents.parquet")
 tokenizer_flow = _flow("gptbert-train-tokenizer", "tokenizer", "Train the byte-level BPE tokenizer (and upstream)")
 shard_flow = _flow("gptbert-shard", "shard", "Tokenize into Arrow shards (and upstream)")
 pretrain_flow = _flow("gptbert-pretrain", "pretrain", "Pretrain GPT-BERT (and upstream); resumes from checkpoints")
+export_flow = _flow("gptbert-export", "export", "Export the model as a transformers folder (and upstream)")
 evaluate_flow = _flow("gptbert-evaluate", "evaluate", "Evaluate on BLiMP-format minimal pairs (and upstream)")
 
 FLOWS = {"pipeline": pipeline, "clean": clean_flow, "tokenizer": tokenizer_flow, "shard": shard_flow,
-         "pretrain": pretrain_flow, "evaluate": evaluate_flow}
+         "pretrain": pretrain_flow, "export": export_flow, "evaluate": evaluate_flow}
 
-__all__ = ["FLOWS", "STAGES", "clean_flow", "evaluate_flow", "pipeline", "pretrain_flow", "run_pipeline",
+__all__ = ["FLOWS", "STAGES", "clean_flow", "evaluate_flow", "export_available", "export_flow", "export_task", "pipeline", "pretrain_flow", "run_pipeline",
            "shard_flow", "tokenizer_flow"]

@@ -1,4 +1,4 @@
-"""The five stages as plain calls of the library functions, cached by artifact identity.
+"""The six stages as plain calls of the library functions, cached by artifact identity.
 
 Each stage writes ``<workdir>/artifacts/<stage>/<identity[:16]>/`` through the same library
 function the CLI calls, which writes the folder atomically and its record ``stage.json`` last. A
@@ -112,6 +112,15 @@ def pretrain(cfg: PipelineConfig, shards: Artifact, tokenizer: Artifact, callbac
                           lambda out: run_pretraining(cfg, shards.path, out, callback=callback))
 
 
+def export(cfg: PipelineConfig, model: Artifact) -> Artifact:
+    """The export stage: the pretrained model and its word-milestone models as one ``transformers``
+    folder (``export.git_repo``: also a hub-style git repository), reused when cached."""
+    from gptbert.export import export_inputs, export_model
+
+    return _cached_or_run(cfg, "export", export_inputs(model.path), cfg.export.identity_dict(),
+                          lambda out: export_model(model.path, out, git_repo=cfg.export.git_repo))
+
+
 def evaluate(cfg: PipelineConfig, model: Artifact, after: Callable | None = None) -> Artifact:
     """``after(results, folder)`` may add files (plots) to the evaluation folder before its record."""
     from gptbert.evaluation import evaluate_model_dir, evaluation_config, evaluation_inputs
@@ -121,4 +130,4 @@ def evaluate(cfg: PipelineConfig, model: Artifact, after: Callable | None = None
                           lambda out: evaluate_model_dir(model_dir, cfg.eval, out, after=after))
 
 
-__all__ = ["Artifact", "STAGES", "clean", "evaluate", "pretrain", "shard", "stage_dir", "train_tokenizer"]
+__all__ = ["Artifact", "STAGES", "clean", "evaluate", "export", "pretrain", "shard", "stage_dir", "train_tokenizer"]

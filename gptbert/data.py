@@ -109,6 +109,52 @@ class TrainingData:
     vocab_size: int | None = None
 
 
+def document_words(source: DocumentSource) -> np.ndarray | None:
+    """Whitespace words of every document (int64), or None when the source has no word count.
+
+    Shards store each document's words; a source that only knows its total (a ``.npz`` token file's
+    ``num_words``) spreads it over the documents in proportion to their tokens, in integers that sum
+    to the total."""
+    per_doc = getattr(source, "words", None)
+    if isinstance(per_doc, np.ndarray) and len(per_doc) == len(source):
+        return per_doc.astype(np.int64)
+    total = source.num_words
+    if total is None:
+        return None
+    lengths = np.asarray(source.lengths, dtype=np.int64)
+    tokens = int(lengths.sum())
+    if tokens == 0:
+        return np.zeros(len(lengths), np.int64)
+    cumulative = np.concatenate([[0], np.cumsum(lengths)]) * int(total) // tokens
+    return np.diff(cumulative).astype(np.int64)
+
+
+class WordCounter:
+    """Exact words consumed by training pieces (BabyLM counts words seen, not tokens).
+
+    A piece ``(doc, offset, n)`` consumes words ``upto(offset + n) - upto(offset)`` of its document,
+    where ``upto(x) = words * x // length`` and a document read to its end (the packer drops a
+    one-token tail) counts all its words: the pieces of a document always sum to its word count,
+    so the count does not depend on how documents were cut or how examples were split over workers."""
+
+    def __init__(self, lengths: np.ndarray, words: np.ndarray):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.words = np.asarray(words, dtype=np.int64)
+
+    def _upto(self, docs: np.ndarray, position: np.ndarray) -> np.ndarray:
+        length, words = self.lengths[docs], self.words[docs]
+        partial = words * position // np.maximum(length, 1)
+        return np.where(length - position < 2, words, partial)
+
+    def count(self, pieces) -> int:
+        """Words consumed by ``pieces`` (an iterable of ``(doc, offset, n)``)."""
+        arr = np.asarray(list(pieces), dtype=np.int64).reshape(-1, 3)
+        if len(arr) == 0:
+            return 0
+        docs, start, n = arr[:, 0], arr[:, 1], arr[:, 2]
+        return int((self._upto(docs, start + n) - self._upto(docs, start)).sum())
+
+
 def open_data(data, tokenizer: str | Path | None = None, valid_data=None) -> TrainingData:
     """Open ``data``: a DocumentSource, a shard folder (its ``valid`` split validates, its own
     ``tokenizer.json`` is the tokenizer) or a token file (.txt/.npz). ``tokenizer``: a tokenizer to

@@ -24,7 +24,7 @@ from common.config import ModelConfig, PipelineConfig, TrainConfig, digest
 
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                          safetensors_load, save_checkpoint, torch_load)
-from .data import TrainingData, open_data
+from .data import TrainingData, WordCounter, document_words, open_data
 from .objective import (Cursor, LossNorm, TrainingStream, hybrid_loss, objective_value, rank_slice,
                         segment_pieces, validation_batches)
 from .optim import EMA, build_optimizer, precision_name, resolve_device, resolve_precision, schedule_lr
@@ -34,8 +34,15 @@ log = logging.getLogger("gptbert")
 STAGE = "pretrain"
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
+MILESTONES_DIR = "milestones"  # milestones/chck_{N}M/: a model folder per word milestone reached
 
 Callback = Callable[[dict, int], None]
+
+
+def milestone_name(words: int) -> str:
+    """The BabyLM checkpoint name of a word milestone: 1_000_000 -> ``chck_1M``, 2_000 -> ``chck_0.002M``."""
+    return f"chck_{words / 1e6:g}M"
+
 
 def _dist() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -164,9 +171,16 @@ class Trainer:
         self.autocast_dtype = resolve_precision(self.tc.precision, self.device)
         words, tokens = source.num_words, source.num_tokens
         self.words_per_token = (words / tokens) if words and tokens else None
+        per_doc = document_words(source)
+        self.word_counter = WordCounter(source.lengths, per_doc) if per_doc is not None else None
+        self.milestones = train_cfg.milestone_words()
+        if self.milestones and self.word_counter is None:
+            raise DataError("train.word_milestones needs word counts, and this training data has none "
+                            "(shards record them; a token file needs 'num_words')")
         self.step = 0
         self.last_checkpoint_step = 0
         self.tokens_seen = 0
+        self.words_seen = 0  # exact, from the documents the global batches consumed (identical on every rank)
         self.cursor = Cursor()  # data position after the last completed step
         self.last_metrics: dict[str, Any] = {}
         self._valid_cache: dict[bool, list] = {}
@@ -258,6 +272,9 @@ class Trainer:
         self.step += 1
         self.cursor = self.stream.cursor = nxt
         self.tokens_seen += int(n_tokens)
+        if self.word_counter is not None:
+            # The plan is the global batch (every rank plans it), so this is the sum over workers.
+            self.words_seen += self.word_counter.count(p for example in plan.examples for p in example)
         step_time = time.perf_counter() - t0
         metrics = {
             **values,
@@ -274,6 +291,8 @@ class Trainer:
         }
         if self.words_per_token is not None:
             metrics["words_per_s"] = metrics["tokens_per_s"] * self.words_per_token
+        if self.word_counter is not None:
+            metrics["words"] = self.words_seen
         self.last_metrics = metrics
         return metrics
 
@@ -322,7 +341,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """The loop state saved as trainer.pt: step, data cursor, tokens seen and the run digest."""
         return {"step": self.step, "cursor": self.cursor.to_dict(), "tokens_seen": self.tokens_seen,
-                "run_digest": self.run_digest()}
+                "words_seen": self.words_seen, "run_digest": self.run_digest()}
 
     def save(self, checkpoint_root: str | Path) -> Path:
         return save_checkpoint(checkpoint_root, self.step, self.backend, self.ema, self.state(),
@@ -335,6 +354,10 @@ class Trainer:
         state = load_checkpoint(checkpoint, self.backend, self.ema, rank=self.rank, run_digest=self.run_digest())
         self.step = self.last_checkpoint_step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
+        if "words_seen" in state:
+            self.words_seen = int(state["words_seen"])
+        else:  # a checkpoint from before exact counting: the estimate from the corpus ratio
+            self.words_seen = round(self.tokens_seen * (self.words_per_token or 0.0))
         self.cursor = self.stream.cursor = Cursor.from_dict(state["cursor"])
 
     def resume(self, checkpoints: list[Path]) -> Path | None:
@@ -360,9 +383,12 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, checkpoint_root: str | Path | None = None, stop_after: int | None = None,
-            on_checkpoint: Callable[[Path], None] | None = None) -> dict:
+            on_checkpoint: Callable[[Path], None] | None = None,
+            on_milestone: Callable[[list[int]], None] | None = None) -> dict:
         """Train until ``tc.steps`` (or ``stop_after`` total steps); checkpoint periodically and at
-        the end, calling ``on_checkpoint(folder)`` after each checkpoint (every rank)."""
+        the end, calling ``on_checkpoint(folder)`` after each checkpoint (every rank). After a step
+        whose words pass word milestones, ``on_milestone(milestones)`` runs on every rank (saving
+        the model may be a collective)."""
         tc = self.tc
         end = tc.steps if stop_after is None else min(stop_after, tc.steps)
         bar = None
@@ -373,7 +399,11 @@ class Trainer:
         start_step = self.step
         try:
             while self.step < end:
+                before = self.words_seen
                 metrics = self.train_step()
+                passed = [m for m in self.milestones if before < m <= self.words_seen]
+                if passed and on_milestone is not None:
+                    on_milestone(passed)
                 if tc.validate_every and self.step % tc.validate_every == 0 and self.step < tc.steps:
                     metrics.update(self.validate())
                 if self.rank == 0 and self.callback is not None:
@@ -431,7 +461,7 @@ def check_run_folder(out: Path) -> None:
         raise DataError(f"{out}: holds the output of stage '{other.get('stage')}'; refusing to train into it")
     if other is None:
         foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")
-                   and p.name not in (CHECKPOINT_DIR, MODEL_DIR, "ray")]
+                   and p.name not in (CHECKPOINT_DIR, MODEL_DIR, MILESTONES_DIR, "ray")]
         if foreign:
             raise DataError(f"{out}: output folder holds {', '.join(sorted(foreign)[:3])}, which no "
                             "pretraining run wrote; choose an empty folder or an earlier run's folder")
@@ -478,7 +508,9 @@ def pretrain(cfg: PipelineConfig, data, out_dir: str | Path, callback: Callback 
     ckpt_root = out / CHECKPOINT_DIR
     trainer.resume(list_checkpoints(ckpt_root))
     started, start_step = time.time(), trainer.step
-    trainer.fit(ckpt_root, stop_after)
+    milestones = out / MILESTONES_DIR
+    trainer.fit(ckpt_root, stop_after, on_milestone=lambda passed: save_milestone_models(
+        trainer, cfg.model, passed, milestones, opened.tokenizer))
     if trainer.step < cfg.train.steps:
         return latest_checkpoint(ckpt_root)
 
@@ -494,10 +526,55 @@ def pretrain(cfg: PipelineConfig, data, out_dir: str | Path, callback: Callback 
     return model_dir
 
 
+def ema_model(trainer: "Trainer", model_cfg: ModelConfig) -> torch.nn.Module | None:
+    """The EMA weights in a fresh fp32 CPU model on rank 0 (independent of device, precision and
+    sharding); None on other ranks. Every rank must call it: under ZeRO-3 the EMA is gathered."""
+    from .model import GPTBERT
+
+    state = trainer.ema.state_dict()
+    if trainer.rank != 0:
+        return None
+    model = GPTBERT(model_cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(state[name])
+    return model.eval()
+
+
+def save_milestone_models(trainer: "Trainer", model_cfg: ModelConfig, milestones: list[int], root: str | Path,
+                          tokenizer: str | Path | None) -> list[Path]:
+    """Write the current EMA model as ``root/chck_{N}M`` for each milestone passed (rank 0 writes;
+    every rank calls). A step passing several milestones writes each (same weights)."""
+    from .io import save_model_dir
+
+    model = ema_model(trainer, model_cfg)
+    if model is None:
+        return []
+    written = []
+    for words in milestones:
+        summary = {"milestone": milestone_name(words), "milestone_words": words, "words": trainer.words_seen,
+                   "steps": trainer.step, "tokens": trainer.tokens_seen, "run_digest": trainer.run_digest(),
+                   "precision": precision_name(trainer.autocast_dtype)}
+        written.append(save_model_dir(Path(root) / milestone_name(words), model, model_cfg, tokenizer, summary))
+        log.info("word milestone %s reached at step %d (%d words): saved %s", milestone_name(words),
+                 trainer.step, trainer.words_seen, written[-1])
+    return written
+
+
+def milestones_reached(run_dir: str | Path) -> list[str]:
+    """Names of the milestone model folders of a run folder, by words (``chck_1M``, ``chck_2M``, ...)."""
+    root = Path(run_dir) / MILESTONES_DIR
+    if not root.is_dir():
+        return []
+    names = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("chck_")
+             and (p / "training.json").is_file()]
+    return sorted(names, key=lambda n: float(n[len("chck_"):-1]))
+
+
 def write_pretrain_record(out: Path, cfg: PipelineConfig, data: TrainingData, summary: dict) -> dict:
     """The pretraining stage's record (written once the model folder is complete)."""
-    stats = {k: summary[k] for k in ("steps", "steps_this_session", "tokens", "words", "final", "precision")
-             if k in summary}
+    stats = {k: summary[k] for k in ("steps", "steps_this_session", "tokens", "words", "final", "precision",
+                                     "milestones") if k in summary}
     record = make_record(STAGE, pretrain_inputs(data), pretrain_config(cfg.model, cfg.train), out, MODEL_DIR,
                          stats)
     write_record(out, record)
@@ -511,11 +588,11 @@ def training_summary(trainer: "Trainer", cfg: PipelineConfig, started: float, da
     final = dict(trainer.last_metrics)
     final.update(trainer.validate())
     final.update(trainer.validate_ema())
-    words = trainer.words_per_token
     summary = {
         "steps": trainer.step,
         "tokens": trainer.tokens_seen,
-        "words": round(trainer.tokens_seen * words) if words else None,
+        "words": trainer.words_seen if trainer.word_counter is not None else None,
+        "milestones": [milestone_name(m) for m in trainer.milestones if m <= trainer.words_seen],
         "train_seconds_this_session": round(time.time() - started, 3),
         # NaN (no example of that kind, e.g. loss_masked of a causal-only run) becomes null: strict JSON.
         "final": {k: (v if math.isfinite(v) else None) for k, v in final.items() if isinstance(v, (int, float))},
@@ -533,6 +610,7 @@ def training_summary(trainer: "Trainer", cfg: PipelineConfig, started: float, da
     return summary
 
 
-__all__ = ["AveragedWeights", "LocalBackend", "NonFiniteLossError", "StepBackend", "Trainer", "build_local_backend", "check_data_fits",
+__all__ = ["MILESTONES_DIR", "ema_model", "milestone_name", "milestones_reached", "save_milestone_models",
+           "AveragedWeights", "LocalBackend", "NonFiniteLossError", "StepBackend", "Trainer", "build_local_backend", "check_data_fits",
            "check_run_folder", "pretrain", "pretrain_config", "pretrain_inputs", "run_digest", "training_summary",
            "unwrap", "write_pretrain_record"]

@@ -89,7 +89,7 @@ def test_sigkill_of_the_pipeline_flow_then_the_flow_again(prefect_harness, tmp_p
     proc = _start(argv, env)
     _kill_when(proc, lambda: any(workdir.glob("artifacts/pretrain/*/checkpoints/step-30")))
     summary = pipeline(config=with_demo_data(demo_config(str(workdir), overrides)))
-    assert summary["cached"] == ["clean", "tokenizer", "shard"] and summary["ran"] == ["pretrain", "evaluate"]
+    assert summary["cached"] == ["clean", "tokenizer", "shard"] and summary["ran"] == ["pretrain", "export", "evaluate"]
     assert 0 < summary["training"]["steps_this_session"] < 120 and summary["training"]["steps"] == 120
     versions = client_for(summary["tracking_uri"]).search_model_versions("name='faults'")
     assert len(versions) == 1 and summary["registered"]["version"] == 1

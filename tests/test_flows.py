@@ -159,6 +159,9 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
     assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json", "model/training.json"} <= \
         artifacts(pre, "model")
     assert "pretrain/loss_curves.png" in artifacts(pre, "pretrain")
+    exported = {a.path for a in client.list_artifacts(children["export"].info.run_id, "hf")}
+    assert {"hf/model.safetensors", "hf/config.json", "hf/modeling_gptbert.py", "hf/tokenizer.json"} <= exported
+    assert tags["export"]["gptbert.input.model"] == first["stages"]["pretrain"]["digest"]
     assert {"evaluate/results.json", "evaluate/by_phenomenon.png", "evaluate/report.md"} <= \
         artifacts(children["evaluate"].info.run_id, "evaluate")
 
@@ -197,7 +200,7 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
     # cleaning. (Identities are built from content digests: a config change that leaves the
     # tokenizer's bytes as they were would rerun only the tokenizer stage.)
     third = pipeline(config=_test_config(tmp_path / "run", "tokenizer.max_token_chars=6"))
-    assert third["cached"] == ["clean"] and third["ran"] == ["tokenizer", "shard", "pretrain", "evaluate"]
+    assert third["cached"] == ["clean"] and third["ran"] == ["tokenizer", "shard", "pretrain", "export", "evaluate"]
     assert third["stages"]["clean"]["digest"] == first["stages"]["clean"]["digest"]
     assert third["stages"]["tokenizer"]["identity"] != first["stages"]["tokenizer"]["identity"]
     assert third["stages"]["tokenizer"]["digest"] != first["stages"]["tokenizer"]["digest"]

@@ -232,7 +232,9 @@ OVERRIDES = ["train.precision=fp32",
              "train.validate_every=0", "train.valid_examples=0", "train.seq_len_schedule=false",
              "train.seq_len=32", "train.batch_tokens_start=512", "train.batch_tokens_end=512",
              "train.micro_batch_tokens=256", "train.causal_fraction=0.25", "train.warmup_fraction=0.2",
-             "model.hidden_dropout=0.0", "model.attention_dropout=0.0"]
+             "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
+             # ~370 words a step: milestones at about steps 3 and 6, on both sides of the restarts.
+             "train.word_milestones=[0.001,0.002]"]
 
 
 def _corpus(path: Path) -> Path:
@@ -370,6 +372,27 @@ def _run(cluster, name: str, extra: list[str], fail_at: int | None = None,
     return model_dir, _curve(root / f"{name}.jsonl")
 
 
+def _assert_same_milestones(run_dir: Path, plain_dir: Path) -> None:
+    """The run saved the plain loop's word milestones: after the same step, with the same exact word
+    count (summed over workers' examples), with the same EMA weights (up to float summation order)."""
+    from safetensors.torch import load_file
+
+    from gptbert.trainer import milestones_reached
+
+    names = milestones_reached(plain_dir)
+    assert names == ["chck_0.001M", "chck_0.002M"] == milestones_reached(run_dir)
+    for name in names:
+        ours = json.loads((run_dir / "milestones" / name / "training.json").read_text())
+        theirs = json.loads((plain_dir / "milestones" / name / "training.json").read_text())
+        assert (ours["steps"], ours["words"], ours["tokens"]) == (theirs["steps"], theirs["words"], theirs["tokens"])
+        assert theirs["words"] >= theirs["milestone_words"] > 0
+        a = load_file(str(run_dir / "milestones" / name / "model.safetensors"))
+        b = load_file(str(plain_dir / "milestones" / name / "model.safetensors"))
+        assert max(float((a[k] - b[k]).abs().max()) for k in b) < 1e-3
+    summary = json.loads((run_dir / "model" / "training.json").read_text())
+    assert summary["milestones"] == names
+
+
 def _assert_same_curve(curve: dict[int, float], ref: dict[int, float], tol: float = TOL) -> None:
     assert sorted(curve) == sorted(ref) == list(range(1, 9))
     worst = max(abs(curve[s] - ref[s]) for s in ref)
@@ -410,6 +433,8 @@ def test_zero1_on_two_nodes_recovers_from_a_worker_fault(cluster):
     ours, theirs = load_file(str(model_dir / "model.safetensors")), load_file(str(plain_dir / "model.safetensors"))
     assert ours.keys() == theirs.keys()
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-3
+    # Milestone 1 was passed before the fault, milestone 2 after the restart.
+    _assert_same_milestones(cluster["root"] / "zero1-fault", cluster["root"] / "plain")
 
 
 @pytest.mark.slow
@@ -455,6 +480,7 @@ def test_zero3_matches_the_plain_loop_and_resumes_after_a_fault(cluster):
     assert ours.keys() == theirs.keys()
     assert all(ours[k].shape == theirs[k].shape for k in ours)
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-3
+    _assert_same_milestones(cluster["root"] / "zero3", cluster["root"] / "plain")  # the EMA gathered
 
 
 @pytest.mark.slow

@@ -41,6 +41,16 @@ def test_core_leaves_ray_and_deepspeed_to_the_distributed_package_and_knows_no_o
             assert not names & {"ray", "deepspeed"}, (module, names)
 
 
+def test_transformers_enters_only_the_export_and_the_exported_code_imports_no_gptbert():
+    for package in ("common", "cli", "gptbert", "tokenization", "flows"):
+        for module, names in _imports(package).items():
+            if not module.startswith("gptbert/export/"):
+                assert "transformers" not in names, (module, names)
+    # The exported code runs where gptbert is not installed (the BabyLM pipeline's own environment).
+    for module, names in _imports("gptbert/export/hf").items():
+        assert names <= {"math", "torch", "transformers"}, (module, names)
+
+
 def test_flows_and_cli_call_the_libraries_without_reaching_into_the_backends():
     for module, names in {**_imports("flows"), **_imports("cli")}.items():
         assert not names & {"ray", "deepspeed"}, (module, names)

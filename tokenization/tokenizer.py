@@ -45,6 +45,14 @@ SPLIT_PATTERN = "|".join([
 ])
 
 
+def chunk_pre_tokenizer(max_chars: int) -> pre_tokenizers.Split:
+    """Chunks of at most ``max_chars`` characters (recipe §4), written as an isolated ``Split`` on
+    ``.{1,N}``: every ``tokenizers`` release reads it, unlike ``FixedLength``, which releases before
+    0.22 (the one the BabyLM evaluation pipeline pins) cannot load. Both give the same pieces: after
+    the byte-level step no character is a newline, so ``.`` matches every one."""
+    return pre_tokenizers.Split(Regex(f".{{1,{max_chars}}}"), behavior="isolated", invert=False)
+
+
 def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """The untrained recipe §4 tokenizer: model, normaliser, pre-tokenizer, decoder, post-processor."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False, fuse_unk=False,
@@ -58,7 +66,7 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        pre_tokenizers.FixedLength(length=cfg.max_token_chars),
+        chunk_pre_tokenizer(cfg.max_token_chars),
     ])
     tok.decoder = decoders.Sequence([
         decoders.ByteLevel(),

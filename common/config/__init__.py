@@ -26,6 +26,7 @@ from .base import (
 )
 from .data import CleanConfig, ShardConfig, TokenizerConfig
 from .eval import EvalConfig
+from .export import ExportConfig
 from .launch import LaunchConfig
 from .model import ModelConfig
 from .tracking import TrackingConfig
@@ -45,6 +46,7 @@ class PipelineConfig(ConfigBase):
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -97,6 +99,7 @@ __all__ = [
     "CleanConfig",
     "ConfigError",
     "EvalConfig",
+    "ExportConfig",
     "LaunchConfig",
     "ModelConfig",
     "PipelineConfig",

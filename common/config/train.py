@@ -9,7 +9,7 @@ the number of sequences, and so that the number of processes never changes the o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 from .base import ConfigBase, check
 
@@ -73,6 +73,10 @@ class TrainConfig(ConfigBase):
     # Validation examples (one segment each, no packing, fixed 15% mask rate).
     valid_examples: int = 256
     valid_mask_rate: float = 0.15
+    # Save the (EMA) model each time the words seen pass a milestone, as milestones/chck_{N}M/:
+    # "babylm" = 1M..10M by 1M, then by 10M to 100M, then by 100M to 1B (the BabyLM checkpoints);
+    # or a list of milestones in millions of words; "none" = no milestone models.
+    word_milestones: Union[Literal["none", "babylm"], list[float]] = "none"
 
     # Loop settings that may change between a run and its resumption (not part of its identity).
     RUNTIME_FIELDS = ("checkpoint_every", "keep_checkpoints", "validate_every", "device", "precision",
@@ -102,6 +106,16 @@ class TrainConfig(ConfigBase):
         """Mask rate at ``step``: linear from mask_rate_start to mask_rate_end (recipe §3)."""
         frac = min(step / max(self.steps - 1, 1), 1.0)
         return self.mask_rate_start + (self.mask_rate_end - self.mask_rate_start) * frac
+
+    def milestone_words(self) -> list[int]:
+        """The word milestones (in words, increasing) that ``word_milestones`` asks for."""
+        if self.word_milestones == "none":
+            return []
+        if self.word_milestones == "babylm":
+            millions = list(range(1, 11)) + list(range(20, 101, 10)) + list(range(200, 1001, 100))
+        else:
+            millions = list(self.word_milestones)
+        return sorted({int(round(m * 1e6)) for m in millions})
 
     @property
     def max_seq_len(self) -> int:
@@ -150,3 +164,8 @@ class TrainConfig(ConfigBase):
         check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         check(self.validate_every >= 0, "validate_every", "must be >= 0 (0 = only at the end)")
         check(self.valid_examples >= 0, "valid_examples", "must be >= 0")
+        if isinstance(self.word_milestones, list):
+            check(all(m > 0 for m in self.word_milestones), "word_milestones",
+                  "milestones are positive numbers of millions of words")
+            check(all(round(m * 1e6) % 1000 == 0 for m in self.word_milestones), "word_milestones",
+                  "milestones are millions of words with at most three decimals (0.001 = 1000 words)")

@@ -135,9 +135,8 @@ def _train_worker(config: dict) -> None:
     from ..data import open_data
     from ..io import save_model_dir
     from ..metrics import MetricsCallback
-    from ..model import GPTBERT
     from ..optim import resolve_precision
-    from ..trainer import Trainer, training_summary
+    from ..trainer import MILESTONES_DIR, Trainer, ema_model, save_milestone_models, training_summary
     from .deepspeed_backend import build_deepspeed_backend
     from .zero import check_zero3_validation
 
@@ -190,7 +189,15 @@ def _train_worker(config: dict) -> None:
     started = time.time()
     start_step = trainer.step
     reporter = _Reporter(trainer, local_rank, tc.steps)
-    trainer.fit(scratch, config.get("stop_after"), on_checkpoint=reporter)
+
+    def on_milestone(passed: list[int]) -> None:
+        # Written on rank 0's node, then persisted in Ray storage (shared across nodes), from
+        # where the driver installs them into the run folder.
+        for folder in save_milestone_models(trainer, cfg.model, passed, scratch / MILESTONES_DIR, data.tokenizer):
+            upload_folder(folder, config["storage_path"], f"{config['run_name']}/{MILESTONES_DIR}/{folder.name}")
+            shutil.rmtree(folder, ignore_errors=True)
+
+    trainer.fit(scratch, config.get("stop_after"), on_checkpoint=reporter, on_milestone=on_milestone)
 
     folder = reporter.final
     if trainer.step < tc.steps or folder is None:
@@ -201,13 +208,8 @@ def _train_worker(config: dict) -> None:
                          "run_name": config["run_name"], "storage_path": config["storage_path"],
                          "resumed_from": resumed_from, "nodes": nodes}
     # ZeRO-3: every rank joins the gather of the partitioned EMA; rank 0 writes it.
-    ema_state = trainer.ema.state_dict()
-    if rank == 0:
-        # The final model is the EMA in fp32, in a fresh CPU model: independent of the device.
-        final_model = GPTBERT(cfg.model)
-        with torch.no_grad():
-            for n, param in final_model.named_parameters():
-                param.copy_(ema_state[n])
+    final_model = ema_model(trainer, cfg.model)
+    if final_model is not None:
         save_model_dir(folder / "model", final_model, cfg.model, data.tokenizer, summary)
     reporter.report(folder, extra={"final": 1})
     if local_rank == 0:
@@ -231,7 +233,7 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
     from ray.train.torch import TorchTrainer
 
     from ..data import open_data
-    from ..trainer import check_data_fits, check_run_folder, write_pretrain_record
+    from ..trainer import MILESTONES_DIR, check_data_fits, check_run_folder, write_pretrain_record
     from .zero import check_zero3_steps
 
     lc = cfg.launch
@@ -294,6 +296,7 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
             model_src = Path(d) / "model"
             if not (model_src / "training.json").is_file():
                 raise RuntimeError(f"latest checkpoint {checkpoint.path} of run {name!r} holds no model folder")
+            install_milestones(storage, name, out / MILESTONES_DIR)
             model_dir = _install_model_dir(model_src, out / "model")
     finally:
         if started_ray:
@@ -312,6 +315,51 @@ def worker_error(error: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc  # a RayTaskError carries the original as .cause
 
 
+def _storage_fs(storage: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(storage)  # (filesystem, path inside it)
+
+
+def upload_folder(local: Path, storage: str, relative: str) -> None:
+    """Copy a model folder into Ray storage (a path or URI) under ``relative``; ``training.json``
+    goes last, so a folder without it is incomplete (a worker killed while copying)."""
+    import pyarrow.fs
+
+    fs, root = _storage_fs(storage)
+    dest = f"{root.rstrip('/')}/{relative}"
+    fs.create_dir(dest, recursive=True)
+    files = sorted((p for p in local.iterdir() if p.is_file()), key=lambda p: p.name == "training.json")
+    for path in files:
+        pyarrow.fs.copy_files(str(path), f"{dest}/{path.name}", destination_filesystem=fs)
+
+
+def install_milestones(storage: str, run_name: str, dest: Path) -> list[str]:
+    """Copy the run's complete milestone folders from Ray storage into ``dest`` (each swapped into
+    place); returns their names."""
+    import pyarrow.fs
+
+    from ..trainer import MILESTONES_DIR
+
+    fs, root = _storage_fs(storage)
+    base = f"{root.rstrip('/')}/{run_name}/{MILESTONES_DIR}"
+    if fs.get_file_info(base).type != pyarrow.fs.FileType.Directory:
+        return []
+    names = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(base)):
+        if info.type != pyarrow.fs.FileType.Directory or \
+                fs.get_file_info(f"{info.path}/training.json").type != pyarrow.fs.FileType.File:
+            continue
+        target = dest / info.base_name
+        remove_stale_siblings(target)
+        tmp = temporary_sibling(target)
+        dest.mkdir(parents=True, exist_ok=True)
+        pyarrow.fs.copy_files(info.path, str(tmp), source_filesystem=fs)
+        replace_dir(tmp, target)
+        names.append(info.base_name)
+    return sorted(names)
+
+
 def _install_model_dir(src: Path, dest: Path) -> Path:
     """Copy the model folder next to ``dest`` under a temporary name, then swap it into place."""
     remove_stale_siblings(dest)
@@ -320,4 +368,4 @@ def _install_model_dir(src: Path, dest: Path) -> Path:
     return replace_dir(tmp, dest)
 
 
-__all__ = ["check_storage_path", "default_run_name", "pretrain_ray", "resolve_ray_address", "worker_error"]
+__all__ = ["install_milestones", "upload_folder", "check_storage_path", "default_run_name", "pretrain_ray", "resolve_ray_address", "worker_error"]
