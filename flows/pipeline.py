@@ -114,6 +114,9 @@ def _log_stage(tracker, run_id: str, stage: str, artifact: Artifact) -> None:
     tags.update({f"gptbert.input.{k}": v for k, v in rec.get("inputs", {}).items()})
     if artifact.cached and rec.get("mlflow_run_id"):
         tags["gptbert.source_run_id"] = rec["mlflow_run_id"]
+    milestones = rec.get("stats", {}).get("milestones")
+    if milestones:  # the BabyLM word milestones reached (pretrain) or exported (export)
+        tags["gptbert.milestones"] = ",".join(milestones)
     tracker.set_tags(run_id, tags)
     metrics = {f"stage.{k}": v for k, v in _scalars(rec.get("stats", {})).items()}
     metrics["stage.cached"] = float(artifact.cached)

@@ -119,6 +119,6 @@ tracking: {{tracking_uri: "sqlite:///{db}", experiment: deploy-test, registered_
     assert parents[0].data.tags["prefect.flow_run_id"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["gptbert.stage"] for r in children) == sorted(
-        ["clean", "tokenizer", "shard", "pretrain", "evaluate"])
+        ["clean", "tokenizer", "shard", "pretrain", "export", "evaluate"])
     assert str(client.get_model_version_by_alias("deploy-test", "champion").version) == "1"
     assert (workdir / "data").is_dir()  # demo_data generated the grammar corpus in the run root

@@ -86,7 +86,7 @@ def _test_overrides(*extra: str) -> list[str]:
         "train.batch_tokens_start=512", "train.batch_tokens_end=512", "train.micro_batch_tokens=512",
         "launch.num_workers=1", "eval.max_pairs_per_paradigm=10", "eval.temperatures=[1.0, 2.0]",
         "tracking.log_every=5", "tracking.experiment=flows-test", "tracking.registered_model=flows-test",
-        *extra,
+        "train.word_milestones=[0.001]", *extra,
     ]
 
 
@@ -160,7 +160,10 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
         artifacts(pre, "model")
     assert "pretrain/loss_curves.png" in artifacts(pre, "pretrain")
     exported = {a.path for a in client.list_artifacts(children["export"].info.run_id, "hf")}
-    assert {"hf/model.safetensors", "hf/config.json", "hf/modeling_gptbert.py", "hf/tokenizer.json"} <= exported
+    assert {"hf/model.safetensors", "hf/config.json", "hf/modeling_gptbert.py", "hf/tokenizer.json",
+            "hf/chck_0.001M"} <= exported
+    assert tags["pretrain"]["gptbert.milestones"] == tags["export"]["gptbert.milestones"] == "chck_0.001M"
+    assert first["training"]["words"] >= 1000
     assert tags["export"]["gptbert.input.model"] == first["stages"]["pretrain"]["digest"]
     assert {"evaluate/results.json", "evaluate/by_phenomenon.png", "evaluate/report.md"} <= \
         artifacts(children["evaluate"].info.run_id, "evaluate")

@@ -249,3 +249,28 @@ def test_forced_bf16_autocast_step_runs():
     assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])
     assert all(p.dtype == torch.float32 for p in backend.module.parameters())
     assert any(not torch.equal(before[n], p) for n, p in backend.module.named_parameters())
+
+
+def test_word_counter_is_exact_however_documents_are_cut_and_split():
+    """BabyLM milestones count words seen: the pieces of a document (cut anywhere, the packer's
+    one-token tail dropped or not) always sum to its words, and pieces spread over 2 workers sum to
+    the same count as on 1."""
+    from gptbert.data import WordCounter
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=200)
+    words = (lengths * rng.uniform(0.5, 0.9, size=200)).astype(np.int64)
+    counter = WordCounter(lengths, words)
+    pieces = []
+    for doc, length in enumerate(lengths):
+        end = length - 1 if (length > 1 and doc % 3 == 0) else length  # one-token tail dropped
+        cuts = np.unique(np.concatenate([[0, end], rng.integers(0, end + 1, size=4)]))
+        pieces += [(doc, int(a), int(b - a)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    assert counter.count(pieces) == int(words.sum())
+    order = rng.permutation(len(pieces))
+    worker0 = [pieces[i] for i in order[: len(order) // 3]]
+    worker1 = [pieces[i] for i in order[len(order) // 3:]]
+    assert counter.count(worker0) + counter.count(worker1) == int(words.sum())
+    # A document read half-way counts a proportional, integer share of its words, never more.
+    half = [(doc, 0, int(length) // 2) for doc, length in enumerate(lengths) if length >= 4]
+    assert 0 < counter.count(half) < int(words.sum())

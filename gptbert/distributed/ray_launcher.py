@@ -353,7 +353,7 @@ def install_milestones(storage: str, run_name: str, dest: Path) -> list[str]:
         target = dest / info.base_name
         remove_stale_siblings(target)
         tmp = temporary_sibling(target)
-        dest.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True)  # copy_files writes into the folder but does not create it
         pyarrow.fs.copy_files(info.path, str(tmp), source_filesystem=fs)
         replace_dir(tmp, target)
         names.append(info.base_name)
