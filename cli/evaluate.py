@@ -38,6 +38,11 @@ def register(subparsers) -> None:
     e.add_argument("model_dir", help="a trained model folder; with --baseline ngram, a shard folder whose "
                                      "training split the n-gram counts come from")
     e.add_argument("--blimp", help="folder of BLiMP jsonl files (overrides eval.blimp_dir)")
+    e.add_argument("--suite", choices=["babylm"],
+                   help="run the BabyLM 2025 zero-shot suite on --data instead of the configured tasks")
+    e.add_argument("--data", help="with --suite babylm: a folder laid out like the official evaluation_data/ "
+                                  "(full_eval/, fast_eval/) or one of those folders (overrides eval.babylm_dir)")
+    e.add_argument("--fast", action="store_true", help="with --suite babylm: the fast_eval subsets")
     e.add_argument("--out", required=True, help="output folder for results.json and report.md")
     e.add_argument("--max-pairs", type=int, help="at most this many pairs per paradigm (quick runs)")
     e.add_argument("--baseline", choices=["ngram"],
@@ -126,6 +131,15 @@ def evaluate_command(args: argparse.Namespace) -> int:
         changes["blimp_dir"] = args.blimp
     if args.max_pairs is not None:
         changes["max_pairs_per_paradigm"] = args.max_pairs
+    if args.suite == "babylm":
+        if not (args.data or cfg.babylm_dir):
+            raise ValueError("--suite babylm needs --data DIR (the official evaluation_data/ layout)")
+        changes["tasks"] = ["babylm"]
+        changes["babylm_dir"] = args.data or cfg.babylm_dir
+        if args.fast:
+            changes["babylm_split"] = "fast"
+    elif args.data or args.fast:
+        raise ValueError("--data and --fast go with --suite babylm")
     if args.baseline == "ngram":
         changes["tasks"] = ["blimp"]  # a count model scores sentences; it cannot be fine-tuned
     cfg = from_dict(EvalConfig, {**to_dict(cfg), **changes})  # re-validates the overrides

@@ -9,6 +9,8 @@ from typing import Literal, Optional
 from .base import ConfigBase, check
 
 ScoringMode = Literal["causal", "mntp", "fused"]
+BabyLMTask = Literal["blimp", "supplement", "ewok", "entity_tracking", "wug_adj", "wug_past", "comps"]
+BABYLM_TASKS = ("blimp", "supplement", "ewok", "entity_tracking", "wug_adj", "wug_past", "comps")
 
 
 def temperature_sweep(start: float = 0.05, stop: float = 3.0, step: float = 0.05) -> list[float]:
@@ -57,7 +59,7 @@ class EvalConfig(ConfigBase):
 
     # Evaluation tasks (registered in gptbert.evaluation) to run, in order; a task whose data is
     # not configured is skipped with a note in the results.
-    tasks: list[str] = field(default_factory=lambda: ["blimp", "glue"])
+    tasks: list[str] = field(default_factory=lambda: ["blimp", "babylm", "glue"])
     # Folder of BLiMP-format jsonl files (one paradigm per file): the `blimp` task's data.
     blimp_dir: str = ""
     modes: list[ScoringMode] = field(default_factory=lambda: ["causal", "mntp", "fused"])
@@ -67,6 +69,13 @@ class EvalConfig(ConfigBase):
     max_tokens: int = 8192
     # Cap on pairs read from each paradigm, for quick runs; null = all.
     max_pairs_per_paradigm: Optional[int] = None
+    # The BabyLM 2025 zero-shot suite (task `babylm`): a folder laid out like the official
+    # pipeline's evaluation_data/ (full_eval/ and fast_eval/) or one of those two folders itself.
+    babylm_dir: str = ""
+    babylm_split: Literal["full", "fast"] = "full"
+    babylm_tasks: list[BabyLMTask] = field(default_factory=lambda: list(BABYLM_TASKS))
+    # The tuned temperature is chosen on every N-th item of each UID and reported on the others.
+    tune_every: int = 5
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
@@ -81,3 +90,5 @@ class EvalConfig(ConfigBase):
         check(self.max_tokens >= 16, "max_tokens", "must be at least 16")
         check(self.max_pairs_per_paradigm is None or self.max_pairs_per_paradigm > 0,
               "max_pairs_per_paradigm", "must be positive or null (all pairs)")
+        check(len(set(self.babylm_tasks)) == len(self.babylm_tasks), "babylm_tasks", f"has duplicates: {self.babylm_tasks}")
+        check(self.tune_every >= 2, "tune_every", "must be at least 2 (one dev item in N)")

@@ -18,7 +18,7 @@ from common.artifacts import (atomic_write_text, check_output_folder, check_outs
                               staging_dir, tree_digest, write_record)
 from common.config import EvalConfig, to_dict
 
-from . import finetune, minimal_pairs
+from . import babylm, finetune, minimal_pairs
 
 STAGE = "evaluate"
 RESULTS_FILE = "results.json"
@@ -57,6 +57,7 @@ def register_task(task: Task) -> None:
 
 
 register_task(minimal_pairs.TASK)
+register_task(babylm.TASK)
 register_task(finetune.TASK)
 
 
@@ -89,7 +90,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, progress: Progress | None = None
     tasks, skipped = configured_tasks(cfg)
     if not tasks:
         raise ValueError("nothing to evaluate: no task of eval.tasks has data "
-                         "(set eval.blimp_dir, or eval.finetune.data_dir and eval.finetune.tasks)")
+                         "(set eval.blimp_dir, eval.babylm_dir, or eval.finetune.data_dir and eval.finetune.tasks)")
     results: dict[str, Any] = {"config": to_dict(cfg), "tasks": {}, "skipped": skipped}
     if model_dir is not None:
         results["model_dir"] = str(model_dir)
@@ -137,6 +138,7 @@ def evaluation_config(cfg: EvalConfig) -> dict[str, Any]:
     """The config part of the evaluate stage's identity (data locations are in the inputs' digests)."""
     config = cfg.identity_dict()
     config.pop("blimp_dir", None)
+    config.pop("babylm_dir", None)
     config["finetune"] = {k: v for k, v in config["finetune"].items() if k != "data_dir"}
     return config
 
