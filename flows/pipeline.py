@@ -262,7 +262,13 @@ def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Option
 
         artifact = stages.evaluate(config, model, after=evaluation_figures)
         if child is not None:
-            _tracker(config).log_metrics(child, artifact.record.get("stats", {}))
+            tracker = _tracker(config)
+            tracker.log_metrics(child, artifact.record.get("stats", {}))
+            # Each word milestone's scores with its words as the step: MLflow draws learning curves.
+            results = json.loads(artifact.file("results.json").read_text())
+            for milestone in results.get("milestones") or []:
+                tracker.log_metrics(child, {f"milestone.{k}": v for k, v in milestone["metrics"].items()},
+                                    step=int(milestone["words"]))
         return artifact
 
     return _run_stage_tracked("evaluate", config, parent_run_id, run)

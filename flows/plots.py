@@ -71,11 +71,55 @@ def phenomenon_table(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return table
 
 
+def plot_milestones(milestones: list[dict[str, Any]], out_png: str | Path) -> list[str]:
+    """One line per T = 1 metric against the words seen at each word milestone (log scale):
+    accuracies on the left axis (%), WUG correlations on the right. Returns the metrics drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({k for m in milestones for k in m["metrics"] if k.endswith((".t1", ".t1_accuracy"))})
+    if not names:
+        return []
+    words = [m["words"] for m in milestones]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    right = None
+    for name in names:
+        values = [m["metrics"].get(name, float("nan")) for m in milestones]
+        if name.endswith("_accuracy"):  # blimp task: a fraction
+            values = [100 * v for v in values]
+        target = ax
+        if ".wug_" in name:  # a correlation, not a percentage
+            right = right or ax.twinx()
+            target = right
+        target.plot(words, values, marker="o", label=name, linestyle="--" if target is right else "-")
+    ax.set_xscale("log")
+    ax.set_xlabel("words seen")
+    ax.set_ylabel("accuracy % (T = 1)")
+    if right is not None:
+        right.set_ylabel("Spearman's rho (WUG)")
+    ax.set_title("Zero-shot scores at the word milestones")
+    handles = ax.get_legend_handles_labels()
+    if right is not None:
+        extra = right.get_legend_handles_labels()
+        handles = (handles[0] + extra[0], handles[1] + extra[1])
+    ax.legend(*handles, fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return names
+
+
 def evaluation_figures(results: dict[str, Any], folder: Path) -> None:
-    """The evaluation folder's figures (``by_phenomenon.png`` when minimal pairs were scored)."""
+    """The evaluation folder's figures: ``by_phenomenon.png`` when minimal pairs were scored,
+    ``milestones.png`` when word-milestone models were."""
     table = phenomenon_table(results)
     if table:
         plot_by_phenomenon(table, Path(folder) / "by_phenomenon.png")
+    if results.get("milestones"):
+        plot_milestones(results["milestones"], Path(folder) / "milestones.png")
 
 
-__all__ = ["evaluation_figures", "phenomenon_table", "plot_by_phenomenon", "plot_loss_curves"]
+__all__ = ["evaluation_figures", "phenomenon_table", "plot_by_phenomenon", "plot_loss_curves", "plot_milestones"]

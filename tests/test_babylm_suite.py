@@ -260,3 +260,52 @@ def test_reads_the_official_dev_files(exported):
     for task, folder in found.items():
         lines = sum(1 for p in folder.glob("*.jsonl") for line in p.read_text().splitlines() if line.strip())
         assert len(babylm.load_subtask(task, folder)) == lines
+
+
+# ----------------------------------------------------------------------------- word milestones
+
+def _run_with_milestones(root: Path, exported) -> Path:
+    """A pretraining run folder: model/ and two milestone models (the same tiny weights, perturbed)."""
+    from common.config import preset
+    from gptbert.io import save_model_dir
+
+    tokenizer = exported["root"] / "tokenizer.json"
+    save_model_dir(root / "model", exported["model"], preset("tiny").model, tokenizer, {"steps": 9})
+    for k, (name, words) in enumerate((("chck_0.001M", 1000), ("chck_0.002M", 2000))):
+        model = exported["model"]
+        state = {n: p + 0.01 * (k + 1) for n, p in model.state_dict().items()}
+        clone = type(model)(model.config)
+        clone.load_state_dict(state)
+        save_model_dir(root / "milestones" / name, clone, preset("tiny").model, tokenizer,
+                       {"milestone": name, "milestone_words": words})
+    return root / "model"
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+def test_milestone_models_are_scored_at_t1_with_words(exported, tmp_path, backend):
+    """The evaluate stage scores each word-milestone model beside the run's model (zero-shot tasks,
+    T = 1, capped items) in order of words; Ray tasks give the same numbers as the local loop."""
+    from gptbert.evaluation import evaluate_folder, evaluate_model_dir, milestone_config
+
+    write_tree(tmp_path / "data")
+    model_dir = _run_with_milestones(tmp_path / "run", exported)
+    cfg = from_dict(EvalConfig, {**to_dict(EvalConfig()), "babylm_dir": str(tmp_path / "data"),
+                                 "modes": ["causal", "mntp"], "temperatures": [0.5, 1.0], "milestones": backend,
+                                 "milestone_max_items": 3})
+    record = evaluate_model_dir(model_dir, cfg, tmp_path / "eval")
+    assert {k for k in record["inputs"] if k.startswith("milestone.")} == {"milestone.chck_0.001M", "milestone.chck_0.002M"}
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    milestones = results["milestones"]
+    assert [(m["name"], m["words"]) for m in milestones] == [("chck_0.001M", 1000), ("chck_0.002M", 2000)]
+    sub = milestone_config(cfg)
+    assert sub.temperatures == [1.0] and sub.tasks == ["blimp", "babylm"] and sub.max_pairs_per_paradigm == 3
+    expected = evaluate_folder(str(tmp_path / "run" / "milestones" / "chck_0.002M"), to_dict(sub))
+    assert milestones[1]["metrics"] == pytest.approx(expected, abs=1e-9)
+    assert "babylm.ewok.mntp.t1" in expected and not any(k.endswith("tuned") for k in expected)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Word milestones (T = 1)" in report and "| chck_0.002M | 2,000 |" in report
+    if backend == "local":
+        from flows.plots import plot_milestones
+
+        drawn = plot_milestones(milestones, tmp_path / "m.png")
+        assert "babylm.wug_adj.causal.t1" in drawn and (tmp_path / "m.png").stat().st_size > 10_000

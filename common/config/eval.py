@@ -76,6 +76,12 @@ class EvalConfig(ConfigBase):
     babylm_tasks: list[BabyLMTask] = field(default_factory=lambda: list(BABYLM_TASKS))
     # The tuned temperature is chosen on every N-th item of each UID and reported on the others.
     tune_every: int = 5
+    # Word-milestone models (train.word_milestones) beside the evaluated model are scored too, at
+    # T = 1 with the zero-shot tasks only: the BabyLM suite's fast_eval when the folder has it, and
+    # at most `milestone_max_items` items per paradigm/UID. "ray" runs them as parallel Ray tasks
+    # (on launch.ray_address's cluster, or a local Ray), "local" one after another, "none" skips.
+    milestones: Literal["none", "local", "ray"] = "local"
+    milestone_max_items: Optional[int] = 200
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
@@ -91,4 +97,6 @@ class EvalConfig(ConfigBase):
         check(self.max_pairs_per_paradigm is None or self.max_pairs_per_paradigm > 0,
               "max_pairs_per_paradigm", "must be positive or null (all pairs)")
         check(len(set(self.babylm_tasks)) == len(self.babylm_tasks), "babylm_tasks", f"has duplicates: {self.babylm_tasks}")
+        check(self.milestone_max_items is None or self.milestone_max_items > 0, "milestone_max_items",
+              "must be positive or null (all)")
         check(self.tune_every >= 2, "tune_every", "must be at least 2 (one dev item in N)")

@@ -114,6 +114,8 @@ def render_report(results: dict[str, Any]) -> str:
         lines += [f"Model: `{results['model_dir']}`", ""]
     for name, task_results in results.get("tasks", {}).items():
         lines += TASKS[name].report(task_results)
+    if results.get("milestones"):
+        lines += milestone_report(results["milestones"])
     if results.get("skipped"):
         lines += ["## Skipped", ""] + [f"- {name}: {why}" for name, why in results["skipped"].items()] + [""]
     return "\n".join(lines)
@@ -130,8 +132,83 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
 
 
 def evaluation_inputs(model_dir: str | Path, cfg: EvalConfig) -> dict[str, str]:
-    """The inputs part of the evaluate stage's identity: the model folder and each task's data."""
-    return {"model": tree_digest(model_dir), **{f"data.{k}": v for k, v in data_digests(cfg).items()}}
+    """The inputs part of the evaluate stage's identity: the model folder, each task's data and the
+    word-milestone models that will be scored."""
+    milestones = milestone_models(model_dir) if cfg.milestones != "none" else []
+    return {"model": tree_digest(model_dir), **{f"data.{k}": v for k, v in data_digests(cfg).items()},
+            **{f"milestone.{name}": tree_digest(folder) for name, _, folder in milestones}}
+
+
+# ----------------------------------------------------------------------------- word milestones
+
+def milestone_models(model_dir: str | Path) -> list[tuple[str, int, Path]]:
+    """``(chck_{N}M, words, folder)`` of the word-milestone models saved beside a pretraining run's
+    ``model/`` folder, by words (none for a model folder outside a run)."""
+    from ..trainer import MILESTONES_DIR, milestones_reached
+
+    model_dir = Path(model_dir)
+    run = model_dir.parent
+    if model_dir.name != "model":
+        return []
+    out = []
+    for name in milestones_reached(run):
+        folder = run / MILESTONES_DIR / name
+        words = json.loads((folder / "training.json").read_text()).get("milestone_words")
+        out.append((name, int(words), folder))
+    return out
+
+
+def milestone_config(cfg: EvalConfig) -> EvalConfig:
+    """What a milestone model is scored with: the zero-shot tasks only, at T = 1, the BabyLM
+    suite's fast_eval when the folder has one, at most ``milestone_max_items`` per paradigm/UID."""
+    from common.config import from_dict
+
+    split = "fast" if cfg.babylm_dir and (Path(cfg.babylm_dir) / "fast_eval").is_dir() else cfg.babylm_split
+    return from_dict(EvalConfig, {**to_dict(cfg), "tasks": [t for t in cfg.tasks if t in ("blimp", "babylm")],
+                                  "temperatures": [1.0], "babylm_split": split, "milestones": "none",
+                                  "max_pairs_per_paradigm": cfg.milestone_max_items})
+
+
+def evaluate_folder(model_dir: str, cfg: dict[str, Any]) -> dict[str, float]:
+    """Summary metrics of one model folder under an EvalConfig given as a dict (runs in a Ray task)."""
+    from common.config import from_dict
+
+    from ..io import load_model_dir
+
+    model, tokenizer = load_model_dir(model_dir)
+    return summary_metrics(evaluate(model, tokenizer, from_dict(EvalConfig, cfg), model_dir=model_dir))
+
+
+def evaluate_milestones(model_dir: str | Path, cfg: EvalConfig) -> list[dict[str, Any]]:
+    """``[{"name", "words", "metrics"}]`` for each word-milestone model beside ``model_dir``, scored
+    with ``milestone_config(cfg)``, one after another or as parallel Ray tasks (``eval.milestones``)."""
+    models = milestone_models(model_dir) if cfg.milestones != "none" else []
+    sub = milestone_config(cfg)
+    if not models or not configured_tasks(sub)[0]:
+        return []
+    calls = [(str(folder), to_dict(sub)) for _, _, folder in models]
+    if cfg.milestones == "ray":
+        from ..distributed.parallel import ray_map
+
+        metrics = ray_map(evaluate_folder, calls)
+    else:
+        metrics = [evaluate_folder(*call) for call in calls]
+    return [{"name": name, "words": words, "metrics": m} for (name, words, _), m in zip(models, metrics)]
+
+
+def milestone_report(milestones: list[dict[str, Any]]) -> list[str]:
+    """report.md lines: one row per milestone, a column per T = 1 metric."""
+    names = sorted({k for m in milestones for k in m["metrics"] if k.endswith((".t1", ".t1_accuracy"))})
+    if not names:
+        return []
+    lines = ["## Word milestones (T = 1)", "", "| milestone | words | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for m in milestones:
+        cells = [m["metrics"].get(n) for n in names]
+        lines.append(f"| {m['name']} | {m['words']:,} | " +
+                     " | ".join("-" if c is None else f"{100 * c:.1f}" if n.endswith("_accuracy") else f"{c:.2f}"
+                                for n, c in zip(names, cells)) + " |")
+    return lines + [""]
 
 
 def evaluation_config(cfg: EvalConfig) -> dict[str, Any]:
@@ -158,6 +235,7 @@ def evaluate_model_dir(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Pa
     if tokenizer is None:
         raise FileNotFoundError(f"model folder {model_dir} lacks tokenizer.json (needed to encode text)")
     results = evaluate(model, tokenizer, cfg, progress=progress, model_dir=model_dir)
+    results["milestones"] = evaluate_milestones(model_dir, cfg)
     results["lineage"] = inputs
     with staging_dir(out_dir, STAGE) as tmp:
         write_results(results, tmp)
@@ -169,5 +247,6 @@ def evaluate_model_dir(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Pa
 
 
 __all__ = ["RESULTS_FILE", "REPORT_FILE", "STAGE", "TASKS", "Task", "configured_tasks", "data_digests", "evaluate",
-           "evaluate_model_dir", "evaluation_config", "evaluation_inputs", "register_task",
+           "evaluate_folder", "evaluate_milestones", "evaluate_model_dir", "evaluation_config", "evaluation_inputs",
+           "milestone_config", "milestone_models", "milestone_report", "register_task",
            "render_report", "summary_metrics", "write_results"]
