@@ -139,7 +139,7 @@ def test_official_rules_ties_uid_mean_entity_splits_and_spearman():
     scipy_stats = pytest.importorskip("scipy.stats")
     wug = [Item(("a", "b"), ("a", "b"), "wug_adj", (("UID", "wug_adj"),), r) for r in (0.1, 0.5, 0.5, 0.9, 0.3)]
     ws = np.array([[-1.0, -2.0], [-2.0, -2.0], [-1.5, -1.0], [-0.5, -3.0], [-2.5, -1.8]])
-    p0 = np.exp(ws[:, 0]) / np.exp(ws).sum(1)
+    p0 = torch.softmax(torch.tensor(ws, dtype=torch.float32), 1)[:, 0].tolist()
     expected = scipy_stats.spearmanr(p0, [0.1, 0.5, 0.5, 0.9, 0.3])[0]
     assert babylm.task_metrics("wug_adj", wug, ws)["score"] == pytest.approx(expected, abs=1e-12)
 
@@ -198,7 +198,7 @@ def _pipeline_average(task: str, items: list[Item], scores: np.ndarray) -> float
     if task.startswith("wug"):
         from scipy.stats import spearmanr
 
-        probs = torch.softmax(torch.tensor(scores), dim=1)[:, 0]
+        probs = torch.softmax(torch.tensor(scores, dtype=torch.float32), dim=1)[:, 0]  # float32 log-probs
         return float(spearmanr(probs.tolist(), [i.ratio for i in items])[0])
     chosen = torch.max(torch.tensor(scores), dim=1)[1].tolist()
     total, correct = {}, {}

@@ -165,8 +165,11 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
     assert tags["pretrain"]["gptbert.milestones"] == tags["export"]["gptbert.milestones"] == "chck_0.001M"
     assert first["training"]["words"] >= 1000
     assert tags["export"]["gptbert.input.model"] == first["stages"]["pretrain"]["digest"]
-    assert {"evaluate/results.json", "evaluate/by_phenomenon.png", "evaluate/report.md"} <= \
-        artifacts(children["evaluate"].info.run_id, "evaluate")
+    assert {"evaluate/results.json", "evaluate/by_phenomenon.png", "evaluate/report.md",
+            "evaluate/milestones.png"} <= artifacts(children["evaluate"].info.run_id, "evaluate")
+    # The milestone model was scored; MLflow holds its numbers at step = its word count.
+    history = client.get_metric_history(children["evaluate"].info.run_id, "milestone.blimp.causal.t1_accuracy")
+    assert [m.step for m in history] == [1000] and 0.0 <= history[0].value <= 1.0
 
     # Registered: version 1, the first model is the champion.
     reg = first["registered"]

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from common.artifacts import check_outside_inputs, remove_stale_siblings, replace_dir, temporary_sibling
 from common.config import ConfigError, LaunchConfig, PipelineConfig, from_dict, to_dict
+from ..optim import AUTO_PRECISION_ENV
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -277,8 +278,11 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
                 name=name, storage_path=storage,
                 failure_config=FailureConfig(max_failures=lc.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.train.keep_checkpoints, 1) + 1),
-                worker_runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get(
-                    "DS_ACCELERATOR", "cuda" if lc.use_gpu else "cpu")}},
+                worker_runtime_env={"env_vars": {
+                    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if lc.use_gpu else "cpu"),
+                    # Workers resolve precision "auto" themselves: the driver's override goes with them.
+                    **({AUTO_PRECISION_ENV: os.environ[AUTO_PRECISION_ENV]} if AUTO_PRECISION_ENV in os.environ else {}),
+                }},
             ),
         )
         try:
