@@ -163,6 +163,8 @@ def main() -> int:
     ap.add_argument("--model", help="a model folder (default: a randomly initialised --preset model)")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="our scoring under bf16 autocast (eval.precision); the baselines stay fp32")
     ap.add_argument("--official", help="checkout of babylm/evaluation-pipeline-2025 (also time the real pipeline)")
     ap.add_argument("--official-python", default=sys.executable, help="python of the pipeline's environment")
     args = ap.parse_args()
@@ -175,7 +177,8 @@ def main() -> int:
     tokenizer = _tokenizer(args, [it for items in loaded.values() for it in items])
     model = _model(args, tokenizer)
     params = sum(p.numel() for p in model.parameters())
-    print(f"# model: {args.model or args.preset} ({params:,} parameters), {args.threads} threads, causal + mntp at T=1")
+    print(f"# model: {args.model or args.preset} ({params:,} parameters), {args.threads} threads, causal + mntp at T=1, "
+          f"ours in {args.precision}")
     header = "| task | items | sentences | pipeline strategy s | ours s | speed-up | max abs diff |"
     if args.official:
         header += " official pipeline s (causal + mntp, with loading) | ours vs official |"
@@ -189,7 +192,8 @@ def main() -> int:
             ref = pipeline_strategy(model, tokenizer, items)
             t_ref = time.perf_counter() - t0
             t0 = time.perf_counter()
-            ours = babylm.score_items(model, tokenizer, items, ["causal", "mntp"], [1.0])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                ours = babylm.score_items(model, tokenizer, items, ["causal", "mntp"], [1.0])
             t_ours = time.perf_counter() - t0
             diff = max(float(np.nanmax(np.abs(np.where(np.isinf(ref[m]), 0, ref[m] - ours[m][:, :, 0]))))
                        for m in ("causal", "mntp"))

@@ -309,3 +309,24 @@ def test_milestone_models_are_scored_at_t1_with_words(exported, tmp_path, backen
 
         drawn = plot_milestones(milestones, tmp_path / "m.png")
         assert "babylm.wug_adj.causal.t1" in drawn and (tmp_path / "m.png").stat().st_size > 10_000
+
+
+def test_bf16_scoring_is_autocast_and_close_to_fp32(exported, tmp_path):
+    """eval.precision=bf16 runs the zero-shot forward passes under bf16 autocast: the scores move
+    (so autocast is on) but stay within a few hundredths of a nat per token of fp32."""
+    from gptbert.evaluation import evaluate
+
+    write_tree(tmp_path)
+    base = {**to_dict(EvalConfig()), "tasks": ["babylm"], "babylm_dir": str(tmp_path), "modes": ["causal"],
+            "temperatures": [1.0], "babylm_tasks": ["ewok"]}
+    fp32 = evaluate(exported["model"], exported["tokenizer"], from_dict(EvalConfig, base))
+    bf16 = evaluate(exported["model"], exported["tokenizer"], from_dict(EvalConfig, {**base, "precision": "bf16"}))
+    items = babylm.load_subtask("ewok", tmp_path / "full_eval" / "ewok_filtered")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = babylm.score_items(exported["model"], exported["tokenizer"], items, ["causal"], [1.0])["causal"]
+    high = babylm.score_items(exported["model"], exported["tokenizer"], items, ["causal"], [1.0])["causal"]
+    assert 0 < np.abs(low - high).max() < 0.1 * max(len(s.split()) for it in items for s in it.completions)
+    assert bf16["config"]["precision"] == "bf16" and fp32["config"]["precision"] == "fp32"
+    for result, scores in ((fp32, high), (bf16, low)):
+        expected = babylm.task_metrics("ewok", items, scores[:, :, 0])["score"]
+        assert result["tasks"]["babylm"]["tasks"]["ewok"]["modes"]["causal"]["t1"]["score"] == expected

@@ -95,8 +95,28 @@ def evaluate(model, tokenizer, cfg: EvalConfig, progress: Progress | None = None
     if model_dir is not None:
         results["model_dir"] = str(model_dir)
     for name, task in tasks.items():
-        results["tasks"][name] = task.run(model, tokenizer, cfg, progress=progress)
+        with _scoring_precision(model, cfg, name):
+            results["tasks"][name] = task.run(model, tokenizer, cfg, progress=progress)
     return results
+
+
+SCORING_TASKS = ("blimp", "babylm")  # zero-shot: forward passes only (eval.precision applies)
+
+
+def _scoring_precision(model, cfg: EvalConfig, task: str):
+    """bf16 autocast around a zero-shot task when ``eval.precision`` asks for it (fine-tuning and
+    count baselines are left alone)."""
+    import contextlib
+
+    import torch
+
+    if task not in SCORING_TASKS or not isinstance(model, torch.nn.Module):
+        return contextlib.nullcontext()
+    from ..optim import resolve_precision
+
+    device = next(model.parameters()).device
+    dtype = resolve_precision(cfg.precision, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
