@@ -36,6 +36,45 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+# Services the tests start (Ray's daemons and workers, Prefect's API server) that must be gone when
+# the session ends: a leftover one, reparented to init, keeps ports and memory after CI.
+SERVICE_PATTERNS = ("ray::", "raylet", "gcs_server", "prefect.server.api.server", "dashboard/agent.py",
+                    "runtime_env/agent")
+
+
+def _service_processes() -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if any(p in cmd for p in SERVICE_PATTERNS):
+            found[int(entry.name)] = cmd[:160]
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_services_left_behind():
+    """Fail the session when a test left a Ray or Prefect service process running (those that
+    were running before the session are not counted)."""
+    import time
+
+    before = set(_service_processes()) if Path("/proc").is_dir() else None
+    yield
+    if before is None:
+        return
+    deadline = time.time() + 30  # Ray and uvicorn need a moment to exit after shutdown
+    while True:
+        left = {pid: cmd for pid, cmd in _service_processes().items() if pid not in before}
+        if not left or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert not left, "processes left behind by the tests:\n" + "\n".join(f"{p} {c}" for p, c in left.items())
+
+
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch):
     # Keep third-party libraries offline and quiet in every test.

@@ -18,8 +18,6 @@ from common.config.eval import EvalConfig
 from gptbert.evaluation import babylm
 from gptbert.evaluation.babylm import BabyLMFormatError, Item
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "babylm-eval-dev"
-
 # A small evaluation_data/ tree with every zero-shot format (sentences: plain English).
 FILES = {
     "blimp_filtered/anaphor_agreement.jsonl": [
@@ -252,10 +250,9 @@ def test_cli_suite_writes_results_and_report(exported, tmp_path, capsys):
     assert "--data and --fast go with --suite babylm" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/babylm-eval-dev not present")
-def test_reads_the_official_dev_files(exported):
+def test_reads_the_official_dev_files(shared_data):
     """Every file of babylm-eval-dev reads, with the item counts of its lines."""
-    found, skipped = babylm.find_subtasks(SHARED)
+    found, skipped = babylm.find_subtasks(shared_data("babylm-eval-dev"))
     assert set(found) == {"supplement", "ewok", "entity_tracking", "wug_adj"}
     for task, folder in found.items():
         lines = sum(1 for p in folder.glob("*.jsonl") for line in p.read_text().splitlines() if line.strip())

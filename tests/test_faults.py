@@ -25,8 +25,10 @@ STEPS = ["--set", "train.steps=120", "--set", "train.checkpoint_every=10", "--se
 
 
 def _start(argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    # Its own process group: the kill takes what it started too (the flow's ephemeral Prefect
+    # server), as a machine failure would, instead of leaving it running under init.
     return subprocess.Popen([sys.executable, "-m", "cli.main", *argv], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
@@ -37,7 +39,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
         assert proc.poll() is None, f"finished before it could be killed:\n{proc.stdout.read()[-3000:]}"
         assert time.time() < deadline, "never reached the point to kill it"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
