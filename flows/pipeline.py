@@ -46,7 +46,7 @@ STAGE_FILES = {
     "shard": ("manifest.json",),
     "pretrain": ("model/training.json", "model/config.json"),
     "export": ("config.json",),
-    "evaluate": ("results.json", "report.md", "by_phenomenon.png"),
+    "evaluate": ("results.json", "report.md", "by_phenomenon.png", "milestones.png"),
 }
 
 
@@ -265,7 +265,7 @@ def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Option
             tracker = _tracker(config)
             tracker.log_metrics(child, artifact.record.get("stats", {}))
             # Each word milestone's scores with its words as the step: MLflow draws learning curves.
-            results = json.loads(artifact.file("results.json").read_text())
+            results = json.loads(Path(artifact.file("results.json")).read_text())
             for milestone in results.get("milestones") or []:
                 tracker.log_metrics(child, {f"milestone.{k}": v for k, v in milestone["metrics"].items()},
                                     step=int(milestone["words"]))

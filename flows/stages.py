@@ -34,6 +34,7 @@ class Artifact:
     record: dict[str, Any] = field(default_factory=dict)
 
     def file(self, name: str) -> str:
+        """The path of ``name`` inside the stage folder, as a string."""
         return str(Path(self.path) / name)
 
 

@@ -191,6 +191,8 @@ class StepMetricsLogger:
             self.flush()
 
     def flush(self) -> None:
+        """Send the buffered metrics to MLflow (batches of 1000), creating the client on first use; no-op when
+        the buffer is empty."""
         if not self._buffer:
             return
         if self._client is None:

@@ -153,6 +153,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rel_table: torch.Tensor, pos_index: torch.Tensor,
                 masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T, H) states -> the block's (B, T, H) output, residual not added. ``rel_table``: the normalised
+        relative-position table; ``pos_index``: (T, T) bucket indices; ``masks``: the blocked mask in the
+        forms ``GPTBERT._attention_masks`` builds."""
         B, T, H = x.shape
         h, d = self.num_heads, self.head_dim
         x = F.layer_norm(x, (H,), eps=self.eps)
@@ -245,6 +248,7 @@ class FeedForward(nn.Module):
         self.dropout = config.hidden_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., H) states -> the block's (..., H) output, residual not added."""
         x = self.up(F.layer_norm(x, (x.size(-1),), eps=self.eps))
         x = _GEGLU.apply(x)  # first half * GELU-tanh(second half)
         x = F.layer_norm(x, (self.intermediate_size,), eps=self.eps)
@@ -278,6 +282,7 @@ class ClassifierHead(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) hidden states -> (B, num_labels) logits, from the first token's state."""
         x = hidden[:, 0]
         H = x.size(-1)
         x = F.gelu(self.dense(F.layer_norm(x, (H,), eps=self.eps)))

@@ -43,6 +43,8 @@ class LAMB(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One LAMB step over every parameter with a gradient; returns ``closure()``'s loss, or None without a
+        closure."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -213,13 +215,16 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """Move the average a fraction ``1 - decay`` of the way toward ``model``'s current weights."""
         for n, p in model.named_parameters():
             self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The fp32 average by parameter name (a new dict holding the same tensors)."""
         return dict(self.shadow)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state``'s tensors into the average; a parameter missing from ``state`` is a ValueError."""
         missing = set(self.shadow) - set(state)
         if missing:
             raise ValueError(f"EMA state lacks parameters: {sorted(missing)[:3]}")
@@ -238,6 +243,7 @@ class EMA:
 
     @torch.no_grad()
     def restore(self, model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+        """Write the weights saved by ``backup`` back into ``model``."""
         for n, p in model.named_parameters():
             p.copy_(saved[n])
 

@@ -69,9 +69,14 @@ class NonFiniteLossError(ValueError):
 class AveragedWeights(Protocol):
     """The EMA the loop keeps: ``optim.EMA``, or a backend's own (ZeRO-3: over its partitions)."""
 
-    def update(self, model: torch.nn.Module) -> None: ...
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+    def update(self, model: torch.nn.Module) -> None:
+        """Fold ``model``'s current weights into the average (after every optimiser step)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The average as full fp32 tensors by parameter name (what a checkpoint stores)."""
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the average with ``state`` (full tensors, as ``state_dict`` returns them)."""
 
     def copy_to(self, model: torch.nn.Module) -> None:
         """Write the averaged weights into ``model``."""
@@ -79,7 +84,8 @@ class AveragedWeights(Protocol):
     def backup(self, model: torch.nn.Module) -> Any:
         """What ``restore`` needs to put ``model``'s current weights back after ``copy_to``."""
 
-    def restore(self, model: torch.nn.Module, saved: Any) -> None: ...
+    def restore(self, model: torch.nn.Module, saved: Any) -> None:
+        """Put back the weights ``backup`` saved."""
 
 
 class StepBackend(Protocol):
@@ -100,11 +106,21 @@ class StepBackend(Protocol):
     rank: int
     world_size: int
 
-    def backward(self, loss: torch.Tensor, boundary: bool) -> None: ...
-    def step(self, lr: float) -> float | None: ...
-    def save(self, directory: str | Path) -> None: ...
-    def load(self, directory: str | Path) -> None: ...
-    def make_ema(self, model: torch.nn.Module, decay: float) -> AveragedWeights: ...
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        """Accumulate one micro-batch's gradients (``boundary``: the step's last micro-batch)."""
+
+    def step(self, lr: float) -> float | None:
+        """Set ``lr``, clip, step the optimizer and zero the gradients; returns the global gradient norm
+        before clipping (None when not computed)."""
+
+    def save(self, directory: str | Path) -> None:
+        """Write model and optimizer state into ``directory`` (every rank calls it)."""
+
+    def load(self, directory: str | Path) -> None:
+        """Read model and optimizer state from ``directory`` (every rank calls it)."""
+
+    def make_ema(self, model: torch.nn.Module, decay: float) -> AveragedWeights:
+        """The EMA of ``model`` with ``decay`` that the loop updates after every step."""
 
 
 class LocalBackend:
@@ -120,12 +136,16 @@ class LocalBackend:
         self.device = next(model.parameters()).device
 
     def make_ema(self, model: torch.nn.Module, decay: float) -> EMA:
+        """A plain ``optim.EMA`` of ``model``."""
         return EMA(model, decay)
 
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+        """``loss.backward()``: gradients accumulate in ``.grad`` (``boundary`` is unused)."""
         loss.backward()
 
     def step(self, lr: float) -> float:
+        """Set ``lr``, clip at ``grad_clip`` (no clipping when <= 0), step unless the norm is non-finite, zero
+        the gradients; returns the gradient norm before clipping."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -137,12 +157,15 @@ class LocalBackend:
         return norm
 
     def save(self, directory: str | Path) -> None:
+        """Write ``model.safetensors`` and ``optimizer.pt`` into ``directory``."""
         d = Path(directory)
         state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
         save_file(state, str(d / "model.safetensors"))
         torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
 
     def load(self, directory: str | Path) -> None:
+        """Read ``model.safetensors`` and ``optimizer.pt`` from ``directory`` (weights onto the backend's
+        device)."""
         d = Path(directory)
         self.module.load_state_dict(safetensors_load(d / "model.safetensors", device=str(self.device)))
         self.optimizer.load_state_dict(torch_load(d / "optimizer.pt"))
@@ -344,6 +367,8 @@ class Trainer:
                 "words_seen": self.words_seen, "run_digest": self.run_digest()}
 
     def save(self, checkpoint_root: str | Path) -> Path:
+        """Write the checkpoint of the current step under ``checkpoint_root``, keeping the newest
+        ``train.keep_checkpoints``; every rank calls it. Returns the checkpoint folder."""
         return save_checkpoint(checkpoint_root, self.step, self.backend, self.ema, self.state(),
                                keep=self.tc.keep_checkpoints, rank=self.rank)
 

@@ -97,6 +97,9 @@ def test_suite_finds_task_folders_and_skips_the_missing(tmp_path):
     # The full_eval folder itself is accepted too; fast_eval has no comps.
     assert set(babylm.find_subtasks(tmp_path / "full_eval", "full")[0]) == set(found)
     assert "comps" in babylm.find_subtasks(tmp_path, "fast")[1]
+    # What the suite does not score is named, not silently ignored.
+    (tmp_path / "full_eval" / "reading").mkdir()
+    assert "not implemented" in babylm.find_subtasks(tmp_path, "full")[1]["reading"]
 
 
 @pytest.mark.parametrize("task,line,message", [

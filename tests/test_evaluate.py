@@ -193,7 +193,7 @@ def test_evaluate_blimp_end_to_end_matches_known_preferences(tmp_path):
 
     full = evaluate(model, tok, cfg, model_dir="somewhere")
     assert full["tasks"]["blimp"]["modes"]["mntp"]["macro_accuracy"] == result["modes"]["mntp"]["macro_accuracy"]
-    assert full["skipped"] == {"glue": "no data configured"}
+    assert full["skipped"] == {"babylm": "no data configured", "glue": "no data configured"}
     assert full["config"]["temperatures"] == temps and full["model_dir"] == "somewhere"
     json.dumps(full)  # plain JSON
 
@@ -260,7 +260,7 @@ def test_task_registry_runs_configured_tasks_and_notes_the_rest(tmp_path):
     from common.config import ConfigError
     from gptbert.evaluation import TASKS, configured_tasks, evaluate
 
-    assert {"blimp", "glue"} <= set(TASKS)
+    assert {"blimp", "babylm", "glue"} <= set(TASKS)
     model, tok = _bias_model_and_tokenizer()
     with pytest.raises(ValueError, match="nothing to evaluate"):
         evaluate(model, tok, EvalConfig())
@@ -272,6 +272,6 @@ def test_task_registry_runs_configured_tasks_and_notes_the_rest(tmp_path):
         EvalConfig(tasks=["blimp", "blimp"])
     _write(tmp_path / "blimp", "p.jsonl", HAND_MADE["p_agree.jsonl"])
     run, skipped = configured_tasks(EvalConfig(blimp_dir=str(tmp_path / "blimp")))
-    assert list(run) == ["blimp"] and skipped == {"glue": "no data configured"}
+    assert list(run) == ["blimp"] and skipped == {"babylm": "no data configured", "glue": "no data configured"}
     run, skipped = configured_tasks(EvalConfig(tasks=["glue"], blimp_dir=str(tmp_path / "blimp")))
     assert run == {} and skipped == {"glue": "no data configured"}  # blimp not asked for

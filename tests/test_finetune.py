@@ -119,7 +119,8 @@ def test_finetune_tasks_reads_folder(tmp_path):
     cfg = EvalConfig(finetune=FinetuneConfig(data_dir=str(tmp_path), tasks=["toy"], epochs=1, batch_size=8))
     results = evaluate(make_model(dtype=torch.float32), tok, cfg)  # no blimp_dir: fine-tuning only
     r = results["tasks"]["glue"]
-    assert list(results["tasks"]) == ["glue"] and results["skipped"] == {"blimp": "no data configured"}
+    assert list(results["tasks"]) == ["glue"] and results["skipped"] == {"blimp": "no data configured",
+                                                                                    "babylm": "no data configured"}
     assert r["toy"]["metric"] == "accuracy" and r["toy"]["train_examples"] == 16 and r["toy"]["valid_examples"] == 8
     metrics = summary_metrics(results)
     assert metrics["finetune.toy.accuracy"] == r["toy"]["best"]["accuracy"] and metrics["finetune.toy.epoch"] == 1

@@ -344,6 +344,7 @@ class ShardReader:
                                           f"differs from the manifest's {entry['sha256'][:16]}...")
 
     def close(self) -> None:
+        """Drop the shard views and close the memory-mapped shard files (``with`` calls it on exit)."""
         self._values, self._offsets = [], []
         for m in self._maps:
             m.close()

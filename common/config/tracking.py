@@ -27,11 +27,11 @@ class TrackingConfig(ConfigBase):
     log_every: int = 10
 
     def validate(self) -> None:
+        """Reject invalid values with a ConfigError naming the field."""
         # The registry is searched with a filter string: a name must not be able to change its meaning.
         check(not self.registered_model or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\- ]*", self.registered_model)
               is not None, "registered_model",
               f"may hold letters, digits, '_', '.', '-' and spaces only, got {self.registered_model!r}")
-        """Reject invalid values with a ConfigError naming the field."""
         check(bool(self.experiment.strip()), "experiment", "must not be empty")
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(bool(self.champion_metric.strip()), "champion_metric", "must not be empty")

@@ -114,10 +114,13 @@ class DeepSpeedBackend:
         return EMA(model, decay)
 
     def backward(self, loss, boundary: bool = True) -> None:
+        """Accumulate ``loss``'s gradients in the engine; ``boundary`` is unused (every ``step`` is a boundary)."""
         # The loop already normalised the loss over the global batch: no 1/GAS scaling.
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self, lr: float) -> float | None:
+        """Set ``lr`` and step the engine (reduce, clip, optimizer step); returns the global gradient norm, or
+        None when DeepSpeed did not compute it."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
@@ -125,9 +128,12 @@ class DeepSpeedBackend:
         return float(norm) if norm is not None else None  # None: DeepSpeed did not compute it
 
     def save(self, directory: str | Path) -> None:
+        """Save the engine's checkpoint (tag ``deepspeed``) into ``directory``; every rank calls it."""
         self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
 
     def load(self, directory: str | Path) -> None:
+        """Load the engine's ``deepspeed`` checkpoint with optimizer states from ``directory``;
+        FileNotFoundError when there is none."""
         path, _ = self.engine.load_checkpoint(str(directory), tag=DS_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:

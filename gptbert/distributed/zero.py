@@ -134,6 +134,8 @@ class Zero3EMA:
 
     @torch.no_grad()
     def update(self, model=None) -> None:
+        """Fold this rank's current partitions into the average (``model`` is unused: the parameters are bound
+        at construction)."""
         for n, p in self.params.items():
             self.shadow[n].lerp_(p.ds_tensor.detach().float(), 1.0 - self.decay)
         self._version += 1
@@ -165,6 +167,8 @@ class Zero3EMA:
         return out
 
     def load_state_dict(self, state: dict) -> None:
+        """Keep this rank's slice of the full tensors in ``state`` (as ``state_dict`` returns them); a missing
+        parameter or a shape other than the model's is a ValueError."""
         missing = set(self.shadow) - set(state)
         if missing:
             raise ValueError(f"EMA state lacks parameters: {sorted(missing)[:3]}")
@@ -193,6 +197,7 @@ class Zero3EMA:
         return parts, full
 
     def restore(self, model, saved: tuple[dict, dict]) -> None:
+        """Write the partitions and full copies saved by ``backup`` back into the engine."""
         parts, full = saved
         self._write(parts, full)
 

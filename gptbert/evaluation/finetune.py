@@ -226,12 +226,15 @@ class FinetuneTask:
     name = "glue"
 
     def data(self, cfg) -> Path | None:
+        """``cfg.finetune.data_dir``, or None when no fine-tuning task is configured."""
         return Path(cfg.finetune.data_dir) if cfg.finetune.tasks else None
 
     def run(self, model, tokenizer, cfg, progress=None) -> dict[str, Any]:
+        """Fine-tune on every task of ``cfg.finetune`` (``finetune_tasks``); {task: results}."""
         return finetune_tasks(model, tokenizer, cfg.finetune)
 
     def summary(self, results: dict[str, Any]) -> dict[str, float]:
+        """The numeric values of each task's best epoch as ``finetune.{task}.{name}``."""
         out: dict[str, float] = {}
         for task, r in results.items():
             for name, value in r.get("best", {}).items():
@@ -240,6 +243,7 @@ class FinetuneTask:
         return out
 
     def report(self, results: dict[str, Any]) -> list[str]:
+        """report.md lines: a table with each task's metric and best epoch (values in %)."""
         lines = ["## Fine-tuning", "", "| task | metric | best epoch | value | accuracy |", "|---|---|---|---|---|"]
         for task, r in results.items():
             best = r["best"]

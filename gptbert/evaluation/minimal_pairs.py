@@ -186,12 +186,16 @@ class MinimalPairsTask:
     name = "blimp"
 
     def data(self, cfg) -> Path | None:
+        """``cfg.blimp_dir``, or None when it is not set."""
         return Path(cfg.blimp_dir) if cfg.blimp_dir else None
 
     def run(self, model, tokenizer, cfg, progress=None) -> dict[str, Any]:
+        """Score the BLiMP folder in every configured mode (``evaluate_blimp``)."""
         return evaluate_blimp(model, tokenizer, cfg, progress=progress)
 
     def summary(self, results: dict[str, Any]) -> dict[str, float]:
+        """``blimp.{mode}.best_accuracy`` and ``.best_temperature`` per mode, and ``.t1_accuracy`` when T = 1
+        was scored."""
         out: dict[str, float] = {}
         for mode, r in results["modes"].items():
             out[f"blimp.{mode}.best_accuracy"] = r["best"]["accuracy"]
@@ -201,6 +205,7 @@ class MinimalPairsTask:
         return out
 
     def report(self, results: dict[str, Any]) -> list[str]:
+        """The BLiMP section of report.md (``report_section``)."""
         return report_section(results)
 
 
