@@ -5,6 +5,7 @@ the client optimizer), and the DeepSpeed config built from the typed config.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -149,9 +150,16 @@ def _skip_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+def select_accelerator(device: torch.device) -> str:
+    """Tell DeepSpeed which accelerator the rank trains on (``DS_ACCELERATOR``, unless the user set
+    it) before it is imported: otherwise it probes for CUDA and warns on CPU machines."""
+    return os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+
+
 def build_deepspeed_backend(model_cfg: ModelConfig, train_cfg: TrainConfig, launch_cfg: LaunchConfig, device,
                             rank: int, world_size: int) -> DeepSpeedBackend:
     """Model + optimizer wrapped by ``deepspeed.initialize`` (torch.distributed already set up)."""
+    select_accelerator(device)
     import deepspeed
 
     if device.type == "cpu":

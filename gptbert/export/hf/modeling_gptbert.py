@@ -227,9 +227,11 @@ def _next_token_loss(logits, labels):
                            ignore_index=-100)
 
 
-class GPTBertForMaskedLM(GPTBertPreTrainedModel):
-    """Masked next-token prediction, full attention: ``logits[:, i]`` predicts token ``i + 1``.
-    ``labels``: the original tokens at masked positions, -100 elsewhere."""
+class _GPTBertLM(GPTBertPreTrainedModel):
+    """The language-model head on the encoder; subclasses choose the attention and the output type."""
+
+    causal = False
+    output_class = MaskedLMOutput
 
     def __init__(self, config):
         super().__init__(config)
@@ -239,30 +241,24 @@ class GPTBertForMaskedLM(GPTBertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=None, return_dict=None, **kwargs):
-        """Logits (B, T, V); the loss with ``labels``."""
-        hidden, states = self.model.encode(input_ids, attention_mask, output_hidden_states=bool(output_hidden_states))
-        logits = self.head(hidden, self.model.word_embedding.weight)
-        loss = _next_token_loss(logits, labels) if labels is not None else None
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=states)
-
-
-class GPTBertForCausalLM(GPTBertPreTrainedModel, GenerationMixin):
-    """Causal next-token prediction with the same weights: a causal mask is added inside."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = GPTBertModel(config)
-        self.head = LMHead(config)
-        self.post_init()
-
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
-        """Logits (B, T, V) under the causal mask; the loss with ``labels`` (shifted inside)."""
-        hidden, states = self.model.encode(input_ids, attention_mask, causal=True,
+        """Logits (B, T, V): ``logits[:, i]`` predicts token ``i + 1``; the loss with ``labels``."""
+        hidden, states = self.model.encode(input_ids, attention_mask, causal=self.causal,
                                            output_hidden_states=bool(output_hidden_states))
         logits = self.head(hidden, self.model.word_embedding.weight)
         loss = _next_token_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(loss=loss, logits=logits, hidden_states=states)
+        return self.output_class(loss=loss, logits=logits, hidden_states=states)
+
+
+class GPTBertForMaskedLM(_GPTBertLM):
+    """Masked next-token prediction, full attention: ``logits[:, i]`` predicts token ``i + 1``.
+    ``labels``: the original tokens at masked positions, -100 elsewhere."""
+
+
+class GPTBertForCausalLM(_GPTBertLM, GenerationMixin):
+    """Causal next-token prediction with the same weights: a causal mask is added inside."""
+
+    causal = True
+    output_class = CausalLMOutput
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         """The whole sequence every step (no key/value cache)."""
