@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from common.artifacts import STAGES
 
@@ -27,7 +29,8 @@ def register(subparsers) -> None:
                    help="stop after this stage (upstream stages are reused when cached)")
     p.add_argument("--demo-data", action="store_true",
                    help="fill empty clean.inputs / eval.blimp_dir with the generated grammar data")
-    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON (and nothing else on stdout)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs live (always in the log file)")
     p.set_defaults(func=_pipeline)
 
     d = subparsers.add_parser("demo", help="the whole pipeline on a generated grammar corpus, no servers needed")
@@ -36,7 +39,8 @@ def register(subparsers) -> None:
                                     ".jsonl, .parquet) instead of the generated grammar corpus")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a demo config field, e.g. --set train.steps=100 (repeatable)")
-    d.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    d.add_argument("--json", action="store_true", help="print the run summary as JSON (and nothing else on stdout)")
+    d.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs live (always in the log file)")
     d.set_defaults(func=_demo)
 
 
@@ -47,8 +51,28 @@ def _quiet_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
-def _pipeline(args: argparse.Namespace) -> int:
+def _run_flow(flow_fn, cfg, command: str, args: argparse.Namespace) -> int:
+    """Run a pipeline flow under the console: stages and progress on the terminal, library output in
+    ``<workdir>/logs``, then the summary (or JSON) on stdout."""
+    from .console import Console, log_path_for
 
+    start = time.time()
+    workdir = Path(cfg.workdir).resolve()
+    console = Console(log_path_for(workdir, command), verbose=args.verbose,
+                      title=f"gptbert {command}: run root {workdir}")
+    from flows.pipeline import stop_temporary_server
+
+    with console:
+        try:
+            summary = flow_fn(config=cfg)
+        finally:
+            stop_temporary_server()
+    print_summary(summary, time.time() - start, as_json=args.json, stream=console.out,
+                  log_path=console.log_path)
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
     _quiet_env()
     cfg = config_from_args(args)
     if args.demo_data:
@@ -57,61 +81,76 @@ def _pipeline(args: argparse.Namespace) -> int:
         cfg = with_demo_data(cfg)
     from flows.pipeline import FLOWS
 
-    start = time.time()
-    summary = FLOWS["pipeline" if args.until == "evaluate" else args.until](config=cfg)
-    print_summary(summary, time.time() - start, as_json=args.json)
-    return 0
+    return _run_flow(FLOWS["pipeline" if args.until == "evaluate" else args.until], cfg, "pipeline", args)
 
 
 def _demo(args: argparse.Namespace) -> int:
     _quiet_env()
-    start = time.time()
     from flows.demo import demo_config, with_demo_data
 
     cfg = with_demo_data(demo_config(str(Path(args.workdir).resolve()), args.overrides), corpus=args.corpus)
     from flows.pipeline import pipeline
 
-    summary = pipeline(config=cfg)
-    print_summary(summary, time.time() - start, as_json=args.json)
-    return 0
+    return _run_flow(pipeline, cfg, "demo", args)
 
 
-def print_summary(summary: dict, wall_s: float, as_json: bool = False) -> None:
-    """Print a pipeline run's summary (ids, stages run and cached, final losses, minimal-pair
-    accuracies, registered model, where to look), or it as JSON."""
+def print_summary(summary: dict, wall_s: float, as_json: bool = False, stream: TextIO | None = None,
+                  log_path: Path | None = None) -> None:
+    """Print a pipeline run's summary (run name and ids, stages run and cached, final losses,
+    minimal-pair accuracies, registered model, where to look) to ``stream``, or it as JSON."""
+    stream = stream or sys.stdout
+
+    def out(text: str = "") -> None:
+        stream.write(text + "\n")
+
     if as_json:
-        print(json.dumps({**summary, "wall_s": round(wall_s, 1)}, indent=2, default=str))
+        out(json.dumps({**summary, "wall_s": round(wall_s, 1), "log": str(log_path) if log_path else None},
+                       indent=2, default=str))
+        stream.flush()
         return
-    print()
-    print("=" * 72)
-    print(f"gptbert pipeline finished in {wall_s:.0f} s (flows {summary['duration_s']:.0f} s)")
-    print(f"  Prefect flow run : {summary['flow_run_id']}")
-    print(f"  MLflow run       : {summary['mlflow_run_id']}  (experiment {summary['experiment_id']})")
-    print(f"  stages run       : {', '.join(summary['ran']) or '-'}")
-    print(f"  stages cached    : {', '.join(summary['cached']) or '-'}")
+    out()
+    out(f"gptbert pipeline finished in {_duration(wall_s)}: {summary.get('run_name') or summary['mlflow_run_id'] or ''}")
+    out(f"  stages run       : {', '.join(summary['ran']) or '-'}")
+    out(f"  stages cached    : {', '.join(summary['cached']) or '-'}")
     training = summary.get("training") or {}
-    losses = {k: v for k, v in training.items() if "loss" in k}
-    if losses:
-        print("  final losses     : " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(losses.items())))
+    final = {k.split(".", 1)[1]: v for k, v in training.items() if k.startswith("final.") and "loss" in k}
+    if final:
+        shown = [k for k in ("loss", "loss_masked", "loss_causal", "valid_loss_masked_ema", "valid_loss_causal_ema")
+                 if k in final]
+        out("  final losses     : " + ", ".join(f"{k} {final[k]:.3f}" for k in shown))
+    if training.get("words"):
+        out(f"  trained on       : {training['words']:,.0f} words ({training.get('tokens', 0):,.0f} tokens, "
+            f"{training.get('steps', 0):.0f} steps)")
     evaluation = summary.get("evaluation") or {}
-    modes = sorted({k.split(".")[1] for k in evaluation if k.startswith("blimp.")})
+    modes = [m for m in ("causal", "mntp", "fused") if f"blimp.{m}.best_accuracy" in evaluation]
     if modes:
-        print("  minimal pairs    : accuracy per scoring mode (chance 50.0%)")
+        out("  minimal pairs    : accuracy per scoring mode (chance 50.0%)")
         for m in modes:
             best = evaluation.get(f"blimp.{m}.best_accuracy")
             t1 = evaluation.get(f"blimp.{m}.t1_accuracy")
             temp = evaluation.get(f"blimp.{m}.best_temperature")
-            line = f"    {m:<7} T=1: {_pct(t1)}   best T={temp:g}: {_pct(best)}" if temp else f"    {m}: {_pct(best)}"
-            print(line)
+            out(f"    {m:<7} T=1: {_pct(t1)}   best T={temp:g}: {_pct(best)}" if temp else f"    {m}: {_pct(best)}")
     reg = summary.get("registered")
     if reg:
-        print(f"  registered model : {reg['name']} version {reg['version']} alias {reg['alias']}")
-    print(f"  artifacts        : {summary['workdir']}/artifacts")
+        what = "registered" if reg.get("new", True) else "already registered"
+        out(f"  model registry   : {reg['name']} version {reg['version']}, alias {reg['alias'] or '(none)'} ({what})")
+    out(f"  artifacts        : {summary['workdir']}/artifacts")
+    if log_path:
+        out(f"  library logs     : {log_path}")
     uri = summary.get("tracking_uri")
+    if summary.get("flow_run_id"):
+        out(f"  Prefect flow run : {summary['flow_run_id']}")
     if uri:
-        print("  MLflow UI        : MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "
-              f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000 --workers 1")
-    print("=" * 72)
+        out(f"  MLflow run       : {summary['mlflow_run_id']} (experiment {summary['experiment_id']})")
+        out("  MLflow UI        : MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "
+            f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000 --workers 1")
+        out(f"                     then open http://127.0.0.1:5000/#/experiments/{summary['experiment_id']}/runs")
+    stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
 
 
 def _pct(x) -> str:

@@ -18,6 +18,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="run folder: checkpoints/ and the final model/")
     p.add_argument("--tokenizer", help="tokenizer.json to ship with the model (default: the shard folder's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show the libraries' logs live (always in OUT/logs)")
     p.add_argument("--stop-after", type=int, help="stop after this many steps (resumable), without the model folder")
     add_config_args(p)
     p.set_defaults(func=pretrain_command)
@@ -35,16 +37,37 @@ def register(subparsers) -> None:
 def pretrain_command(args) -> int:
     """Pretrain with the configured launcher, then print the model folder and its final losses."""
     from gptbert.distributed import run_pretraining
+    from gptbert.metrics import ProgressFile
+
+    from .console import Console, log_path_for
 
     cfg = config_from_args(args)
-    result = run_pretraining(cfg, args.data, args.out, tokenizer=args.tokenizer, progress=not args.no_progress,
-                             stop_after=args.stop_after)
-    print(f"pretrain: wrote {result}")
+    out = Path(args.out).resolve()
+    total = min(cfg.train.steps, args.stop_after or cfg.train.steps)
+    console = Console(log_path_for(out, "pretrain"), verbose=args.verbose, title=f"gptbert pretrain: {out}")
+    with console:
+        callback = None
+        if not args.no_progress:
+            out.mkdir(parents=True, exist_ok=True)
+            callback = ProgressFile(out / "progress.json", cfg.train.steps)
+            console.event("progress_file", {"stage": "pretrain", "path": callback.path, "total_steps": total})
+        console.event("stage_started", {"stage": "pretrain"})
+        try:
+            result = run_pretraining(cfg, args.data, out, tokenizer=args.tokenizer, callback=callback,
+                                     stop_after=args.stop_after)
+        except BaseException as exc:
+            from .main import error_line
+
+            console.event("stage_failed", {"stage": "pretrain", "error": error_line(exc)})
+            raise
+        console.event("stage_finished", {"stage": "pretrain", "cached": False, "path": str(result)})
+    print(f"pretrain: wrote {result}", file=console.out)
     summary = Path(result) / "training.json"
     if summary.is_file():
         final = json.loads(summary.read_text()).get("final", {})
         keys = ("loss", "loss_masked", "loss_causal", "valid_loss_masked_ema", "valid_loss_causal_ema")
-        print("  " + "  ".join(f"{k}={final[k]:.4f}" for k in keys if isinstance(final.get(k), float)))
+        print("  " + "  ".join(f"{k}={final[k]:.4f}" for k in keys if isinstance(final.get(k), float)),
+              file=console.out)
     return 0
 
 

@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from common.artifacts import STAGES, update_record
 from common.config import PipelineConfig, dump_yaml, flatten, load_config
 
-from . import stages
+from . import events, stages
 from .stages import Artifact
 # The config sections that parameterise each stage (logged as the child run's params).
 STAGE_SECTIONS = {
@@ -72,13 +72,26 @@ def _tracker(config: PipelineConfig):
     return Tracker.from_config(config)
 
 
+def _child_name(tracker, stage: str, parent_run_id: Optional[str]) -> str:
+    from .tracking import child_name
+
+    return child_name(stage, tracker.run_name_of(parent_run_id) if parent_run_id else None)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Optional[str], run) -> Artifact:
     """Open the stage's child run, run ``run(child_run_id)``, log what the stage produced."""
     logger = get_run_logger()
+    events.emit("stage_started", stage=stage)
     tracker = _tracker(config)
     child = None
     if tracker is not None:
-        child = tracker.start_run(stage, parent_run_id, tags={"gptbert.stage": stage, **_prefect_ids()})
+        child = tracker.start_run(_child_name(tracker, stage, parent_run_id), parent_run_id,
+                                  tags={"gptbert.stage": stage, **_prefect_ids()})
         params = {}
         for section in STAGE_SECTIONS[stage]:
             params.update(flatten(getattr(config, section), f"{section}."))
@@ -96,8 +109,11 @@ def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Option
             if not artifact.cached:
                 artifact.record = update_record(artifact.path, mlflow_run_id=child)
             tracker.end_run(child)
+        events.emit("stage_finished", stage=stage, cached=artifact.cached, path=artifact.path,
+                    duration_s=0.0 if artifact.cached else artifact.record.get("duration_s", 0.0))
         return artifact
-    except BaseException:
+    except BaseException as exc:
+        events.emit("stage_failed", stage=stage, error=_one_line(exc))
         if tracker is not None and child is not None:
             tracker.end_run(child, "FAILED")
         raise
@@ -276,7 +292,8 @@ def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Option
 
 @task(name="register-model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
       retry_condition_fn=retry_if_transient)
-def register_task(config: PipelineConfig, model: Artifact, evaluation: Artifact) -> Optional[dict]:
+def register_task(config: PipelineConfig, model: Artifact, evaluation: Artifact,
+                  parent_run_id: Optional[str] = None) -> Optional[dict]:
     """Register the model once per model digest; move `champion` only when it scores better."""
     tracker = _tracker(config)
     name = config.tracking.registered_model
@@ -286,12 +303,15 @@ def register_task(config: PipelineConfig, model: Artifact, evaluation: Artifact)
     source_run = model.record.get("mlflow_run_id")
     if not source_run:
         return None
+    events.emit("stage_started", stage="register")
     existing = [v for v in tracker.client.search_model_versions(f"name='{name}'")
                 if v.tags.get("model_digest") == model.digest]
     if existing:
-        v = existing[0]
-        aliases = list(getattr(v, "aliases", []) or [])
+        # Search results leave the aliases out: read the version itself.
+        v = tracker.client.get_model_version(name, existing[0].version)
+        aliases = sorted(getattr(v, "aliases", []) or [])
         logger.info("model %s already registered as %s version %s %s", model.digest[:12], name, v.version, aliases)
+        events.emit("stage_finished", stage="register", cached=True, duration_s=0.0, path=f"{name} v{v.version}")
         return {"name": name, "version": int(v.version), "alias": aliases[0] if aliases else None,
                 "score": float(v.tags["score"]) if "score" in v.tags else None, "new": False}
     from .tracking import register_model
@@ -299,16 +319,47 @@ def register_task(config: PipelineConfig, model: Artifact, evaluation: Artifact)
     metric = config.tracking.champion_metric
     score = evaluation.record.get("stats", {}).get(metric)
     if score is None:
+        score = _scalars(evaluation.record.get("stats", {})).get(metric)
+    if score is None:
         logger.warning("champion metric %r not in the evaluation (%s); registering without a score", metric,
-                       ", ".join(sorted(evaluation.record.get("stats", {}))))
+                       ", ".join(sorted(_scalars(evaluation.record.get("stats", {})))))
+    tags = {"model_digest": model.digest, "evaluation_digest": evaluation.digest,
+            "data_digest": model.record.get("inputs", {}).get("data", ""),
+            "pipeline_run_id": parent_run_id or ""}
     info = register_model(tracker, name, source_run, "model", score, metric, config.tracking.champion_mode,
-                          {"model_digest": model.digest, "evaluation_digest": evaluation.digest})
+                          tags, description=_version_description(metric, score, model, evaluation, parent_run_id))
     logger.info("registered %s version %s with alias %s (score %s, previous champion %s)", name,
                 info["version"], info["alias"], score, info["previous_champion_score"])
+    events.emit("stage_finished", stage="register", cached=False, duration_s=0.0,
+                path=f"{name} v{info['version']}")
     return {**info, "new": True}
 
 
+def _version_description(metric: str, score: Optional[float], model: Artifact, evaluation: Artifact,
+                         parent_run_id: Optional[str]) -> str:
+    """A registered version's description: what a reviewer checks before promoting it."""
+    stats = model.record.get("stats", {})
+    final = stats.get("final", {}) if isinstance(stats.get("final"), dict) else {}
+    lines = [f"GPT-BERT model {model.digest[:12]}, trained {stats.get('steps', '?')} steps on "
+             f"{stats.get('words', '?')} words ({stats.get('tokens', '?')} tokens) of shard set "
+             f"{model.record.get('inputs', {}).get('data', '?')[:12]}.",
+             f"{metric}: {score if score is not None else 'not measured'}"
+             + (f"; final loss {final['loss']:.4f}" if isinstance(final.get("loss"), (int, float)) else ""),
+             f"Pipeline run: {parent_run_id or '-'}; pretrain run: {model.record.get('mlflow_run_id', '-')}; "
+             f"evaluation {evaluation.digest[:12]}."]
+    return "\n\n".join(lines)
+
+
 # --- flows -----------------------------------------------------------------------------------------
+
+
+def stop_temporary_server() -> None:
+    """Stop the temporary Prefect server a flow called without PREFECT_API_URL started, now rather
+    than at interpreter exit (where it logs after the command's own output)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in list(SubprocessASGIServer._instances.values()):  # one per port; usually none or one
+        server.stop()
 
 
 def _resolve_config(config: Optional[PipelineConfig], config_file: Optional[str], demo_data: bool) -> PipelineConfig:
@@ -358,8 +409,10 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
     tracker = _tracker(config)
     parent = None
     if tracker is not None:
-        name = "pipeline" if until == "evaluate" else f"pipeline-until-{until}"
-        parent = tracker.start_run(name, tags={"gptbert.until": until, **_prefect_ids()})
+        from .tracking import run_name
+
+        parent = tracker.start_run(run_name(config, start, until=until),
+                                   tags={"gptbert.until": until, **_source_tags(), **_prefect_ids()})
         tracker.log_params(parent, flatten(config))
         tracker.log_text(parent, dump_yaml(config), "config.yaml")
         _link_prefect(parent, tracker.uri, tracker.experiment_id)
@@ -371,6 +424,8 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
             arts["tokenizer"] = tokenizer_task(config, arts["clean"], parent)
         if "shard" in want:
             arts["shard"] = shard_task(config, arts["clean"], arts["tokenizer"], parent)
+        if tracker is not None:
+            tracker.log_datasets(parent, _datasets(config, arts))
         if "pretrain" in want:
             arts["pretrain"] = pretrain_task(config, arts["shard"], arts["tokenizer"], parent)
         if "export" in want:
@@ -379,22 +434,30 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
                 arts["export"] = export_task(config, arts["pretrain"], parent)
             else:
                 logger.warning("export stage skipped: %s", skip)
+                events.emit("stage_skipped", stage="export", reason=skip)
         if "evaluate" in want:
             arts["evaluate"] = evaluate_task(config, arts["pretrain"], parent)
         registered = None
         if register and "evaluate" in want:
-            registered = register_task(config, arts["pretrain"], arts["evaluate"])
+            registered = register_task(config, arts["pretrain"], arts["evaluate"], parent)
         summary = _summary(config, arts, parent, tracker, registered, time.time() - start)
         if tracker is not None:
+            from .tracking import run_name
+
+            words = (summary.get("training") or {}).get("words")
+            summary["run_name"] = run_name(config, start, words=words, until=until)
+            if "pretrain" in summary["cached"]:  # a rerun that trained nothing: say so in its name
+                summary["run_name"] += " · cached"
+            tracker.rename_family(parent, summary["run_name"])
             lineage = {f"gptbert.lineage.{k}": a.digest for k, a in arts.items()}
             lineage["gptbert.cached_stages"] = ",".join(summary["cached"]) or "-"
             lineage["gptbert.ran_stages"] = ",".join(summary["ran"]) or "-"
             if registered:
                 lineage["gptbert.registered_version"] = str(registered["version"])
                 lineage["gptbert.registered_alias"] = str(registered["alias"])
+            lineage[NOTE_TAG] = _description(config, summary)
             tracker.set_tags(parent, lineage)
-            tracker.log_metrics(parent, {"pipeline.duration_s": summary["duration_s"],
-                                         **summary.get("evaluation", {})})
+            tracker.log_metrics(parent, _headline_metrics(summary))
             tracker.log_text(parent, json.dumps(summary, indent=2, default=str), "summary.json")
             tracker.end_run(parent)
         logger.info("pipeline done in %.1f s: ran %s; cached %s", summary["duration_s"],
@@ -404,6 +467,62 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
         if tracker is not None and parent is not None:
             tracker.end_run(parent, "FAILED")
         raise
+
+
+# MLflow shows this tag as the run's description (markdown).
+NOTE_TAG = "mlflow.note.content"
+# The training numbers worth a column in the runs table (the rest stay on the pretrain child run).
+HEADLINE_TRAINING = ("final.loss", "final.loss_masked", "final.loss_causal", "final.valid_loss_masked",
+                     "final.valid_loss_causal", "words", "tokens", "steps")
+
+
+def _source_tags() -> dict[str, str]:
+    """What the runs table's source column shows: the Prefect flow that ran the pipeline."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    name = ctx.flow.name if ctx and ctx.flow else "gptbert-pipeline"
+    return {"mlflow.source.type": "JOB", "mlflow.source.name": f"prefect flow {name}"}
+
+
+def _datasets(config: PipelineConfig, arts: dict[str, Artifact]) -> list[dict[str, Any]]:
+    """The corpus and the shard set as MLflow dataset inputs (digest, where, how big)."""
+    out = []
+    clean = arts.get("clean")
+    if clean is not None:
+        totals = clean.record.get("stats", {}).get("totals", {})
+        out.append({"name": "corpus", "digest": clean.digest, "source": ", ".join(config.clean.inputs),
+                    "profile": {k: totals[k] for k in ("documents_out", "words_in", "bytes_in") if k in totals}})
+    shard = arts.get("shard")
+    if shard is not None:
+        splits = shard.record.get("stats", {}).get("splits", {})
+        profile = {f"{split}.{k}": v for split, d in splits.items() for k, v in d.items()
+                   if isinstance(v, (int, float))}
+        out.append({"name": "shards", "digest": shard.digest, "source": shard.path, "profile": profile})
+    return out
+
+
+def _headline_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The parent run's metrics: duration, the final training numbers and every evaluation score."""
+    training = summary.get("training") or {}
+    out: dict[str, Any] = {"pipeline.duration_s": summary["duration_s"]}
+    out.update({f"train.{k}": training[k] for k in HEADLINE_TRAINING if k in training})
+    out.update(summary.get("evaluation") or {})
+    return out
+
+
+def _description(config: PipelineConfig, summary: dict[str, Any]) -> str:
+    """The parent run's markdown description: what ran, from what, where the outputs are."""
+    lines = [f"**{summary['run_name']}**: GPT-BERT pipeline run ({', '.join(summary['ran']) or 'nothing'} ran; "
+             f"{', '.join(summary['cached']) or 'nothing'} reused from the cache).", "",
+             f"Corpus: `{', '.join(config.clean.inputs)}`", "", "| stage | digest | cached | folder |",
+             "|---|---|---|---|"]
+    for stage, info in summary["stages"].items():
+        lines.append(f"| {stage} | `{info['digest'][:12]}` | {'yes' if info['cached'] else 'no'} | `{info['path']}` |")
+    reg = summary.get("registered")
+    if reg:
+        lines += ["", f"Registered model: `{reg['name']}` version {reg['version']} ({reg['alias'] or 'no alias'})."]
+    return "\n".join(lines)
 
 
 def _summary(config, arts, parent, tracker, registered, duration) -> dict[str, Any]:
@@ -457,4 +576,4 @@ FLOWS = {"pipeline": pipeline, "clean": clean_flow, "tokenizer": tokenizer_flow,
          "pretrain": pretrain_flow, "export": export_flow, "evaluate": evaluate_flow}
 
 __all__ = ["FLOWS", "STAGES", "clean_flow", "evaluate_flow", "export_available", "export_flow", "export_task", "pipeline", "pretrain_flow", "run_pipeline",
-           "shard_flow", "tokenizer_flow"]
+           "shard_flow", "stop_temporary_server", "tokenizer_flow"]

@@ -20,6 +20,8 @@ from common.artifacts import STAGES, read_record, stage_identity, tree_digest
 from common.config import PipelineConfig
 
 log = logging.getLogger("gptbert")
+# Rank 0 keeps the latest step here while pretraining runs (read by the CLI's progress bar).
+PROGRESS_FILE = "progress.json"
 
 
 @dataclass
@@ -108,9 +110,18 @@ def pretrain(cfg: PipelineConfig, shards: Artifact, tokenizer: Artifact, callbac
     from gptbert.distributed import run_pretraining
     from gptbert.trainer import pretrain_config
 
+    from gptbert.metrics import Chain, ProgressFile
+
+    from . import events
+
+    def run(out: Path) -> Path:
+        out.mkdir(parents=True, exist_ok=True)
+        progress = ProgressFile(out / PROGRESS_FILE, cfg.train.steps)
+        events.emit("progress_file", stage="pretrain", path=progress.path, total_steps=cfg.train.steps)
+        return run_pretraining(cfg, shards.path, out, callback=Chain(progress, callback))
+
     inputs = {"data": shards.digest, "tokenizer": tokenizer.digest}
-    return _cached_or_run(cfg, "pretrain", inputs, pretrain_config(cfg.model, cfg.train),
-                          lambda out: run_pretraining(cfg, shards.path, out, callback=callback))
+    return _cached_or_run(cfg, "pretrain", inputs, pretrain_config(cfg.model, cfg.train), run)
 
 
 def export(cfg: PipelineConfig, model: Artifact) -> Artifact:
@@ -131,4 +142,4 @@ def evaluate(cfg: PipelineConfig, model: Artifact, after: Callable | None = None
                           lambda out: evaluate_model_dir(model_dir, cfg.eval, out, after=after))
 
 
-__all__ = ["Artifact", "STAGES", "clean", "evaluate", "export", "pretrain", "shard", "stage_dir", "train_tokenizer"]
+__all__ = ["PROGRESS_FILE", "Artifact", "STAGES", "clean", "evaluate", "export", "pretrain", "shard", "stage_dir", "train_tokenizer"]

@@ -48,19 +48,73 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# MLflow 3's UI opens an experiment on the view its kind names; without the tag it guesses, and
+# often lands on the GenAI views (traces), which this project never writes.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def ensure_experiment(client, name: str, artifact_location: str | None) -> str:
-    """The id of experiment ``name``, created with ``artifact_location`` when missing (race-safe)."""
+    """The id of experiment ``name``, created with ``artifact_location`` when missing (race-safe),
+    marked as a model-training experiment."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:
-        # Two processes may race to create it; the loser reads the winner's.
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:
+            # Two processes may race to create it; the loser reads the winner's.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):  # an experiment made by an older version
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def model_size_name(cfg: PipelineConfig) -> str:
+    """The preset whose model shape the config uses (``mini``), else ``<layers>x<hidden>``."""
+    from common.config import load_config, preset_names
+
+    shape = lambda m: (m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size)  # noqa: E731
+    for name in preset_names():
+        if shape(load_config(preset=name).model) == shape(cfg.model):
+            return name
+    return f"{cfg.model.num_layers}x{cfg.model.hidden_size}"
+
+
+def _fraction(x: float) -> str:
+    from fractions import Fraction
+
+    f = Fraction(x).limit_denominator(64)
+    return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
+
+
+def _amount(n: float) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
+def run_name(cfg: PipelineConfig, started: float, words: float | None = None, until: str = "evaluate") -> str:
+    """The parent run's name: ``tracking.run_name``, else model size, causal fraction, words seen
+    (the planned tokens until training has counted words) and the start time."""
+    if cfg.tracking.run_name.strip():
+        return cfg.tracking.run_name.strip()
+    tc = cfg.train
+    seen = f"{_amount(words)} words" if words else \
+        f"{_amount(tc.steps * (tc.batch_tokens_start + tc.batch_tokens_end) / 2)} tokens"
+    parts = [model_size_name(cfg), f"causal {_fraction(tc.causal_fraction)}", seen,
+             time.strftime("%m-%d %H:%M", time.localtime(started))]
+    if until != "evaluate":
+        parts.append(f"until {until}")
+    return " · ".join(parts)
+
+
+def child_name(stage: str, parent_name: str | None) -> str:
+    """A stage's child run name, ``<stage> · <parent name>``."""
+    return f"{stage} · {parent_name}" if parent_name else stage
 
 
 def _clean_key(key: str) -> str:
@@ -110,6 +164,35 @@ class Tracker:
             all_tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         return run.info.run_id
+
+    def run_name_of(self, run_id: str) -> str:
+        """The display name of run ``run_id``."""
+        return self.client.get_run(run_id).info.run_name
+
+    def rename_family(self, parent_run_id: str, name: str) -> None:
+        """Rename the parent run and its children (``<stage> · <name>``)."""
+        self.client.update_run(parent_run_id, name=name)
+        children = self.client.search_runs([self.experiment_id], f"tags.{PARENT_TAG} = '{parent_run_id}'",
+                                           max_results=100)
+        for child in children:
+            stage = child.data.tags.get("gptbert.stage")
+            if stage:
+                self.client.update_run(child.info.run_id, name=child_name(stage, name))
+
+    def log_datasets(self, run_id: str, datasets: list[dict[str, Any]]) -> None:
+        """Log datasets as the run's MLflow inputs (the runs table's dataset column). Each dict:
+        name, digest, source (a path or URI), context (training, evaluation) and a profile dict."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(name=d["name"], digest=d["digest"][:16], source_type="local",
+                                       source=json.dumps({"uri": d["source"]}),
+                                       profile=json.dumps(d.get("profile") or {})),
+                               tags=[InputTag("mlflow.data.context", d.get("context", "training"))])
+                  for d in datasets]
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark the run terminated with ``status``."""
@@ -206,7 +289,7 @@ class StepMetricsLogger:
 
 
 def register_model(tracker: Tracker, name: str, run_id: str, artifact_path: str, score: float | None,
-                   metric: str, mode: str, tags: dict[str, str]) -> dict[str, Any]:
+                   metric: str, mode: str, tags: dict[str, str], description: str | None = None) -> dict[str, Any]:
     """Register ``runs:/<run_id>/<artifact_path>`` as a new version of ``name``.
 
     Alias ``champion`` moves to it only when its score beats the current champion's (or there is
@@ -227,7 +310,7 @@ def register_model(tracker: Tracker, name: str, run_id: str, artifact_path: str,
         all_tags["score"] = repr(score)
     version = client.create_model_version(
         name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
-        tags={k: str(v) for k, v in all_tags.items()}, await_creation_for=0)
+        tags={k: str(v) for k, v in all_tags.items()}, description=description, await_creation_for=0)
     champion_score = None
     try:
         champ = client.get_model_version_by_alias(name, "champion")

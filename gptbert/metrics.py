@@ -8,6 +8,8 @@ peak of a known GPU; elsewhere (CPUs, unknown GPUs, fp32) only the achieved FLOP
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -86,10 +88,56 @@ class JsonlCallback:
             f.write(json.dumps(row) + "\n")
 
 
+class Chain:
+    """Calls each callback in turn with the same ``(metrics, step)`` (picklable when they are)."""
+
+    def __init__(self, *callbacks: Callable[[dict, int], None] | None):
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        for callback in self.callbacks:
+            callback(metrics, step)
+
+
+# The fields a progress display needs; the rest of a step's metrics stay in the step log.
+PROGRESS_FIELDS = ("loss", "loss_masked", "loss_causal", "tokens_per_s", "words_per_s", "words", "tokens",
+                   "lr", "seq_len")
+
+
+class ProgressFile:
+    """Keeps ``path`` holding the latest step as one small JSON document (replaced atomically),
+    so that another process (the CLI console) can show progress wherever rank 0 runs on a shared
+    disk. Fields: step, total_steps, time, and ``PROGRESS_FIELDS`` that the step reported."""
+
+    def __init__(self, path: str | Path, total_steps: int):
+        self.path = str(Path(path).resolve())
+        self.total_steps = int(total_steps)
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        doc = {"step": int(step), "total_steps": self.total_steps, "time": time.time()}
+        doc.update({k: metrics[k] for k in PROGRESS_FIELDS if isinstance(metrics.get(k), (int, float))})
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, self.path)
+        except OSError:  # progress is a convenience: a full or vanished disk must not stop training
+            pass
+
+
+def read_progress(path: str | Path) -> dict | None:
+    """The latest document a ``ProgressFile`` wrote, or None when there is none (yet)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """The rows of a JSON-lines file (blank lines skipped); [] when the file does not exist."""
     p = Path(path)
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
 
 
-__all__ = ["GPU_BF16_PEAK_FLOPS", "JsonlCallback", "MetricsCallback", "device_peak_flops", "read_jsonl"]
+__all__ = ["GPU_BF16_PEAK_FLOPS", "PROGRESS_FIELDS", "Chain", "JsonlCallback", "MetricsCallback", "ProgressFile",
+           "device_peak_flops", "read_jsonl", "read_progress"]

@@ -102,7 +102,7 @@ def _runs(client, experiment_id: str, parent: str):
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp_path, capsys):
+def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp_path, capfd):
     from prefect.client.orchestration import get_client
 
     from flows.pipeline import STAGES, pipeline
@@ -138,6 +138,23 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
     assert tags["evaluate"]["gptbert.input.model"] == first["stages"]["pretrain"]["digest"]
     for stage in STAGES:
         assert parent.data.tags[f"gptbert.lineage.{stage}"] == first["stages"][stage]["digest"]
+
+    # The runs table tells runs apart: a name from model size, causal fraction, words and time; children
+    # named after it; a description with the lineage; headline metrics and the datasets on the parent.
+    name = first["run_name"]
+    assert parent.info.run_name == name and name.startswith("mini · causal 1/4 · ") and " words · " in name
+    assert all(run.info.run_name == f"{stage} · {name}" for stage, run in children.items())
+    assert parent.data.tags["mlflow.note.content"].startswith(f"**{name}**")
+    assert parent.data.tags["mlflow.source.name"] == "prefect flow gptbert-pipeline"
+    assert client.get_experiment(first["experiment_id"]).tags["mlflow.experimentKind"] == "custom_model_development"
+    parent_metrics = client.get_run(first["mlflow_run_id"]).data.metrics
+    assert parent_metrics["train.words"] == first["training"]["words"]
+    assert parent_metrics["train.final.loss"] == first["training"]["final.loss"]
+    datasets = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
+    assert sorted(datasets) == ["corpus", "shards"]
+    assert datasets["corpus"].dataset.digest == first["stages"]["clean"]["digest"][:16]
+    assert datasets["shards"].dataset.digest == first["stages"]["shard"]["digest"][:16]
+    assert json.loads(datasets["corpus"].dataset.profile)["documents_out"] > 0
 
     # The trainer's per-step metrics reached the pretrain child run, every step.
     pre = children["pretrain"].info.run_id
@@ -177,19 +194,26 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
     v1 = client.get_model_version_by_alias("flows-test", "champion")
     assert str(v1.version) == "1" and v1.tags["model_digest"] == first["stages"]["pretrain"]["digest"]
     assert v1.source == f"runs:/{pre}/model"
+    assert v1.tags["data_digest"] == first["stages"]["shard"]["digest"]
+    assert v1.tags["pipeline_run_id"] == first["mlflow_run_id"]
+    assert "blimp.fused.best_accuracy" in v1.description and first["mlflow_run_id"] in v1.description
 
     # Same inputs again, through the CLI (`gptbert demo --json` on the same config): every stage
     # is skipped, and MLflow says so.
     from cli.main import main
 
-    capsys.readouterr()
+    capfd.readouterr()
     argv = ["demo", "--workdir", str(tmp_path / "run"), "--json"]
     for item in _test_overrides():
         argv += ["--set", item]
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    second, _ = json.JSONDecoder().raw_decode(out[out.index('{\n  "flow_run_id"'):])
+    captured = capfd.readouterr()
+    second = json.loads(captured.out)  # stdout holds the JSON document and nothing else
     assert second["cached"] == list(STAGES) and second["ran"] == []
+    # The stage list went to stderr; the libraries' output to the log file under the run root.
+    assert "pretrain               cached" in captured.err and "register model         cached" in captured.err
+    assert Path(second["log"]).parent == (tmp_path / "run" / "logs").resolve() and Path(second["log"]).is_file()
+    assert second["run_name"].endswith(" · cached")
     assert second["mlflow_run_id"] != first["mlflow_run_id"]
     assert {s: second["stages"][s]["digest"] for s in STAGES} == \
         {s: first["stages"][s]["digest"] for s in STAGES}
@@ -200,6 +224,7 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
         assert children2[stage].data.tags["gptbert.cached"] == "true"
         assert children2[stage].data.tags["gptbert.source_run_id"] == children[stage].info.run_id
     assert not second["registered"]["new"] and second["registered"]["version"] == 1
+    assert second["registered"]["alias"] == "champion"  # read from the version (search results omit aliases)
     assert client.get_metric_history(children2["pretrain"].info.run_id, "loss") == []  # nothing retrained
 
     # A tokenizer change that changes the tokenizer reruns it and everything after it, not the
@@ -232,18 +257,19 @@ def test_summary_headline():
                        "blimp.mntp.t1_accuracy": 0.8, "blimp.mntp.best_temperature": 1.0},
         "registered": {"name": "gptbert-demo", "version": 2, "alias": "challenger"},
     }
-    import contextlib
     import io
 
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        print_summary(summary, 61.0)
+    print_summary({**summary, "run_name": "mini · causal 1/16 · 1.2M words · 11-30 07:15"}, 61.0, stream=buf,
+                  log_path=Path("/w/logs/demo.log"))
     out = buf.getvalue()
-    assert "finished in 61 s" in out and "f-1" in out and "m-1" in out
+    assert "finished in 1 min 1 s: mini · causal 1/16 · 1.2M words · 11-30 07:15" in out
+    assert "f-1" in out and "m-1" in out and "library logs     : /w/logs/demo.log" in out
     assert "stages cached    : clean, tokenizer, shard" in out
-    assert "final.loss_causal 2.500, final.loss_masked 2.250" in out
+    assert "final losses     : loss_masked 2.250, loss_causal 2.500" in out
+    assert "http://127.0.0.1:5000/#/experiments/3/runs" in out
     assert "chance 50.0%" in out
     assert "causal  T=1:  70.0%   best T=1.5:  75.0%" in out
     assert "mntp    T=1:  80.0%   best T=1:  80.0%" in out
-    assert "gptbert-demo version 2 alias challenger" in out
+    assert "gptbert-demo version 2, alias challenger (registered)" in out
     assert "mlflow ui --backend-store-uri sqlite:////w/mlflow/mlflow.db --host 127.0.0.1" in out

@@ -18,6 +18,9 @@ class TrackingConfig(ConfigBase):
     # Empty: $MLFLOW_TRACKING_URI if set, else sqlite:///<workdir>/mlflow/mlflow.db (the embedded default).
     tracking_uri: str = ""
     experiment: str = "gptbert"
+    # The parent run's name in the runs table; empty: named from the model size (preset), causal
+    # fraction, words seen and the start time, e.g. "mini · causal 1/16 · 1.2M words · 11-30 07:15".
+    run_name: str = ""
     # Model registry name the final model is registered under; empty disables registration.
     registered_model: str = "gptbert"
     # Evaluation metric (a key of the evaluation's flat metrics) that decides the `champion` alias.
