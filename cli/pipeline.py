@@ -60,13 +60,10 @@ def _run_flow(flow_fn, cfg, command: str, args: argparse.Namespace) -> int:
     workdir = Path(cfg.workdir).resolve()
     console = Console(log_path_for(workdir, command), verbose=args.verbose,
                       title=f"gptbert {command}: run root {workdir}")
-    from flows.pipeline import stop_temporary_server
+    from flows.pipeline import temporary_server_scope
 
-    with console:
-        try:
-            summary = flow_fn(config=cfg)
-        finally:
-            stop_temporary_server()
+    with console, temporary_server_scope():
+        summary = flow_fn(config=cfg)
     print_summary(summary, time.time() - start, as_json=args.json, stream=console.out,
                   log_path=console.log_path)
     return 0

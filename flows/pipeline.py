@@ -17,6 +17,7 @@ Prefect and MLflow both ways and carry the lineage digests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -223,6 +224,9 @@ def pretrain_task(config: PipelineConfig, shards: Artifact, tokenizer: Artifact,
             # Loss curves from the run that trained the model (this one, or the cached source).
             source = child if not artifact.cached else artifact.record.get("mlflow_run_id", child)
             _log_loss_plot(tracker, child, source, Path(artifact.path))
+            if parent_run_id:
+                curves = [k for k in tracker.client.get_run(source).data.metrics if k in CURVES]
+                tracker.copy_history(source, parent_run_id, curves)
         return artifact
 
     return _run_stage_tracked("pretrain", config, parent_run_id, run)
@@ -353,13 +357,27 @@ def _version_description(metric: str, score: Optional[float], model: Artifact, e
 # --- flows -----------------------------------------------------------------------------------------
 
 
-def stop_temporary_server() -> None:
-    """Stop the temporary Prefect server a flow called without PREFECT_API_URL started, now rather
-    than at interpreter exit (where it logs after the command's own output)."""
+@contextlib.contextmanager
+def temporary_server_scope():
+    """Stop, on leaving, the temporary Prefect server that a flow called inside started (when no
+    PREFECT_API_URL is set), now rather than at interpreter exit, where it logs after the command's
+    own output. Servers that were running before (a test harness's) are left alone."""
     from prefect.server.api.server import SubprocessASGIServer
 
-    for server in list(SubprocessASGIServer._instances.values()):  # one per port; usually none or one
-        server.stop()
+    before = set(map(id, SubprocessASGIServer._instances.values()))  # one per port; usually none
+    try:
+        yield
+    finally:
+        started = [s for s in list(SubprocessASGIServer._instances.values()) if id(s) not in before]
+        if started:
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            # Logs and events still queued for the server go first (else they fail, loudly, at exit).
+            for worker in (APILogWorker, EventsWorker):
+                worker.drain_all(timeout=10)
+            for server in started:
+                server.stop()
 
 
 def _resolve_config(config: Optional[PipelineConfig], config_file: Optional[str], demo_data: bool) -> PipelineConfig:
@@ -471,6 +489,9 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
 
 # MLflow shows this tag as the run's description (markdown).
 NOTE_TAG = "mlflow.note.content"
+# Step curves copied from the pretrain run onto the parent run (the runs compared are parents).
+CURVES = ("loss", "loss_masked", "loss_causal", "valid_loss_masked", "valid_loss_causal",
+          "valid_loss_masked_ema", "valid_loss_causal_ema", "tokens_per_s", "words")
 # The training numbers worth a column in the runs table (the rest stay on the pretrain child run).
 HEADLINE_TRAINING = ("final.loss", "final.loss_masked", "final.loss_causal", "final.valid_loss_masked",
                      "final.valid_loss_causal", "words", "tokens", "steps")
@@ -576,4 +597,4 @@ FLOWS = {"pipeline": pipeline, "clean": clean_flow, "tokenizer": tokenizer_flow,
          "pretrain": pretrain_flow, "export": export_flow, "evaluate": evaluate_flow}
 
 __all__ = ["FLOWS", "STAGES", "clean_flow", "evaluate_flow", "export_available", "export_flow", "export_task", "pipeline", "pretrain_flow", "run_pipeline",
-           "shard_flow", "stop_temporary_server", "tokenizer_flow"]
+           "shard_flow", "temporary_server_scope", "tokenizer_flow"]

@@ -194,6 +194,17 @@ class Tracker:
         if inputs:
             self.client.log_inputs(run_id, datasets=inputs)
 
+    def copy_history(self, source_run_id: str, run_id: str, keys: list[str]) -> int:
+        """Copy the step histories of metrics ``keys`` from one run to another (the loss curves onto
+        the parent run, so that comparing parent runs overlays them); returns the points copied."""
+        from mlflow.entities import Metric
+
+        points = [Metric(key, m.value, m.timestamp, m.step) for key in keys
+                  for m in self.client.get_metric_history(source_run_id, key)]
+        for i in range(0, len(points), 1000):
+            self.client.log_batch(run_id, metrics=points[i:i + 1000])
+        return len(points)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark the run terminated with ``status``."""
         self.client.set_terminated(run_id, status=status)

@@ -9,62 +9,24 @@ store written by the worker's flow run holds the parent run linked to that flow 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import browser_missing, chromium_path, free_port, screenshot, stop, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"prefect server not healthy after {timeout} s: {url}")
-
-
-def _stop(proc: subprocess.Popen | None, log) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    # STACK.md: a worker ignored the first SIGTERM; SIGINT by PID, twice if needed.
-    for _ in range(2):
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    proc.kill()
-    proc.wait(timeout=10)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_worker_runs_the_pipeline_deployment(tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
+    # The UI asks the API at PREFECT_UI_API_URL (default port 4200), so point it at this server.
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api, PREFECT_UI_API_URL=api,
                PREFECT_SERVER_ANALYTICS_ENABLED="false", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     workdir = tmp_path / "run"
     db = workdir / "mlflow" / "mlflow.db"
@@ -86,8 +48,9 @@ tracking: {{tracking_uri: "sqlite:///{db}", experiment: deploy-test, registered_
     worker_log = open(logs / "worker.log", "w")
     try:
         server = subprocess.Popen([*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=server_log, stderr=subprocess.STDOUT, cwd=tmp_path)
-        _wait_healthy(f"{api}/health", server, timeout=180)
+                                  env=env, stdout=server_log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                  start_new_session=True)
+        wait_healthy(f"{api}/health", server, timeout=180)
 
         def cli(*args: str, timeout: float = 180) -> str:
             done = subprocess.run([*prefect, *args], env=env, cwd=REPO, capture_output=True, text=True,
@@ -98,13 +61,20 @@ tracking: {{tracking_uri: "sqlite:///{db}", experiment: deploy-test, registered_
         cli("work-pool", "create", "test-pool", "--type", "process")
         cli("--no-prompt", "deploy", "--name", "pipeline", "--pool", "test-pool")
         worker = subprocess.Popen([*prefect, "worker", "start", "--pool", "test-pool"], env=env,
-                                  stdout=worker_log, stderr=subprocess.STDOUT, cwd=tmp_path)
+                                  stdout=worker_log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                  start_new_session=True)
         out = cli("deployment", "run", "gptbert-pipeline/pipeline", "--param", f"config_file={config}",
                   "--param", "demo_data=true", "--watch", "--watch-timeout", "420", timeout=480)
         assert "Completed" in out, out
+
+        # Every deployment of prefect.yaml, as `docs/deploy.md` applies them, seen in the Prefect UI.
+        cli("work-pool", "create", "gptbert-process", "--type", "process")
+        cli("--no-prompt", "deploy", "--all")
+        if browser_missing() is None:
+            _check_prefect_ui(f"http://127.0.0.1:{port}", tmp_path)
     finally:
-        _stop(worker, worker_log)
-        _stop(server, server_log)
+        stop(worker, worker_log)
+        stop(server, server_log)
         server_log.close()
         worker_log.close()
 
@@ -122,3 +92,28 @@ tracking: {{tracking_uri: "sqlite:///{db}", experiment: deploy-test, registered_
         ["clean", "tokenizer", "shard", "pretrain", "export", "evaluate"])
     assert str(client.get_model_version_by_alias("deploy-test", "champion").version) == "1"
     assert (workdir / "data").is_dir()  # demo_data generated the grammar corpus in the run root
+    if browser_missing():
+        pytest.skip(f"the deployment ran and was checked; the Prefect UI check was not: {browser_missing()}")
+
+
+def _check_prefect_ui(base: str, folder: Path) -> None:
+    """Headless Chromium on the server's UI: the deployments page lists every deployment of
+    prefect.yaml, and the retraining deployment's weekly schedule."""
+    import yaml
+    from playwright.sync_api import expect, sync_playwright
+
+    names = [d["name"] for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(f"{base}/deployments")
+            expect(page.get_by_text(f"{len(names)} Deployments")).to_be_visible(timeout=60_000)
+            rows = page.locator("tr", has=page.get_by_text("gptbert-", exact=False))
+            for name in names:
+                expect(page.get_by_text(name, exact=True).first).to_be_visible()
+            retrain = rows.filter(has=page.get_by_text("retrain", exact=True))
+            expect(retrain.get_by_text("At 03:00 AM, only on Sunday")).to_be_visible()
+            screenshot(page, folder, "prefect-deployments")
+        finally:
+            browser.close()

@@ -159,6 +159,10 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
     # The trainer's per-step metrics reached the pretrain child run, every step.
     pre = children["pretrain"].info.run_id
     assert sorted(m.step for m in client.get_metric_history(pre, "loss")) == list(range(1, STEPS + 1))
+    # ... and onto the parent, so that comparing parent runs overlays their loss curves.
+    assert [(m.step, m.value) for m in sorted(client.get_metric_history(first["mlflow_run_id"], "loss"),
+                                                key=lambda m: m.step)] == \
+        [(m.step, m.value) for m in sorted(client.get_metric_history(pre, "loss"), key=lambda m: m.step)]
     # Evaluation results are metrics of the evaluate run and of the parent.
     ev = children["evaluate"].data.metrics
     for mode in cfg.eval.modes:
