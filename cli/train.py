@@ -38,18 +38,20 @@ def pretrain_command(args) -> int:
     """Pretrain with the configured launcher, then print the model folder and its final losses."""
     from gptbert.distributed import run_pretraining
     from gptbert.metrics import ProgressFile
+    from gptbert.trainer import PROGRESS_FILE, check_run_folder
 
     from .console import Console, log_path_for
 
     cfg = config_from_args(args)
     out = Path(args.out).resolve()
+    check_run_folder(out)  # a bad --out is refused before the console writes its log under it
     total = min(cfg.train.steps, args.stop_after or cfg.train.steps)
     console = Console(log_path_for(out, "pretrain"), verbose=args.verbose, title=f"gptbert pretrain: {out}")
     with console:
         callback = None
         if not args.no_progress:
             out.mkdir(parents=True, exist_ok=True)
-            callback = ProgressFile(out / "progress.json", cfg.train.steps)
+            callback = ProgressFile(out / PROGRESS_FILE, cfg.train.steps)
             console.event("progress_file", {"stage": "pretrain", "path": callback.path, "total_steps": total})
         console.event("stage_started", {"stage": "pretrain"})
         try:

@@ -20,8 +20,6 @@ from common.artifacts import STAGES, read_record, stage_identity, tree_digest
 from common.config import PipelineConfig
 
 log = logging.getLogger("gptbert")
-# Rank 0 keeps the latest step here while pretraining runs (read by the CLI's progress bar).
-PROGRESS_FILE = "progress.json"
 
 
 @dataclass
@@ -111,6 +109,7 @@ def pretrain(cfg: PipelineConfig, shards: Artifact, tokenizer: Artifact, callbac
     from gptbert.trainer import pretrain_config
 
     from gptbert.metrics import Chain, ProgressFile
+    from gptbert.trainer import PROGRESS_FILE
 
     from . import events
 
@@ -142,4 +141,4 @@ def evaluate(cfg: PipelineConfig, model: Artifact, after: Callable | None = None
                           lambda out: evaluate_model_dir(model_dir, cfg.eval, out, after=after))
 
 
-__all__ = ["PROGRESS_FILE", "Artifact", "STAGES", "clean", "evaluate", "export", "pretrain", "shard", "stage_dir", "train_tokenizer"]
+__all__ = ["Artifact", "STAGES", "clean", "evaluate", "export", "pretrain", "shard", "stage_dir", "train_tokenizer"]

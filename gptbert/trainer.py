@@ -35,6 +35,8 @@ STAGE = "pretrain"
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 MILESTONES_DIR = "milestones"  # milestones/chck_{N}M/: a model folder per word milestone reached
+PROGRESS_FILE = "progress.json"  # the latest step, for a progress bar in another process (metrics.ProgressFile)
+LOGS_DIR = "logs"  # the CLI's log files of the commands that wrote into this folder
 
 Callback = Callable[[dict, int], None]
 
@@ -486,7 +488,7 @@ def check_run_folder(out: Path) -> None:
         raise DataError(f"{out}: holds the output of stage '{other.get('stage')}'; refusing to train into it")
     if other is None:
         foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")
-                   and p.name not in (CHECKPOINT_DIR, MODEL_DIR, MILESTONES_DIR, "ray")]
+                   and p.name not in (CHECKPOINT_DIR, MODEL_DIR, MILESTONES_DIR, PROGRESS_FILE, LOGS_DIR, "ray")]
         if foreign:
             raise DataError(f"{out}: output folder holds {', '.join(sorted(foreign)[:3])}, which no "
                             "pretraining run wrote; choose an empty folder or an earlier run's folder")

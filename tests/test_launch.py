@@ -545,6 +545,7 @@ def test_sigkill_of_gptbert_pretrain_on_ray_then_the_same_command_resumes(cluste
     command again resumes from it (same run name) and ends with the plain loop's model."""
     root = cluster["root"]
     storage = root / "storage"
+    storage.mkdir(exist_ok=True)  # the shared folder exists on a cluster (the launcher checks)
     argv = [sys.executable, "-m", "cli.main", "pretrain", "--data", str(cluster["data"]), "--out",
             str(root / "cli-ray"), "--preset", "tiny", "--no-progress"]
     for item in OVERRIDES + ["launch.num_workers=2", f"launch.ray_address={cluster['address']}",

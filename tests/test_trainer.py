@@ -170,7 +170,7 @@ def test_out_of_vocabulary_ids_fail_clearly(tmp_path):
         pretrain(cfg, ListDocumentSource([np.arange(500, 600)]), tmp_path / "run")
 
 
-def test_cli_pretrain(tmp_path, capsys):
+def test_cli_pretrain(tmp_path, capfd):
     from cli.train import register
 
     data = tmp_path / "tokens.txt"
@@ -180,7 +180,7 @@ def test_cli_pretrain(tmp_path, capsys):
     args = parser.parse_args(["pretrain", "--preset", "tiny", "--set", "train.steps=2",
                               "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress"])
     assert args.func(args) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "pretrain: wrote" in out and "loss=" in out
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
