@@ -116,6 +116,8 @@ def test_launch_config_validation_and_launcher_registry(tmp_path):
         LaunchConfig(num_workers=0)
     with pytest.raises(ConfigError, match="run_name"):
         LaunchConfig(run_name="a/b")
+    with pytest.raises(ConfigError, match="worker_niceness"):
+        LaunchConfig(worker_niceness=-5)
     assert {"local", "ray"} <= set(LAUNCHERS)
     with pytest.raises(ConfigError, match="unknown launcher 'slurm'") as err:
         run_pretraining(load_config("tiny", overrides=["launch.backend=slurm"]), tmp_path, tmp_path / "out")
@@ -399,6 +401,31 @@ def _assert_same_curve(curve: dict[int, float], ref: dict[int, float], tol: floa
     print(f"worst 1-vs-N loss difference: {worst:.3g} (tolerance {tol:g})")
     for step in ref:
         assert abs(curve[step] - ref[step]) < tol, (step, curve[step], ref[step])
+
+
+@pytest.mark.slow
+def test_workers_run_at_normal_priority(cluster):
+    """Ray's default worker niceness (15) let two busy processes starve a 2-worker test to 15 min;
+    the cluster script starts its nodes with RAY_worker_niceness=0, and a Ray that gptbert starts
+    itself gets launch.worker_niceness (0)."""
+    import ray
+
+    from gptbert.distributed.parallel import ray_map
+
+    @ray.remote(num_cpus=1, resources={"gptbert_node_worker": 0.01})
+    def niceness() -> int:
+        return os.nice(0)
+
+    def niceness_of(increment: int) -> int:
+        return os.nice(increment)
+
+    assert ray.get(niceness.remote()) == 0  # a worker on the second node of the cluster
+    ray.shutdown()  # ray_map below starts (and stops) its own local Ray
+    try:
+        assert ray_map(niceness_of, [(0,), (0,)]) == [0, 0]
+        assert ray_map(niceness_of, [(0,)], worker_niceness=7) == [7]
+    finally:
+        ray.init(address=cluster["address"])  # the module's other tests use the cluster
 
 
 @pytest.mark.slow

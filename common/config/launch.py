@@ -43,6 +43,11 @@ class LaunchConfig(ConfigBase):
     run_name: Optional[str] = None
     # Worker-group restarts after a failure (each resumes from the latest checkpoint); -1 = no limit.
     max_failures: int = 0
+    # Niceness of the workers of a Ray that gptbert starts itself (ray_address unset). Ray's own
+    # default, 15, lets any other busy process on the node starve training (measured: a 2-worker
+    # test 30x slower beside two busy loops); a cluster keeps its own setting (start it with
+    # RAY_worker_niceness=0, as infra/ray/start_local_cluster.sh does).
+    worker_niceness: int = 0
 
     def validate(self) -> None:
         """Reject invalid values with a ConfigError naming the field."""
@@ -54,6 +59,8 @@ class LaunchConfig(ConfigBase):
         check(not (self.offload and self.zero_stage == 0), "offload",
               "optimizer offload needs zero_stage 1, 2 or 3")
         check(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited retries")
+        check(0 <= self.worker_niceness <= 19, "worker_niceness",
+              f"must be 0..19 (a negative niceness needs root), got {self.worker_niceness}")
         if self.run_name is not None:
             check(bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", ".."),
                   "run_name", f"must be a plain folder name, got {self.run_name!r}")

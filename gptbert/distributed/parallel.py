@@ -6,11 +6,14 @@ import os
 from typing import Any, Callable, Sequence
 
 
-def ray_map(fn: Callable[..., Any], calls: Sequence[tuple], *, num_cpus: float = 1, address: str | None = None) -> list:
+def ray_map(fn: Callable[..., Any], calls: Sequence[tuple], *, num_cpus: float = 1, address: str | None = None,
+            worker_niceness: int = 0) -> list:
     """``[fn(*args) for args in calls]``, each call a Ray task of ``num_cpus`` CPUs, in order.
 
     Attaches to ``address`` (or ``RAY_ADDRESS``) when given, else starts a local Ray for the
-    duration of the call. ``fn`` must be importable by the workers (a module-level function)."""
+    duration of the call, its workers at ``worker_niceness`` (Ray's default, 15, would let any
+    other busy process starve them). ``fn`` must be importable by the workers (a module-level
+    function)."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -19,7 +22,8 @@ def ray_map(fn: Callable[..., Any], calls: Sequence[tuple], *, num_cpus: float =
         if address is not None:
             ray.init(address=address)
         else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                     _system_config={"worker_niceness": worker_niceness})
         started = True
     try:
         remote = ray.remote(num_cpus=num_cpus, max_retries=1)(fn)

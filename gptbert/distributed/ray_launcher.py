@@ -260,7 +260,7 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
             ray.init(address=address)
         else:
             ray.init(num_cpus=max(os.cpu_count() or 1, lc.num_workers * lc.cpus_per_worker),
-                     include_dashboard=False)
+                     include_dashboard=False, _system_config={"worker_niceness": lc.worker_niceness})
         started_ray = True
     try:
         resources = {"CPU": lc.cpus_per_worker}

@@ -20,6 +20,10 @@ TEMP_DIR="${RAY_TEMP_DIR:-/tmp/gptbert-ray}"
 # Per-node object store; small by default so two nodes fit beside other work on a laptop.
 OBJECT_STORE="${RAY_OBJECT_STORE_BYTES:-200000000}"
 
+# Ray runs its workers at niceness 15 by default, so any other busy process on the node starves
+# training; gptbert's workers are the node's main work, so they run at normal priority.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
+
 # Token authentication (Ray's default for local clusters): both nodes and every client must agree;
 # the token lives in ~/.ray/auth_token (created here if missing).
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
