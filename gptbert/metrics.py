@@ -107,14 +107,22 @@ PROGRESS_FIELDS = ("loss", "loss_masked", "loss_causal", "tokens_per_s", "words_
 class ProgressFile:
     """Keeps ``path`` holding the latest step as one small JSON document (replaced atomically),
     so that another process (the CLI console) can show progress wherever rank 0 runs on a shared
-    disk. Fields: step, total_steps, time, and ``PROGRESS_FIELDS`` that the step reported."""
+    disk. Fields: step, total_steps, time, and ``PROGRESS_FIELDS`` that the step reported. It is
+    called on the training step's path, so it writes at most every ``min_interval_s`` (and always
+    at the last step): a fast GPU step must not pay a file write each time."""
 
-    def __init__(self, path: str | Path, total_steps: int):
+    def __init__(self, path: str | Path, total_steps: int, min_interval_s: float = 0.25):
         self.path = str(Path(path).resolve())
         self.total_steps = int(total_steps)
+        self.min_interval_s = float(min_interval_s)
+        self._last_write = 0.0
 
     def __call__(self, metrics: dict, step: int) -> None:
-        doc = {"step": int(step), "total_steps": self.total_steps, "time": time.time()}
+        now = time.time()
+        if step < self.total_steps and now - self._last_write < self.min_interval_s:
+            return
+        self._last_write = now
+        doc = {"step": int(step), "total_steps": self.total_steps, "time": now}
         doc.update({k: metrics[k] for k in PROGRESS_FIELDS if isinstance(metrics.get(k), (int, float))})
         tmp = f"{self.path}.{os.getpid()}.tmp"
         try:

@@ -27,7 +27,7 @@ def test_progress_line_shows_step_losses_rates_and_eta():
 
 def test_progress_file_keeps_the_latest_step(tmp_path):
     seen = []
-    callback = Chain(ProgressFile(tmp_path / "progress.json", total_steps=3), lambda m, s: seen.append(s), None)
+    callback = Chain(ProgressFile(tmp_path / "progress.json", total_steps=3, min_interval_s=0), lambda m, s: seen.append(s), None)
     for step in (1, 2):
         callback({"loss": 5.0 - step, "tokens_per_s": 10.0, "grad_norm": None, "note": "x"}, step)
     doc = read_progress(tmp_path / "progress.json")
@@ -37,6 +37,13 @@ def test_progress_file_keeps_the_latest_step(tmp_path):
     assert "grad_norm" not in doc and "note" not in doc
     assert read_progress(tmp_path / "missing.json") is None
     assert [p.name for p in tmp_path.iterdir()] == ["progress.json"]  # no temporary file left
+    # On the training step's path it writes at most every 0.25 s, and always at the last step.
+    throttled = ProgressFile(tmp_path / "throttled.json", total_steps=5)
+    throttled({"loss": 1.0}, 1)
+    throttled({"loss": 0.5}, 2)
+    assert read_progress(tmp_path / "throttled.json")["step"] == 1
+    throttled({"loss": 0.1}, 5)
+    assert read_progress(tmp_path / "throttled.json")["step"] == 5
 
 
 def test_log_path_is_new_under_the_run_root(tmp_path):
