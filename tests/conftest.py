@@ -90,6 +90,10 @@ def prefect_harness(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # Prefect binds its console log handler to whatever sys.stderr is when `prefect.main` is first
+    # imported; imported here, that is pytest's session-long capture, not a test's capfd/capsys
+    # stream, which is closed when that test ends (later tests' flow logs would hit a closed file).
+    import prefect.main  # noqa: F401
     from prefect.testing.utilities import prefect_test_harness
 
     try:
