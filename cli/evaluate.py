@@ -42,7 +42,10 @@ def register(subparsers) -> None:
                    help="run the BabyLM 2025 zero-shot suite on --data instead of the configured tasks")
     e.add_argument("--data", help="with --suite babylm: a folder laid out like the official evaluation_data/ "
                                   "(full_eval/, fast_eval/) or one of those folders (overrides eval.babylm_dir)")
-    e.add_argument("--fast", action="store_true", help="with --suite babylm: the fast_eval subsets")
+    e.add_argument("--fast", action="store_true", help="with --suite babylm: the fast_eval subsets "
+                                                       "(zero-shot only, as the official fast suite)")
+    e.add_argument("--no-finetune", action="store_true",
+                   help="with --suite babylm: skip the fine-tuning tasks of full_eval/glue_filtered/")
     e.add_argument("--out", required=True, help="output folder for results.json and report.md")
     e.add_argument("--max-pairs", type=int, help="at most this many pairs per paradigm (quick runs)")
     e.add_argument("--baseline", choices=["ngram"],
@@ -116,6 +119,23 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _babylm_finetune(data_dir: str, fast: bool, skip: bool) -> tuple[dict, str | None]:
+    """The eval.finetune fields that fine-tune the official set found under ``data_dir``
+    (``full_eval/glue_filtered`` or ``glue_filtered``), and a note on what is not run."""
+    from common.config.eval import BABYLM_FINETUNE_TASKS
+    from gptbert.evaluation.babylm import FINETUNE_FOLDER, suite_root
+
+    folder = suite_root(data_dir, "full") / FINETUNE_FOLDER
+    if not folder.is_dir():
+        return {}, None if fast else f"skipped: {folder} not found"
+    if fast or skip:
+        return {}, "skipped (" + ("--fast: the official fast suite is zero-shot only" if fast else "--no-finetune") + ")"
+    present = [t for t in BABYLM_FINETUNE_TASKS if any(folder.glob(f"{t}.*.jsonl"))]
+    if not present:
+        return {}, f"skipped: {folder} holds none of {', '.join(BABYLM_FINETUNE_TASKS)}"
+    return {"data_dir": str(folder), "tasks": present, "recipe": "babylm", "skip_missing": True}, None
+
+
 def evaluate_command(args: argparse.Namespace) -> int:
     """Evaluate a model folder (or an n-gram baseline of a shard folder) into results.json and
     report.md, and print the headline metrics."""
@@ -138,8 +158,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
         changes["babylm_dir"] = args.data or cfg.babylm_dir
         if args.fast:
             changes["babylm_split"] = "fast"
-    elif args.data or args.fast:
-        raise ValueError("--data and --fast go with --suite babylm")
+        finetune, note = _babylm_finetune(changes["babylm_dir"], args.fast, args.no_finetune)
+        if finetune:
+            changes["tasks"] = ["babylm", "glue"]
+            changes["finetune"] = {**to_dict(cfg.finetune), **finetune}
+        if note:
+            print(f"fine-tuning: {note}")
+    elif args.data or args.fast or args.no_finetune:
+        raise ValueError("--data, --fast and --no-finetune go with --suite babylm")
     if args.baseline == "ngram":
         changes["tasks"] = ["blimp"]  # a count model scores sentences; it cannot be fine-tuned
     cfg = from_dict(EvalConfig, {**to_dict(cfg), **changes})  # re-validates the overrides

@@ -250,7 +250,7 @@ def test_cli_suite_writes_results_and_report(exported, tmp_path, capsys):
     assert "## BabyLM zero-shot suite (full_eval)" in report and "| entity_tracking | 3 |" in report
     # Without --suite, --data is refused in one line.
     assert main(["evaluate", str(exported["root"] / "model"), "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 1
-    assert "--data and --fast go with --suite babylm" in capsys.readouterr().err
+    assert "--data, --fast and --no-finetune go with --suite babylm" in capsys.readouterr().err
 
 
 def test_reads_the_official_dev_files(shared_data):

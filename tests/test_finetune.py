@@ -137,3 +137,114 @@ def test_shared_glue_dev_files_load():
     valid = load_task_file(folder / "mrpc.valid.jsonl")
     assert len(train) == 50 and len(valid) == 204
     assert {e.label for e in valid} == {0, 1} and all(e.text_b for e in valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# The official BabyLM 2025 fine-tuning set (recipe "babylm")
+
+from gptbert.evaluation.finetune import BABYLM_TASKS, LAYOUTS, TaskSettings, task_settings  # noqa: E402
+
+
+def test_official_layouts_read_each_task(tmp_path):
+    records = {
+        "boolq": ({"question": "is it wet", "passage": "It rained.", "label": True}, ("is it wet", "It rained.", 1)),
+        "multirc": ({"question": "Who ran?", "answer": "Kim", "paragraph": "Kim ran.", "label": 0},
+                    ("Question: Who ran? Answer: Kim", "Kim ran.", 0)),
+        "wsc": ({"span1_text": "the cup", "span2_text": "it", "text": "The cup fell; it broke.", "label": 1},
+                ('Does "it" refer to "the cup" in this passage?', "The cup fell; it broke.", 1)),
+        "qqp": ({"question1": "a?", "question2": "b?", "label": 0}, ("a?", "b?", 0)),
+        "mnli": ({"premise": "p.", "hypothesis": "h.", "label": 2}, ("p.", "h.", 2)),
+        "rte": ({"sentence1": "s1", "sentence2": "s2", "label": 1}, ("s1", "s2", 1)),
+        "cola": ({"sentence": "One.", "label": 1}, ("One.", None, 1)),
+    }
+    for task, (record, (a, b, label)) in records.items():
+        f = tmp_path / f"{task}.train.jsonl"
+        f.write_text(json.dumps(record) + "\n")
+        assert load_task_file(f) == [Example(a, b, label)], task
+    # A missing field names the file, the line and the field.
+    (tmp_path / "wsc.valid.jsonl").write_text(json.dumps(records["wsc"][0]) + "\n" + json.dumps({"text": "x", "label": 0}) + "\n")
+    with pytest.raises(TaskFormatError, match=r"wsc\.valid\.jsonl:2: field 'span2_text' must be a string"):
+        load_task_file(tmp_path / "wsc.valid.jsonl")
+    # Booleans are labels only where the official layout applies (SuperGLUE's true/false).
+    (tmp_path / "toy.train.jsonl").write_text(json.dumps({"sentence1": "a", "label": True}) + "\n")
+    with pytest.raises(TaskFormatError, match="'label' must be an integer"):
+        load_task_file(tmp_path / "toy.train.jsonl")
+    assert set(BABYLM_TASKS) <= set(LAYOUTS)
+
+
+def test_babylm_recipe_settings_and_schedule():
+    from common.config.eval import BABYLM_FINETUNE_TASKS
+
+    assert tuple(BABYLM_TASKS) == BABYLM_FINETUNE_TASKS  # the config validates names against that list
+    cfg = FinetuneConfig(data_dir="x", tasks=list(BABYLM_FINETUNE_TASKS), recipe="babylm", lr=1.0, epochs=1)
+    got = {t: task_settings(t, cfg) for t in cfg.tasks}
+    # eval_finetuning.sh: lr 3e-5, batch 16 for BoolQ/MultiRC else 32, 10 epochs (WSC 30), length 512,
+    # F1 picks the epoch for MRPC and QQP, MNLI has 3 labels.
+    assert {t: (s.lr, s.batch_size, s.epochs, s.max_length, s.metric, s.num_labels) for t, s in got.items()} == {
+        "boolq": (3e-5, 16, 10, 512, "accuracy", 2), "multirc": (3e-5, 16, 10, 512, "accuracy", 2),
+        "rte": (3e-5, 32, 10, 512, "accuracy", 2), "wsc": (3e-5, 32, 30, 512, "accuracy", 2),
+        "mrpc": (3e-5, 32, 10, 512, "f1", 2), "qqp": (3e-5, 32, 10, 512, "f1", 2),
+        "mnli": (3e-5, 32, 10, 512, "accuracy", 3)}
+    assert all(s.seed == 42 and s.decay_all and s.drop_last for s in got.values())
+    paper = task_settings("mrpc", FinetuneConfig(data_dir="x", tasks=["mrpc"], lr=2e-4, batch_size=8, epochs=3))
+    assert (paper.lr, paper.batch_size, paper.epochs, paper.metric, paper.decay_all) == (2e-4, 8, 3, "f1", False)
+    with pytest.raises(ConfigError) as info:
+        from_dict(FinetuneConfig, {"data_dir": "x", "tasks": ["cola"], "recipe": "babylm"})
+    assert info.value.field == "tasks[0]"
+
+    # The official scheduler (LambdaLR over cosine_schedule_with_warmup with min factor 0.1), re-enacted.
+    def official(step, total, warmup_prop=0.06, min_factor=0.1):
+        warmup = int(warmup_prop * total)
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return max(min_factor, min_factor + (1 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    for total in (10, 33, 100, 1000):
+        ours = [lr_factor(s, total, 0.06, 0.1, from_zero=True) for s in range(total)]
+        assert ours == pytest.approx([official(s, total) for s in range(total)], abs=1e-12)
+    assert lr_factor(0, 100, 0.06, 0.1, from_zero=True) == 0.0 and lr_factor(99, 100, 0.06, 0.1, True) > 0.1
+
+
+def test_babylm_recipe_trains_full_batches_and_records_hyperparameters(tmp_path):
+    tok = make_tokenizer()
+    model = make_model(dtype=torch.float32)
+    settings = TaskSettings(lr=5e-3, batch_size=8, epochs=2, max_length=64, warmup_ratio=0.06, weight_decay=0.01,
+                            seed=42, metric="accuracy", num_labels=2, min_lr_factor=0.1, decay_all=True,
+                            drop_last=True, warmup_from_zero=True)
+    _, r = finetune(model, tok, _toy_task(21, 1), _toy_task(8, 2), settings)
+    assert r["steps"] == 2 * (21 // 8)  # the last partial batch (5 examples) is dropped each epoch
+    assert r["hyperparameters"] == {"lr": 5e-3, "batch_size": 8, "epochs": 2, "max_length": 64, "seed": 42}
+    with pytest.raises(TaskFormatError, match="label 2 found, but the task has 2 labels"):
+        finetune(model, tok, [Example("a", None, 2)] * 8, [Example("a", None, 0)], settings)
+
+
+def test_evaluate_suite_babylm_finetunes_what_glue_filtered_holds(tmp_path, capsys):
+    """`gptbert evaluate MODEL --suite babylm --data DIR` fine-tunes the official tasks found in
+    full_eval/glue_filtered with their own hyperparameters and notes the missing ones."""
+    from cli.evaluate import _babylm_finetune
+
+    glue = tmp_path / "evaluation_data" / "full_eval" / "glue_filtered"
+    glue.mkdir(parents=True)
+    for split in ("train", "valid"):
+        (glue / f"rte.{split}.jsonl").write_text("".join(
+            json.dumps({"sentence1": e.text_a, "sentence2": e.text_b, "label": e.label}) + "\n" for e in _toy_task(40, 5)))
+    (glue / "wsc.train.jsonl").write_text(json.dumps({"span1_text": "a", "span2_text": "b", "text": "a b", "label": 0}) + "\n")
+    fields, note = _babylm_finetune(str(tmp_path / "evaluation_data"), fast=False, skip=False)
+    assert fields == {"data_dir": str(glue), "tasks": ["rte", "wsc"], "recipe": "babylm", "skip_missing": True}
+    assert note is None
+    assert _babylm_finetune(str(tmp_path / "evaluation_data"), fast=True, skip=False)[0] == {}
+    assert "--no-finetune" in _babylm_finetune(str(tmp_path / "evaluation_data"), fast=False, skip=True)[1]
+
+    from common.config import EvalConfig
+    from gptbert.evaluation import evaluate, render_report
+
+    cfg = EvalConfig(tasks=["glue"], finetune=FinetuneConfig(**fields, max_train_examples=32))
+    cfg.finetune.validate()
+    results = evaluate(make_model(dtype=torch.float32), make_tokenizer(), cfg)
+    r = results["tasks"]["glue"]
+    assert r["missing"] == {"wsc": f"wsc.valid.jsonl not in {glue}"}
+    assert r["rte"]["hyperparameters"]["batch_size"] == 32 and r["rte"]["steps"] == 10  # 32 // 32 x 10 epochs
+    assert len(r["rte"]["epochs"]) == 10
+    report = render_report(results)
+    assert "| rte | accuracy |" in report and f"- wsc: skipped, wsc.valid.jsonl not in {glue}" in report

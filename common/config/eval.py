@@ -11,6 +11,8 @@ from .base import ConfigBase, check
 ScoringMode = Literal["causal", "mntp", "fused"]
 BabyLMTask = Literal["blimp", "supplement", "ewok", "entity_tracking", "wug_adj", "wug_past", "comps"]
 BABYLM_TASKS = ("blimp", "supplement", "ewok", "entity_tracking", "wug_adj", "wug_past", "comps")
+# The official BabyLM 2025 fine-tuning set (its eval_finetuning.sh), in the order it runs them.
+BABYLM_FINETUNE_TASKS = ("boolq", "multirc", "rte", "wsc", "mrpc", "qqp", "mnli")
 
 
 def temperature_sweep(start: float = 0.05, stop: float = 3.0, step: float = 0.05) -> list[float]:
@@ -23,9 +25,17 @@ def temperature_sweep(start: float = 0.05, stop: float = 3.0, step: float = 0.05
 class FinetuneConfig(ConfigBase):
     """GLUE-style sentence(-pair) classification (recipe §6: the paper's settings are the defaults)."""
 
-    # Folder with `<task>.train.jsonl` and `<task>.valid.jsonl` (sentence1, [sentence2,] label).
+    # Folder with `<task>.train.jsonl` and `<task>.valid.jsonl` (the official glue_filtered/ layout
+    # for the tasks the BabyLM pipeline knows, else sentence1, [sentence2,] label).
     data_dir: str = ""
     tasks: list[str] = field(default_factory=list)
+    # "paper": every task trains with the fields below. "babylm": the official BabyLM 2025
+    # pipeline's per-task hyperparameters (lr 3e-5, batch 32 or 16, 10 or 30 epochs, length 512,
+    # seed 42, its schedule); lr, batch_size, epochs, warmup_ratio, weight_decay, max_length and
+    # seed are then not used (results.json records what each task trained with).
+    recipe: Literal["paper", "babylm"] = "paper"
+    # A task whose files are absent is skipped with a note instead of failing (--suite babylm).
+    skip_missing: bool = False
     lr: float = 1e-4
     batch_size: int = 16
     # Paper: 3 epochs for large tasks (MNLI, QQP, SST-2, QNLI), 10 for small ones (CoLA, RTE, MRPC).
@@ -50,6 +60,8 @@ class FinetuneConfig(ConfigBase):
         check(not self.tasks or bool(self.data_dir), "data_dir", "must be set when tasks are given")
         for i, task in enumerate(self.tasks):
             check(bool(task) and "/" not in task, f"tasks[{i}]", f"must be a task file prefix, got {task!r}")
+            check(self.recipe != "babylm" or task in BABYLM_FINETUNE_TASKS, f"tasks[{i}]",
+                  f"recipe babylm knows {', '.join(BABYLM_FINETUNE_TASKS)}; got {task!r}")
 
 
 @dataclass

@@ -146,8 +146,8 @@ ENTITY_SPLITS = ("regular", "ambiref", "move_contents")
 NOT_SCORED = {
     "reading": "the reading (eye-tracking / self-paced reading regression) task is not implemented here; "
                "run the official evaluation_pipeline.reading.run on an export (gptbert export)",
-    "glue_filtered": "fine-tuning is the `glue` task (eval.finetune.data_dir), not part of --suite babylm",
 }
+FINETUNE_FOLDER = "glue_filtered"  # fine-tuned by the `glue` task (gptbert evaluate --suite babylm)
 
 
 def suite_root(data_dir: str | Path, split: str = "full") -> Path:
