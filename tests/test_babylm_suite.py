@@ -93,13 +93,15 @@ def test_suite_finds_task_folders_and_skips_the_missing(tmp_path):
     write_tree(tmp_path)
     found, skipped = babylm.find_subtasks(tmp_path, "full")
     assert set(found) == {"blimp", "supplement", "ewok", "entity_tracking", "wug_adj", "comps"}
-    assert set(skipped) == {"wug_past"} and "wug_past_tense" in skipped["wug_past"]
+    assert set(skipped) == {"wug_past", "reading"} and "wug_past_tense" in skipped["wug_past"]
     # The full_eval folder itself is accepted too; fast_eval has no comps.
     assert set(babylm.find_subtasks(tmp_path / "full_eval", "full")[0]) == set(found)
     assert "comps" in babylm.find_subtasks(tmp_path, "fast")[1]
-    # What the suite does not score is named, not silently ignored.
+    # The reading task is a CSV file of its own folder.
+    assert skipped["reading"] == f"{tmp_path / 'full_eval' / 'reading' / 'reading_data.csv'} not found"
     (tmp_path / "full_eval" / "reading").mkdir()
-    assert "not implemented" in babylm.find_subtasks(tmp_path, "full")[1]["reading"]
+    (tmp_path / "full_eval" / "reading" / "reading_data.csv").write_text("item,word\n")
+    assert babylm.find_subtasks(tmp_path, "full")[0]["reading"].name == "reading_data.csv"
 
 
 @pytest.mark.parametrize("task,line,message", [
@@ -244,8 +246,11 @@ def test_cli_suite_writes_results_and_report(exported, tmp_path, capsys):
     assert "babylm.ewok.mntp.t1\t" in printed and "babylm.wug_adj.causal.t1\t" in printed
     results = json.loads((out / "results.json").read_text())
     suite = results["tasks"]["babylm"]
-    assert suite["skipped"] == {"wug_past": f"{tmp_path / 'data' / 'full_eval' / 'wug_past_tense'} not found (or holds no *.jsonl)"}
-    assert set(results["tasks"]) == {"babylm"}
+    full = tmp_path / "data" / "full_eval"
+    assert suite["skipped"] == {"wug_past": f"{full / 'wug_past_tense'} not found (or holds no *.jsonl)",
+                                "reading": f"{full / 'reading' / 'reading_data.csv'} not found"}
+    assert set(results["tasks"]) == {"babylm"}  # no glue_filtered/: nothing to fine-tune
+    assert f"fine-tuning: skipped: {full / 'glue_filtered'} not found" in printed
     report = (out / "report.md").read_text()
     assert "## BabyLM zero-shot suite (full_eval)" in report and "| entity_tracking | 3 |" in report
     # Without --suite, --data is refused in one line.

@@ -9,8 +9,8 @@ from typing import Literal, Optional
 from .base import ConfigBase, check
 
 ScoringMode = Literal["causal", "mntp", "fused"]
-BabyLMTask = Literal["blimp", "supplement", "ewok", "entity_tracking", "wug_adj", "wug_past", "comps"]
-BABYLM_TASKS = ("blimp", "supplement", "ewok", "entity_tracking", "wug_adj", "wug_past", "comps")
+BabyLMTask = Literal["blimp", "supplement", "ewok", "entity_tracking", "wug_adj", "wug_past", "comps", "reading"]
+BABYLM_TASKS = ("blimp", "supplement", "ewok", "entity_tracking", "wug_adj", "wug_past", "comps", "reading")
 # The official BabyLM 2025 fine-tuning set (its eval_finetuning.sh), in the order it runs them.
 BABYLM_FINETUNE_TASKS = ("boolq", "multirc", "rte", "wsc", "mrpc", "qqp", "mnli")
 

@@ -37,6 +37,8 @@ import numpy as np
 from common.artifacts import tree_digest
 from common.jsonl import iter_objects
 
+from .reading import READING_FILE, evaluate_reading, load_reading
+
 
 class BabyLMFormatError(ValueError):
     """A BabyLM evaluation file that cannot be read; the message names file:line and what was expected."""
@@ -143,10 +145,7 @@ SUBTASKS: dict[str, Subtask] = {t.name: t for t in (
     Subtask("comps", decode_comps, "comps", None),
 )}
 ENTITY_SPLITS = ("regular", "ambiref", "move_contents")
-NOT_SCORED = {
-    "reading": "the reading (eye-tracking / self-paced reading regression) task is not implemented here; "
-               "run the official evaluation_pipeline.reading.run on an export (gptbert export)",
-}
+NOT_SCORED: dict[str, str] = {}  # folders of the official layout this suite does not score
 FINETUNE_FOLDER = "glue_filtered"  # fine-tuned by the `glue` task (gptbert evaluate --suite babylm)
 
 
@@ -163,7 +162,14 @@ def find_subtasks(data_dir: str | Path, split: str = "full",
     """({task: its folder} found under the suite folder, {task: why it is skipped})."""
     root = suite_root(data_dir, split)
     found, skipped = {}, {}
-    for name in names or list(SUBTASKS):
+    for name in names or [*SUBTASKS, "reading"]:
+        if name == "reading":  # a CSV, not a folder of jsonl items (reading.py)
+            path = root / READING_FILE
+            if path.is_file():
+                found[name] = path
+            else:
+                skipped[name] = f"{path} not found"
+            continue
         task = SUBTASKS[name]
         folder_name = task.full if split == "full" else task.fast
         if folder_name is None:
@@ -357,6 +363,12 @@ def evaluate_suite(model, tokenizer, cfg, progress=None) -> dict[str, Any]:
                                "skipped": skipped, "temperatures": [float(t) for t in cfg.temperatures],
                                "tune_every": cfg.tune_every}
     for name, folder in found.items():
+        if name == "reading":
+            results["tasks"][name] = {
+                "data_dir": str(folder), "data_digest": tree_digest(folder), "metric": "reading",
+                "num_items": len(load_reading(folder)["word"]),
+                "modes": evaluate_reading(model, tokenizer, folder, cfg.modes, cfg.max_tokens)}
+            continue
         items = load_subtask(name, folder, cfg.max_pairs_per_paradigm)
         scores = score_items(model, tokenizer, items, list(cfg.modes), list(cfg.temperatures), cfg.max_tokens,
                              progress=progress)
@@ -373,6 +385,11 @@ def summary(results: dict[str, Any]) -> dict[str, float]:
     ``.tuned_temperature``)."""
     out: dict[str, float] = {}
     for name, r in results["tasks"].items():
+        if r["metric"] == "reading":
+            for mode, m in r["modes"].items():
+                out[f"babylm.reading.{mode}.eye_tracking"] = m["eye_tracking"]
+                out[f"babylm.reading.{mode}.self_paced"] = m["self_paced"]
+            continue
         for mode, m in r["modes"].items():
             base = f"babylm.{name}.{mode}"
             if m["t1"] is not None:
@@ -387,7 +404,8 @@ def summary(results: dict[str, Any]) -> dict[str, float]:
 
 def report(results: dict[str, Any]) -> list[str]:
     """report.md lines: one headline table (T = 1, official tie rule), then each task's groups."""
-    tasks = results["tasks"]
+    reading = results["tasks"].get("reading")
+    tasks = {n: r for n, r in results["tasks"].items() if n != "reading"}
     modes = sorted({m for r in tasks.values() for m in r["modes"]}, key=["causal", "mntp", "fused"].index)
     lines = [f"## BabyLM zero-shot suite ({results['split']}_eval)", "",
              f"Data: `{results['data_dir']}`. Accuracy % (mean over UIDs; a tie counts as right, as in the "
@@ -424,6 +442,13 @@ def report(results: dict[str, Any]) -> list[str]:
             for v in values:
                 lines.append(f"| {v} | " + " | ".join(
                     f"{r['modes'][m]['t1']['groups'][key][v]:.2f}" for m in modes) + " |")
+    if reading is not None:
+        lines += ["", "### reading: surprisal as a predictor of reading measures (T = 1)", "",
+                  f"{reading['num_items']} words. Gain in R^2 from adding surprisal, as % of the possible gain "
+                  "(the official scores).", "",
+                  "| mode | eye tracking | self-paced reading (spillover) |", "|---|---|---|"]
+        for mode, m in reading["modes"].items():
+            lines.append(f"| {mode} | {m['eye_tracking']:.2f} | {m['self_paced']:.2f} |")
     if results.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{n} ({why})" for n, why in results["skipped"].items())]
     lines.append("")
