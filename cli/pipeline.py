@@ -43,6 +43,15 @@ def register(subparsers) -> None:
     d.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs live (always in the log file)")
     d.set_defaults(func=_demo)
 
+    w = subparsers.add_parser("sweep", help="the ratio sweep: one model per causal fraction (sweep.fractions), "
+                                            "everything else equal, evaluated and plotted")
+    add_config_args(w)
+    w.add_argument("--workdir", help="run root (default: the config's, or runs/sweep with the demo config)")
+    w.add_argument("--corpus", help="your own text (file or folder) instead of the generated grammar corpus")
+    w.add_argument("--json", action="store_true", help="print the sweep summary as JSON (and nothing else on stdout)")
+    w.add_argument("-v", "--verbose", action="store_true", help="show the libraries' logs live (always in the log file)")
+    w.set_defaults(func=_sweep)
+
 
 def _quiet_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -89,6 +98,62 @@ def _demo(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline
 
     return _run_flow(pipeline, cfg, "demo", args)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """``gptbert sweep``: the demo's config (or --preset/--config) with the sweep section, on the
+    generated grammar corpus unless --corpus or clean.inputs names text."""
+    _quiet_env()
+    from flows.demo import demo_config, with_demo_data
+
+    overrides = ([f"workdir={Path(args.workdir).resolve()}"] if args.workdir else []) + list(args.overrides)
+    if args.preset or args.config:
+        from common.config import load_config
+
+        cfg = load_config(preset=args.preset, path=args.config, overrides=overrides)
+    else:
+        cfg = demo_config(None if args.workdir else str(Path("runs/sweep").resolve()), overrides)
+    cfg = with_demo_data(cfg, corpus=args.corpus)
+    from flows.pipeline import temporary_server_scope
+    from flows.sweep import ratio_sweep
+
+    from .console import Console, log_path_for
+
+    start = time.time()
+    workdir = Path(cfg.workdir).resolve()
+    console = Console(log_path_for(workdir, "sweep"), verbose=args.verbose,
+                      title=f"gptbert sweep: {len(cfg.sweep.fractions)} causal fractions x {len(cfg.sweep.seeds)} "
+                            f"seeds, run root {workdir}")
+    with console, temporary_server_scope():
+        summary = ratio_sweep(config=cfg)
+    print_sweep_summary(summary, time.time() - start, as_json=args.json, stream=console.out)
+    return 0
+
+
+def print_sweep_summary(summary: dict, wall_s: float, as_json: bool = False, stream: TextIO | None = None) -> None:
+    """A sweep's table (one line per trial with its headline scores) and where the report is."""
+    stream = stream or sys.stdout
+    if as_json:
+        stream.write(json.dumps({**summary, "wall_s": round(wall_s, 1)}, indent=2, default=str) + "\n")
+        stream.flush()
+        return
+    from flows.sweep import SCORE
+    from flows.tracking import _fraction
+
+    metrics = sorted({k for r in summary["trials"] for k in r["metrics"] if SCORE.match(k) and k.startswith("blimp.")})
+    lines = ["", f"gptbert sweep finished in {_duration(wall_s)}: {len(summary['trials'])} trials",
+             "  causal  seed  final loss  " + "  ".join(m.replace("blimp.", "").replace(".t1_accuracy", "") for m in metrics)]
+    for r in summary["trials"]:
+        loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.3f}"
+        cells = "  ".join(f"{_pct(r['metrics'].get(m)):>{len(m.replace('blimp.', '').replace('.t1_accuracy', ''))}}"
+                          for m in metrics)
+        lines.append(f"  {_fraction(r['fraction']):>6}  {r['seed']:>4}  {loss:>10}  {cells}")
+    lines += [f"  report           : {summary['folder']}/report.md",
+              f"  figure           : {summary['figure'] or '-'}"]
+    if summary.get("mlflow_run_id"):
+        lines.append(f"  MLflow run       : {summary['mlflow_run_id']} (experiment {summary['experiment_id']})")
+    stream.write("\n".join(lines) + "\n")
+    stream.flush()
 
 
 def print_summary(summary: dict, wall_s: float, as_json: bool = False, stream: TextIO | None = None,

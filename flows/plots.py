@@ -123,3 +123,38 @@ def evaluation_figures(results: dict[str, Any], folder: Path) -> None:
 
 
 __all__ = ["evaluation_figures", "phenomenon_table", "plot_by_phenomenon", "plot_loss_curves", "plot_milestones"]
+
+
+def plot_ratio_sweep(series: dict[str, dict[str, list[tuple[float, float, float, float]]]],
+                     out_png: str | Path) -> bool:
+    """The paper's ratio figure: one panel per task, score against the causal fraction, one line per
+    scoring mode (mean over seeds; the band is the seeds' range). False when there is nothing to draw."""
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(series)
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    for ax, (panel, lines) in zip(axes.flat, sorted(series.items())):
+        for line, points in sorted(lines.items()):
+            x = [p[0] for p in points]
+            ax.plot(x, [p[1] for p in points], marker="o", label=line)
+            if any(p[2] != p[3] for p in points):
+                ax.fill_between(x, [p[2] for p in points], [p[3] for p in points], alpha=0.2)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("causal fraction of the batch")
+        ax.set_xlim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle("GPT-BERT: score against the causal:masked ratio")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True

@@ -8,6 +8,8 @@ on rank 0; the library logs nowhere.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -206,6 +208,9 @@ class Trainer:
         self.last_checkpoint_step = 0
         self.tokens_seen = 0
         self.words_seen = 0  # exact, from the documents the global batches consumed (identical on every rank)
+        # Digest of step 0's global batch (documents and token spans): equal digests on the same shards
+        # mean the same data order (a ratio sweep checks its trials with it).
+        self.first_batch_sha256: str | None = None
         self.cursor = Cursor()  # data position after the last completed step
         self.last_metrics: dict[str, Any] = {}
         self._valid_cache: dict[bool, list] = {}
@@ -294,6 +299,9 @@ class Trainer:
             raise NonFiniteLossError(f"step {self.step + 1}: the loss ({values['loss']:.4g}) or the gradient norm "
                                      f"({grad_norm}) is not finite; training stopped, the checkpoints written so far "
                                      f"are kept{kept}; lower train.lr or check the data")
+        if self.step == 0:
+            spans = [[[int(x) for x in piece] for piece in example] for example in plan.examples]
+            self.first_batch_sha256 = hashlib.sha256(json.dumps(spans).encode()).hexdigest()
         self.step += 1
         self.cursor = self.stream.cursor = nxt
         self.tokens_seen += int(n_tokens)
@@ -366,7 +374,8 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """The loop state saved as trainer.pt: step, data cursor, tokens seen and the run digest."""
         return {"step": self.step, "cursor": self.cursor.to_dict(), "tokens_seen": self.tokens_seen,
-                "words_seen": self.words_seen, "run_digest": self.run_digest()}
+                "words_seen": self.words_seen, "run_digest": self.run_digest(),
+                "first_batch_sha256": self.first_batch_sha256}
 
     def save(self, checkpoint_root: str | Path) -> Path:
         """Write the checkpoint of the current step under ``checkpoint_root``, keeping the newest
@@ -381,6 +390,7 @@ class Trainer:
         state = load_checkpoint(checkpoint, self.backend, self.ema, rank=self.rank, run_digest=self.run_digest())
         self.step = self.last_checkpoint_step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
+        self.first_batch_sha256 = state.get("first_batch_sha256")
         if "words_seen" in state:
             self.words_seen = int(state["words_seen"])
         else:  # a checkpoint from before exact counting: the estimate from the corpus ratio
@@ -601,7 +611,7 @@ def milestones_reached(run_dir: str | Path) -> list[str]:
 def write_pretrain_record(out: Path, cfg: PipelineConfig, data: TrainingData, summary: dict) -> dict:
     """The pretraining stage's record (written once the model folder is complete)."""
     stats = {k: summary[k] for k in ("steps", "steps_this_session", "tokens", "words", "final", "precision",
-                                     "milestones") if k in summary}
+                                     "milestones", "first_batch_sha256") if k in summary}
     record = make_record(STAGE, pretrain_inputs(data), pretrain_config(cfg.model, cfg.train), out, MODEL_DIR,
                          stats)
     write_record(out, record)
@@ -626,6 +636,7 @@ def training_summary(trainer: "Trainer", cfg: PipelineConfig, started: float, da
         "model_config_digest": digest(cfg.model),
         "train_config_digest": digest(cfg.train),
         "run_digest": trainer.run_digest(),
+        "first_batch_sha256": trainer.first_batch_sha256,
         "data": data.name,
         "data_digest": data.digest,
         "tokenizer": str(data.tokenizer) if data.tokenizer else None,

@@ -29,6 +29,7 @@ from .eval import EvalConfig
 from .export import ExportConfig
 from .launch import LaunchConfig
 from .model import ModelConfig
+from .sweep import SweepConfig
 from .tracking import TrackingConfig
 from .train import TrainConfig
 
@@ -49,6 +50,7 @@ class PipelineConfig(ConfigBase):
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> None:
         """Reject model.vocab_size != tokenizer.vocab_size with a ConfigError naming model.vocab_size."""
@@ -104,6 +106,7 @@ __all__ = [
     "ModelConfig",
     "PipelineConfig",
     "ShardConfig",
+    "SweepConfig",
     "TokenizerConfig",
     "TrackingConfig",
     "TrainConfig",
