@@ -138,16 +138,17 @@ def print_sweep_summary(summary: dict, wall_s: float, as_json: bool = False, str
         stream.flush()
         return
     from flows.sweep import SCORE
-    from flows.tracking import _fraction
+    from flows.tracking import fraction_label
 
-    metrics = sorted({k for r in summary["trials"] for k in r["metrics"] if SCORE.match(k) and k.startswith("blimp.")})
+    found = {k for r in summary["trials"] for k in r["metrics"] if SCORE.match(k) and k.startswith("blimp.")}
+    metrics = [f"blimp.{m}.t1_accuracy" for m in ("causal", "mntp", "fused") if f"blimp.{m}.t1_accuracy" in found]
     lines = ["", f"gptbert sweep finished in {_duration(wall_s)}: {len(summary['trials'])} trials",
              "  causal  seed  final loss  " + "  ".join(m.replace("blimp.", "").replace(".t1_accuracy", "") for m in metrics)]
     for r in summary["trials"]:
         loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.3f}"
         cells = "  ".join(f"{_pct(r['metrics'].get(m)):>{len(m.replace('blimp.', '').replace('.t1_accuracy', ''))}}"
                           for m in metrics)
-        lines.append(f"  {_fraction(r['fraction']):>6}  {r['seed']:>4}  {loss:>10}  {cells}")
+        lines.append(f"  {fraction_label(r['fraction']):>6}  {r['seed']:>4}  {loss:>10}  {cells}")
     lines += [f"  report           : {summary['folder']}/report.md",
               f"  figure           : {summary['figure'] or '-'}"]
     if summary.get("mlflow_run_id"):

@@ -51,7 +51,8 @@ STAGE_FILES = {
 }
 
 
-def _prefect_ids() -> dict[str, str]:
+def prefect_ids() -> dict[str, str]:
+    """Tags naming the current Prefect flow run and task run (for the MLflow runs they create)."""
     from prefect.context import FlowRunContext, TaskRunContext
 
     ids = {}
@@ -65,7 +66,8 @@ def _prefect_ids() -> dict[str, str]:
     return ids
 
 
-def _tracker(config: PipelineConfig):
+def tracker_for(config: PipelineConfig):
+    """The MLflow ``Tracker`` of ``config`` (None when tracking is off)."""
     if not config.tracking.enabled:
         return None
     from .tracking import Tracker
@@ -88,11 +90,11 @@ def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Option
     """Open the stage's child run, run ``run(child_run_id)``, log what the stage produced."""
     logger = get_run_logger()
     events.emit("stage_started", stage=stage)
-    tracker = _tracker(config)
+    tracker = tracker_for(config)
     child = None
     if tracker is not None:
         child = tracker.start_run(_child_name(tracker, stage, parent_run_id), parent_run_id,
-                                  tags={"gptbert.stage": stage, **_prefect_ids()})
+                                  tags={"gptbert.stage": stage, **prefect_ids()})
         params = {}
         for section in STAGE_SECTIONS[stage]:
             params.update(flatten(getattr(config, section), f"{section}."))
@@ -215,7 +217,7 @@ def pretrain_task(config: PipelineConfig, shards: Artifact, tokenizer: Artifact,
         artifact = stages.pretrain(config, shards, tokenizer, callback=callback)
         if callback is not None:
             callback.flush()  # the plain loop calls it in this process; Ray flushed on its worker
-            tracker = _tracker(config)
+            tracker = tracker_for(config)
             model_dir = Path(artifact.path) / "model"
             if not artifact.cached or not artifact.record.get("mlflow_run_id"):
                 tracker.log_artifact(child, model_dir, "model")
@@ -251,7 +253,7 @@ def export_task(config: PipelineConfig, model: Artifact, parent_run_id: Optional
     def run(child: Optional[str]) -> Artifact:
         artifact = stages.export(config, model)
         if child is not None and (not artifact.cached or not artifact.record.get("mlflow_run_id")):
-            _tracker(config).log_artifact(child, Path(artifact.path), "hf")
+            tracker_for(config).log_artifact(child, Path(artifact.path), "hf")
             if artifact.cached:
                 artifact.record = update_record(artifact.path, mlflow_run_id=child)
         return artifact
@@ -282,7 +284,7 @@ def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Option
 
         artifact = stages.evaluate(config, model, after=evaluation_figures)
         if child is not None:
-            tracker = _tracker(config)
+            tracker = tracker_for(config)
             tracker.log_metrics(child, artifact.record.get("stats", {}))
             # Each word milestone's scores with its words as the step: MLflow draws learning curves.
             results = json.loads(Path(artifact.file("results.json")).read_text())
@@ -299,7 +301,7 @@ def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Option
 def register_task(config: PipelineConfig, model: Artifact, evaluation: Artifact,
                   parent_run_id: Optional[str] = None) -> Optional[dict]:
     """Register the model once per model digest; move `champion` only when it scores better."""
-    tracker = _tracker(config)
+    tracker = tracker_for(config)
     name = config.tracking.registered_model
     if tracker is None or not name:
         return None
@@ -380,7 +382,9 @@ def temporary_server_scope():
                 server.stop()
 
 
-def _resolve_config(config: Optional[PipelineConfig], config_file: Optional[str], demo_data: bool) -> PipelineConfig:
+def resolve_config(config: Optional[PipelineConfig], config_file: Optional[str], demo_data: bool) -> PipelineConfig:
+    """A flow's PipelineConfig from its parameters: ``config`` (or a dict of it), else the YAML
+    ``config_file``, else the defaults; ``demo_data`` fills in the generated grammar data."""
     if config is None:
         config = load_config(path=config_file) if config_file else PipelineConfig()
     elif isinstance(config, dict):  # a caller that bypassed Prefect's parameter validation
@@ -394,7 +398,7 @@ def _resolve_config(config: Optional[PipelineConfig], config_file: Optional[str]
     return config
 
 
-def _link_prefect(mlflow_run_id: str, uri: str, experiment_id: str) -> None:
+def link_prefect(mlflow_run_id: str, uri: str, experiment_id: str) -> None:
     """Show the MLflow run on the Prefect flow run: a markdown artifact and a tag."""
     from prefect.artifacts import create_markdown_artifact
     from prefect.context import FlowRunContext
@@ -424,16 +428,16 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
     logger = get_run_logger()
     start = time.time()
     want = STAGES[: STAGES.index(until) + 1]
-    tracker = _tracker(config)
+    tracker = tracker_for(config)
     parent = None
     if tracker is not None:
         from .tracking import run_name
 
         parent = tracker.start_run(run_name(config, start, until=until),
-                                   tags={"gptbert.until": until, **_source_tags(), **_prefect_ids()})
+                                   tags={"gptbert.until": until, **source_tags(), **prefect_ids()})
         tracker.log_params(parent, flatten(config))
         tracker.log_text(parent, dump_yaml(config), "config.yaml")
-        _link_prefect(parent, tracker.uri, tracker.experiment_id)
+        link_prefect(parent, tracker.uri, tracker.experiment_id)
         logger.info("MLflow parent run %s (experiment %s, %s)", parent, tracker.experiment_id, tracker.uri)
     try:
         arts: dict[str, Artifact] = {}
@@ -443,7 +447,7 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
         if "shard" in want:
             arts["shard"] = shard_task(config, arts["clean"], arts["tokenizer"], parent)
         if tracker is not None:
-            tracker.log_datasets(parent, _datasets(config, arts))
+            tracker.log_datasets(parent, dataset_inputs(config, arts))
         if "pretrain" in want:
             arts["pretrain"] = pretrain_task(config, arts["shard"], arts["tokenizer"], parent)
         if "export" in want:
@@ -497,7 +501,7 @@ HEADLINE_TRAINING = ("final.loss", "final.loss_masked", "final.loss_causal", "fi
                      "final.valid_loss_causal", "words", "tokens", "steps")
 
 
-def _source_tags() -> dict[str, str]:
+def source_tags() -> dict[str, str]:
     """What the runs table's source column shows: the Prefect flow that ran the pipeline."""
     from prefect.context import FlowRunContext
 
@@ -506,7 +510,7 @@ def _source_tags() -> dict[str, str]:
     return {"mlflow.source.type": "JOB", "mlflow.source.name": f"prefect flow {name}"}
 
 
-def _datasets(config: PipelineConfig, arts: dict[str, Artifact]) -> list[dict[str, Any]]:
+def dataset_inputs(config: PipelineConfig, arts: dict[str, Artifact]) -> list[dict[str, Any]]:
     """The corpus and the shard set as MLflow dataset inputs (digest, where, how big)."""
     out = []
     clean = arts.get("clean")
@@ -577,7 +581,7 @@ def _flow(name: str, until: str, description: str):
     @flow(name=name, description=description, log_prints=True, validate_parameters=True)
     def stage_flow(config: Optional[PipelineConfig] = None, config_file: Optional[str] = None,
                    demo_data: bool = False) -> dict[str, Any]:
-        cfg = _resolve_config(config, config_file, demo_data)
+        cfg = resolve_config(config, config_file, demo_data)
         return run_pipeline(cfg, until=until)
 
     stage_flow.__name__ = name.replace("-", "_")

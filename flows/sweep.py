@@ -27,9 +27,10 @@ from common.artifacts import atomic_write_text
 from common.config import PipelineConfig, dump_yaml, flatten, from_dict, to_dict
 
 from . import stages
-from .pipeline import (_datasets, _link_prefect, _prefect_ids, _resolve_config, _source_tags, _tracker, clean_task,
+from .pipeline import (dataset_inputs, link_prefect, prefect_ids, resolve_config, source_tags, tracker_for, clean_task,
                        evaluate_task, pretrain_task, shard_task, tokenizer_task)
 from .stages import Artifact
+from .tracking import fraction_label
 
 SWEEP_DIR = "sweeps"
 FIGURE = "ratio_sweep.png"
@@ -53,12 +54,6 @@ def run_trial_stages(config: PipelineConfig, shards: Artifact, tokenizer: Artifa
     """Pretrain and evaluate one trial (cached by identity); module-level so a Ray task can run it."""
     model = stages.pretrain(config, shards, tokenizer)
     return model, stages.evaluate(config, model)
-
-
-def _fraction_label(f: float) -> str:
-    from .tracking import _fraction
-
-    return _fraction(f)
 
 
 def _trial_row(fraction: float, seed: int, model: Artifact, evaluation: Artifact) -> dict[str, Any]:
@@ -105,16 +100,16 @@ def report_lines(rows: list[dict[str, Any]], table: dict, config: PipelineConfig
 
     fractions = sorted({r["fraction"] for r in rows})
     lines = ["# Ratio sweep", "",
-             f"{len(rows)} trials: causal fractions {', '.join(_fraction_label(f) for f in fractions)} x seeds "
+             f"{len(rows)} trials: causal fractions {', '.join(fraction_label(f) for f in fractions)} x seeds "
              f"{', '.join(str(s) for s in config.sweep.seeds)}; model {model_size_name(config)}, "
              f"{config.train.steps} steps each, everything else equal. Wall time {wall_s:.0f} s.", "",
              "| causal fraction | seed | steps | tokens | final loss | first batch | cached |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.3f}"
-        lines.append(f"| {_fraction_label(r['fraction'])} | {r['seed']} | {r['steps']} | {r['tokens']} | {loss} | "
+        lines.append(f"| {fraction_label(r['fraction'])} | {r['seed']} | {r['steps']} | {r['tokens']} | {loss} | "
                      f"`{(r['first_batch_sha256'] or '-')[:12]}` | {'yes' if r['cached'] else 'no'} |")
     lines += ["", "Scores by causal fraction: mean over seeds (min-max).", "",
-              "| metric | " + " | ".join(_fraction_label(f) for f in fractions) + " |",
+              "| metric | " + " | ".join(fraction_label(f) for f in fractions) + " |",
               "|---|" + "---|" * len(fractions)]
     for metric, by_fraction in table.items():
         if not (SCORE.match(metric) or FINETUNE.match(metric)):
@@ -142,21 +137,21 @@ def run_sweep(config: PipelineConfig) -> dict[str, Any]:
     start = time.time()
     sweep = config.sweep
     trials = [(f, s) for f in sweep.fractions for s in sweep.seeds]
-    tracker = _tracker(config)
+    tracker = tracker_for(config)
     parent = None
     if tracker is not None:
         name = (f"ratio sweep · {model_size_name(config)} · {len(sweep.fractions)} fractions x "
                 f"{len(sweep.seeds)} seeds · {time.strftime('%m-%d %H:%M', time.localtime(start))}")
-        parent = tracker.start_run(name, tags={"gptbert.kind": "ratio-sweep", **_source_tags(), **_prefect_ids()})
+        parent = tracker.start_run(name, tags={"gptbert.kind": "ratio-sweep", **source_tags(), **prefect_ids()})
         tracker.log_params(parent, flatten(config))
         tracker.log_text(parent, dump_yaml(config), "config.yaml")
-        _link_prefect(parent, tracker.uri, tracker.experiment_id)
+        link_prefect(parent, tracker.uri, tracker.experiment_id)
     try:
         corpus = clean_task(config, parent)
         tokenizer = tokenizer_task(config, corpus, parent)
         shards = shard_task(config, corpus, tokenizer, parent)
         if tracker is not None:
-            tracker.log_datasets(parent, _datasets(config, {"clean": corpus, "shard": shards}))
+            tracker.log_datasets(parent, dataset_inputs(config, {"clean": corpus, "shard": shards}))
         configs = [trial_config(config, f, s) for f, s in trials]
         rows = []
         if sweep.parallel == "ray":
@@ -173,7 +168,7 @@ def run_sweep(config: PipelineConfig) -> dict[str, Any]:
                 rows.append(_trial_row(f, s, model, evaluation))
         else:
             for (f, s), c in zip(trials, configs):
-                logger.info("ratio sweep: trial causal %s, seed %d", _fraction_label(f), s)
+                logger.info("ratio sweep: trial causal %s, seed %d", fraction_label(f), s)
                 child = _start_trial_run(tracker, parent, c, f, s) if tracker is not None else None
                 try:
                     model = pretrain_task(c, shards, tokenizer, child)
@@ -212,8 +207,8 @@ def run_sweep(config: PipelineConfig) -> dict[str, Any]:
 
 
 def _start_trial_run(tracker, parent: Optional[str], config: PipelineConfig, fraction: float, seed: int) -> str:
-    run = tracker.start_run(f"causal {_fraction_label(fraction)} · seed {seed}", parent,
-                            tags={"gptbert.kind": "ratio-sweep-trial", **_prefect_ids()})
+    run = tracker.start_run(f"causal {fraction_label(fraction)} · seed {seed}", parent,
+                            tags={"gptbert.kind": "ratio-sweep-trial", **prefect_ids()})
     tracker.log_params(run, {"causal_fraction": fraction, "seed": seed, **flatten(config.train, "train.")})
     return run
 
@@ -233,7 +228,7 @@ def _end_trial_run(tracker, run: str, model: Artifact, evaluation: Artifact) -> 
 def ratio_sweep(config: Optional[PipelineConfig] = None, config_file: Optional[str] = None,
                 demo_data: bool = False) -> dict[str, Any]:
     """Prefect flow: the ratio sweep on ``config`` (or the YAML ``config_file``)."""
-    return run_sweep(_resolve_config(config, config_file, demo_data))
+    return run_sweep(resolve_config(config, config_file, demo_data))
 
 
 __all__ = ["aggregate", "figure_series", "ratio_sweep", "run_sweep", "run_trial_stages", "trial_config"]

@@ -83,7 +83,8 @@ def model_size_name(cfg: PipelineConfig) -> str:
     return f"{cfg.model.num_layers}x{cfg.model.hidden_size}"
 
 
-def _fraction(x: float) -> str:
+def fraction_label(x: float) -> str:
+    """A causal fraction as people write it: 0, 1/16, 1/2, 1."""
     from fractions import Fraction
 
     f = Fraction(x).limit_denominator(64)
@@ -105,7 +106,7 @@ def run_name(cfg: PipelineConfig, started: float, words: float | None = None, un
     tc = cfg.train
     seen = f"{_amount(words)} words" if words else \
         f"{_amount(tc.steps * (tc.batch_tokens_start + tc.batch_tokens_end) / 2)} tokens"
-    parts = [model_size_name(cfg), f"causal {_fraction(tc.causal_fraction)}", seen,
+    parts = [model_size_name(cfg), f"causal {fraction_label(tc.causal_fraction)}", seen,
              time.strftime("%m-%d %H:%M", time.localtime(started))]
     if until != "evaluate":
         parts.append(f"until {until}")
