@@ -69,7 +69,7 @@ def _plan_rows(lengths: np.ndarray, starts: np.ndarray, use_causal: bool, use_mn
     return np.asarray(sent, dtype=np.int64), np.asarray(js, dtype=np.int64)
 
 
-def _batches(row_lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+def token_budget_batches(row_lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     """Row indices per batch: longest rows first (a memory problem shows up at once), then each
     batch takes rows while rows x padded length stays within max_tokens (at least one row)."""
     order = np.argsort(-row_lengths, kind="stable")
@@ -80,6 +80,22 @@ def _batches(row_lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
         batches.append(order[begin:end])
         begin = end
     return batches
+
+
+def padded_batch(rows: Sequence[Sequence[int]], pad_id: int, causal: bool,
+                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids (B, T) of ``rows`` and their blocked mask: one segment per row, all
+    causal or all bidirectional."""
+    from gptbert.model import build_blocked_mask
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    seg = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        seg[i, : len(r)] = 1
+    blocked = build_blocked_mask(seg, torch.full((len(rows),), causal, dtype=torch.bool))
+    return ids.to(device), blocked.to(device)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -144,7 +160,7 @@ def score_ids(
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(row_lengths, max_tokens):
+        for batch in token_budget_batches(np.asarray(row_lengths), max_tokens):
             width = int(row_lengths[batch].max())
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             segment_ids = torch.zeros((len(batch), width), dtype=torch.long)

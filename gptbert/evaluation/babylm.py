@@ -364,10 +364,11 @@ def evaluate_suite(model, tokenizer, cfg, progress=None) -> dict[str, Any]:
                                "tune_every": cfg.tune_every}
     for name, folder in found.items():
         if name == "reading":
+            data = load_reading(folder)
             results["tasks"][name] = {
                 "data_dir": str(folder), "data_digest": tree_digest(folder), "metric": "reading",
-                "num_items": len(load_reading(folder)["word"]),
-                "modes": evaluate_reading(model, tokenizer, folder, cfg.modes, cfg.max_tokens)}
+                "num_items": len(data["word"]),
+                "modes": evaluate_reading(model, tokenizer, data, cfg.modes, cfg.max_tokens)}
             continue
         items = load_subtask(name, folder, cfg.max_pairs_per_paradigm)
         scores = score_items(model, tokenizer, items, list(cfg.modes), list(cfg.temperatures), cfg.max_tokens,

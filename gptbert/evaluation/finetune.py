@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from common.jsonl import iter_objects
-from gptbert.scoring import special_ids
+from gptbert.scoring import padded_batch, special_ids
 
 TASK_METRIC = {"cola": "mcc", "mrpc": "f1", "qqp": "f1"}
 
@@ -114,9 +114,13 @@ def task_settings(task: str, cfg) -> TaskSettings:
     config's own fields for ``paper``, the official table for ``babylm``."""
     if cfg.recipe == "babylm":
         return TaskSettings(**BABYLM_COMMON, **BABYLM_TASKS[task])
+    return _paper_settings(cfg, task_metric(task))
+
+
+def _paper_settings(cfg, metric: str, num_labels: int | None = None) -> TaskSettings:
     return TaskSettings(lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, max_length=cfg.max_length,
                         warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, seed=cfg.seed,
-                        metric=task_metric(task))
+                        metric=metric, num_labels=num_labels)
 
 
 class TaskFormatError(ValueError):
@@ -223,19 +227,6 @@ def lr_factor(step: int, total_steps: int, warmup_ratio: float, min_factor: floa
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _batch(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    from gptbert.model import build_blocked_mask
-
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    seg = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        seg[i, : len(r)] = 1
-    blocked = build_blocked_mask(seg, torch.zeros(len(rows), dtype=torch.bool))  # bidirectional
-    return ids.to(device), blocked.to(device)
-
-
 @torch.inference_mode()
 def predict(model, encoded: list[list[int]], pad_id: int, batch_size: int = 64) -> list[int]:
     """Arg-max labels of the classifier head for encoded examples (eval mode, batched)."""
@@ -245,7 +236,7 @@ def predict(model, encoded: list[list[int]], pad_id: int, batch_size: int = 64) 
     preds: list[int] = []
     try:
         for i in range(0, len(encoded), batch_size):
-            ids, blocked = _batch(encoded[i: i + batch_size], pad_id, device)
+            ids, blocked = padded_batch(encoded[i: i + batch_size], pad_id, False, device)
             preds += model.classifier_logits(model(ids, blocked)).argmax(-1).tolist()
     finally:
         model.train(was_training)
@@ -259,10 +250,7 @@ def finetune(model, tokenizer, train: list[Example], valid: list[Example], cfg, 
     cfg: a TaskSettings, or a FinetuneConfig read as the paper recipe with ``metric``. The input
     model is not modified.
     """
-    s = cfg if isinstance(cfg, TaskSettings) else TaskSettings(
-        lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, max_length=cfg.max_length,
-        warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, seed=cfg.seed, metric=metric,
-        num_labels=num_labels)
+    s = cfg if isinstance(cfg, TaskSettings) else _paper_settings(cfg, metric, num_labels)
     metric = s.metric
     torch.manual_seed(s.seed)
     model = copy.deepcopy(model)
@@ -300,7 +288,7 @@ def finetune(model, tokenizer, train: list[Example], valid: list[Example], cfg, 
         loss_sum, seen = 0.0, 0
         for i in range(0, steps_per_epoch * s.batch_size, s.batch_size):
             idx = order[i: i + s.batch_size]
-            ids, blocked = _batch([train_ids[j] for j in idx], pad_id, device)
+            ids, blocked = padded_batch([train_ids[j] for j in idx], pad_id, False, device)  # bidirectional
             logits = model.classifier_logits(model(ids, blocked))
             loss = F.cross_entropy(logits.float(), train_y[idx].to(device))
             for group in optimizer.param_groups:

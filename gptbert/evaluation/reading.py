@@ -106,33 +106,21 @@ def _position(ids: list[int], mode: str, mask_id: int) -> int:
 def _log_probs(model, rows: list[list[int]], positions: list[int], targets: list[int], causal: bool,
                pad_id: int, max_tokens: int) -> np.ndarray:
     """log P(target) at each row's position (one forward per length-sorted batch)."""
-    from gptbert.model import build_blocked_mask
+    from gptbert.scoring import padded_batch, token_budget_batches
 
     device = next(model.parameters()).device
     out = np.zeros(len(rows))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     was_training = model.training
     model.eval()
     try:
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and len(rows[order[end]]) * (end - start + 1) <= max_tokens:
-                end += 1
-            batch = order[start:end]
-            width = len(rows[batch[-1]])
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            seg = torch.zeros((len(batch), width), dtype=torch.long)
-            for k, i in enumerate(batch):
-                ids[k, : len(rows[i])] = torch.tensor(rows[i])
-                seg[k, : len(rows[i])] = 1
-            blocked = build_blocked_mask(seg, torch.full((len(batch),), causal, dtype=torch.bool))
-            hidden = model(ids.to(device), blocked.to(device))
+        for batch in token_budget_batches(np.array([len(r) for r in rows]), max_tokens):
+            batch = batch.tolist()
+            ids, blocked = padded_batch([rows[i] for i in batch], pad_id, causal, device)
+            hidden = model(ids, blocked)
             picked = hidden[torch.arange(len(batch), device=device), torch.tensor([positions[i] for i in batch], device=device)]
             logp = torch.log_softmax(model.lm_logits(picked).float(), dim=-1)
             tgt = torch.tensor([targets[i] for i in batch], device=device)
             out[batch] = logp.gather(1, tgt[:, None])[:, 0].double().cpu().numpy()
-            start = end
     finally:
         model.train(was_training)
     return out
@@ -209,11 +197,11 @@ def predictive_power(cols: dict[str, np.ndarray], variable: str, spillover: bool
             "score": gain, "coefficient": model["coefficient"], "t": model["t"]}
 
 
-def evaluate_reading(model, tokenizer, path: str | Path, modes: Sequence[str] = MODES,
+def evaluate_reading(model, tokenizer, data: dict[str, list], modes: Sequence[str] = MODES,
                      max_tokens: int = 8192) -> dict[str, Any]:
-    """The reading task's results per mode: the eye-tracking and self-paced scores, each variable's
-    fit, and the Pearson correlation of surprisal with every measure."""
-    data = load_reading(path)
+    """The reading task's results per mode for ``data`` (``load_reading``'s columns): the
+    eye-tracking and self-paced scores, each variable's fit, and the Pearson correlation of surprisal
+    with every measure."""
     numeric = {c: np.asarray(v, dtype=np.float64) for c, v in data.items() if c not in TEXT_COLUMNS}
     has_prev = [p is not None for p in data["prev_item"]]
     out: dict[str, Any] = {}
