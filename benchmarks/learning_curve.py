@@ -30,6 +30,7 @@ from gptbert.evaluation.minimal_pairs import blimp_accuracy, load_blimp  # noqa:
 from gptbert.model import GPTBERT  # noqa: E402
 from gptbert.scoring import score_sentences  # noqa: E402
 from gptbert.data import open_data  # noqa: E402
+from gptbert.objective import PackingPlanner  # noqa: E402
 from gptbert.trainer import Trainer, build_local_backend, unwrap  # noqa: E402
 
 
@@ -57,6 +58,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--out", help="append one JSON line per evaluation here")
     ap.add_argument("--label", default="", help="name of this run in the output")
+    ap.add_argument("--order", choices=["segments", "documents"], default="segments",
+                    help="data order: the trainer's shuffled segments, or whole documents in turn (the "
+                         "order before segments were shuffled, for comparison)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,6 +101,8 @@ def main() -> int:
 
     backend = build_local_backend(cfg.model, cfg.train)
     trainer = Trainer(cfg.model, cfg.train, source, backend, valid)
+    if args.order == "documents":
+        trainer.stream.planner = PackingPlanner(source.lengths, cfg.train.seed)
     eval_model = GPTBERT(cfg.model).eval()
     words_per_token = trainer.words_per_token or 1.0
     next_eval = args.every_words

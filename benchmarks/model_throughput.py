@@ -1,46 +1,58 @@
-"""Training throughput of the GPT-BERT model on CPU: reference vs fused attention path.
+"""Training throughput of the GPT-BERT model: our paths against the paper's own model code.
 
 One training step = forward + LM head on the target positions + cross-entropy + backward + AdamW
-step, at batch 8 x seq 128 in masked mode (25% of positions have a target).
+step, at batch 8 x seq 128 in masked mode (25% of positions have a target), 2 threads.
 
-Timing runs all variants of a preset in one process and interleaves their steps, so load from other
-processes on a shared machine hits every variant alike; compare the ratio column, not absolute
-numbers across runs. Peak memory is measured per variant in a fresh subprocess (peak RSS from
-/proc/self/status VmHWM, minus the RSS after the model and optimiser were built).
+Variants, all built from the same ModelConfig and fed the same batch:
 
-    python benchmarks/model_throughput.py                      # tiny and small, 2 threads
-    python benchmarks/model_throughput.py --presets small --steps 6 --no-memory
+* ``fused``: our model (``attention_impl: fused``), the training path;
+* ``reference-attn``: our model with the explicit attention that mirrors the paper's;
+* ``paper``: the paper's ``pretraining/model_extra.py`` imported from a local snapshot of
+  github.com/ltgoslo/gpt-bert (``--against-reference PATH``, the repository folder or the file), so
+  the ratio to the paper's code is measured in this run, not quoted.
 
-torch.compile is not offered: on this CPU an inductor-compiled FFN sublayer ran about 2x slower than
-eager (forward + backward) after a 60 s compile.
+Each precision runs every variant: ``fp32``, and ``bf16`` (CPU autocast: fp32 weights, bf16
+matmuls; the paper's own mixed-precision mode) where the processor runs bf16 natively. The matmul
+peak of the same precision is measured in the same run (a 2048^3 GEMM), so MFU is "model FLOPs
+(gptbert.flops, ~176 MFLOP/token for small at 128) per second / measured peak".
+
+Timing interleaves the variants' steps, so load from other processes hits all alike; compare the
+ratio columns, not absolute numbers across runs. Peak memory is measured per variant in a fresh
+subprocess (VmHWM minus the RSS after the model and optimiser were built).
+
+    python benchmarks/model_throughput.py --presets small --against-reference ../gpt-bert
+    python benchmarks/model_throughput.py --presets small --seqs 128 256 512 --no-memory
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import ModelConfig, preset  # noqa: E402
 from gptbert.flops import flops_per_token  # noqa: E402
 from gptbert.model import GPTBERT, build_blocked_mask  # noqa: E402
+from gptbert.optim import cpu_supports_bf16  # noqa: E402
 
-VARIANTS = {
-    "reference": dict(attention_impl="reference"),
-    "fused": dict(attention_impl="fused"),
-}
+OURS = {"fused": "fused", "reference-attn": "reference"}
 
 
 def make_batch(cfg: ModelConfig, batch: int, seq: int, target_fraction: float, seed: int = 0):
+    """Token ids, the (B, T, T) blocked mask and the target positions of one masked-mode batch."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(16, cfg.vocab_size, (batch, seq), generator=g)
     # Two packed documents per row, the second ending in a little padding: the realistic mask.
@@ -52,18 +64,57 @@ def make_batch(cfg: ModelConfig, batch: int, seq: int, target_fraction: float, s
     return ids, blocked, targets
 
 
+def load_paper_module(path: str):
+    """Import ``model_extra.py`` from a snapshot of the paper's repository (or the file itself)."""
+    p = Path(path)
+    file = p if p.is_file() else p / "pretraining" / "model_extra.py"
+    if not file.is_file():
+        raise SystemExit(f"--against-reference: {path}: expected the gpt-bert repository folder "
+                         "(with pretraining/model_extra.py) or that file")
+    spec = importlib.util.spec_from_file_location("paper_model_extra", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def paper_config(cfg: ModelConfig) -> types.SimpleNamespace:
+    """Our ModelConfig in the field names of the paper's configs/*.json."""
+    return types.SimpleNamespace(
+        attention_probs_dropout_prob=cfg.attention_dropout, hidden_dropout_prob=cfg.hidden_dropout,
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings, position_bucket_size=cfg.position_buckets,
+        num_attention_heads=cfg.num_heads, num_hidden_layers=cfg.num_layers, vocab_size=cfg.vocab_size,
+        layer_norm_eps=cfg.layer_norm_eps)
+
+
 class Runner:
-    def __init__(self, cfg: ModelConfig, batch):
+    """One variant's model, AdamW optimiser and batch; ``step`` times one training step."""
+
+    def __init__(self, variant: str, cfg: ModelConfig, batch, precision: str, paper=None):
         torch.manual_seed(0)
-        self.model = GPTBERT(cfg).train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, foreach=True)
+        self.variant, self.precision = variant, precision
         self.ids, self.blocked, self.targets = batch
+        if variant == "paper":
+            self.model = paper.Bert(paper_config(cfg)).train()
+            # The paper's layout: (T, B) ids and labels, -100 where there is no target.
+            self.ids_t = self.ids.t().contiguous()
+            self.labels_t = torch.where(self.targets, self.ids, -100).t().contiguous()
+        else:
+            self.model = GPTBERT(ModelConfig(**{**cfg.__dict__, "attention_impl": OURS[variant]})).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, foreach=True)
+
+    def _loss(self) -> torch.Tensor:
+        if self.variant == "paper":
+            loss, _, _, _ = self.model(self.ids_t, self.blocked, self.labels_t)
+            return loss
+        hidden = self.model(self.ids, self.blocked)
+        return F.cross_entropy(self.model.lm_logits(hidden[self.targets]), self.ids[self.targets])
 
     def step(self) -> tuple[float, float]:
         t0 = time.perf_counter()
-        hidden = self.model(self.ids, self.blocked)
-        logits = self.model.lm_logits(hidden[self.targets])
-        loss = torch.nn.functional.cross_entropy(logits, self.ids[self.targets])
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
+        with ctx:
+            loss = self._loss()
         loss.backward()
         t1 = time.perf_counter()
         self.opt.step()
@@ -71,9 +122,17 @@ class Runner:
         return t1 - t0, time.perf_counter() - t0
 
 
-def config_for(preset_name: str, variant: str) -> ModelConfig:
-    base = preset(preset_name).model
-    return ModelConfig(**{**base.__dict__, **VARIANTS[variant]})
+def matmul_peak(precision: str, n: int = 2048, seconds: float = 1.5) -> float:
+    """Measured FLOP/s of an n x n x n GEMM in this precision (bf16: autocast, as the model runs)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with ctx:
+        a @ b
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            done += 1
+    return done * 2 * n ** 3 / (time.perf_counter() - t0)
 
 
 def rss_mb() -> float:
@@ -91,11 +150,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def build(args, name: str, variant: str, seq: int, precision: str, paper) -> Runner:
+    cfg = preset(name).model
+    return Runner(variant, cfg, make_batch(cfg, args.batch, seq, args.target_fraction), precision, paper)
+
+
 def memory_probe(args) -> None:
     """Subprocess mode: build one variant, run two steps, print the peak RSS increase as JSON."""
     torch.set_num_threads(args.threads)
-    cfg = config_for(args.presets[0], args.variant)
-    runner = Runner(cfg, make_batch(cfg, args.batch, args.seq, args.target_fraction))
+    paper = load_paper_module(args.against_reference) if args.variant == "paper" else None
+    runner = build(args, args.presets[0], args.variant, args.seqs[0], args.precisions[0], paper)
     before = rss_mb()
     for _ in range(2):
         runner.step()
@@ -103,63 +167,77 @@ def memory_probe(args) -> None:
     print(json.dumps({"peak_rss_mb": peak, "increase_mb": peak - before}))
 
 
-def measure_memory(args, preset_name: str, variant: str) -> dict:
-    cmd = [sys.executable, __file__, "--memory-probe", "--variant", variant, "--presets", preset_name,
-           "--threads", str(args.threads), "--batch", str(args.batch), "--seq", str(args.seq),
-           "--target-fraction", str(args.target_fraction)]
+def measure_memory(args, name: str, variant: str, seq: int, precision: str) -> dict:
+    cmd = [sys.executable, __file__, "--memory-probe", "--variant", variant, "--presets", name,
+           "--threads", str(args.threads), "--batch", str(args.batch), "--seqs", str(seq),
+           "--precisions", precision, "--target-fraction", str(args.target_fraction)]
+    if args.against_reference:
+        cmd += ["--against-reference", args.against_reference]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
+def default_precisions() -> list[str]:
+    return ["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    p.add_argument("--presets", nargs="+", default=["small"])
+    p.add_argument("--against-reference", metavar="PATH",
+                   help="snapshot of github.com/ltgoslo/gpt-bert (or its pretraining/model_extra.py)")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None,
+                   help="default: fp32, plus bf16 where the CPU runs it natively")
+    p.add_argument("--seqs", nargs="+", type=int, default=[128], help="sequence lengths (one table row each)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--target-fraction", type=float, default=0.25)
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up step)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fused", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.precisions = args.precisions or default_precisions()
     if args.memory_probe:
         memory_probe(args)
         return
 
     torch.set_num_threads(args.threads)
-    variants = list(VARIANTS)
-    tokens = args.batch * args.seq
-    print(f"# {args.batch} x {args.seq} tokens per step, {args.target_fraction:.0%} targets, "
-          f"{args.threads} threads, torch {torch.__version__}, {args.steps} timed steps (median)")
-    header = (f"{'preset':<7} {'variant':<15} {'step s':>8} {'fwd+bwd s':>10} {'tokens/s':>9} "
-              f"{'vs reference':>12} {'GFLOP/s':>8} {'peak RSS MB':>12} {'+MB in step':>11}")
+    paper = load_paper_module(args.against_reference) if args.against_reference else None
+    variants = (["paper"] if paper else []) + list(OURS)
+    baseline = "paper" if paper else "reference-attn"
+    peaks = {prec: matmul_peak(prec) for prec in args.precisions}
+    print(f"# batch {args.batch}, {args.target_fraction:.0%} targets, {args.threads} threads, torch "
+          f"{torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{args.steps} timed steps (median); matmul peak "
+          + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
+    header = (f"{'preset':<7} {'seq':>4} {'prec':<5} {'variant':<15} {'step s':>7} {'tokens/s':>9} "
+              f"{'vs ' + baseline:>18} {'GFLOP/s':>8} {'MFU':>6} {'peak RSS MB':>12} {'+MB in step':>11}")
     print(header)
     print("-" * len(header))
     for name in args.presets:
-        runners = {}
-        for v in variants:
-            cfg = config_for(name, v)
-            runners[v] = Runner(cfg, make_batch(cfg, args.batch, args.seq, args.target_fraction))
-        for _ in range(1):  # warm-up
-            for r in runners.values():
-                r.step()
-        times = {v: [] for v in variants}
-        for _ in range(args.steps):
-            for v, r in runners.items():
-                times[v].append(r.step())
-        flops = flops_per_token(config_for(name, "fused"), args.seq, args.target_fraction, True, args.batch)
-        base = statistics.median(t for _, t in times["reference"])
-        for v in variants:
-            step = statistics.median(t for _, t in times[v])
-            fb = statistics.median(t for t, _ in times[v])
-            mem = {"peak_rss_mb": float("nan"), "increase_mb": float("nan")}
-            if not args.no_memory:
-                del runners[v]
-                mem = measure_memory(args, name, v)
-            print(f"{name:<7} {v:<15} {step:>8.3f} {fb:>10.3f} {tokens / step:>9.0f} {base / step:>11.2f}x "
-                  f"{flops * tokens / step / 1e9:>8.1f} {mem['peak_rss_mb']:>12.0f} {mem['increase_mb']:>11.0f}")
-        runners.clear()
+        cfg = preset(name).model
+        for seq in args.seqs:
+            for prec in args.precisions:
+                runners = {v: build(args, name, v, seq, prec, paper) for v in variants}
+                for r in runners.values():  # warm-up
+                    r.step()
+                times = {v: [] for v in variants}
+                for _ in range(args.steps):
+                    for v, r in runners.items():
+                        times[v].append(r.step()[1])
+                runners.clear()
+                tokens = args.batch * seq
+                flops = flops_per_token(cfg, seq, args.target_fraction, True, args.batch) * tokens
+                base = statistics.median(times[baseline])
+                for v in variants:
+                    step = statistics.median(times[v])
+                    mem = {"peak_rss_mb": float("nan"), "increase_mb": float("nan")}
+                    if not args.no_memory:
+                        mem = measure_memory(args, name, v, seq, prec)
+                    print(f"{name:<7} {seq:>4} {prec:<5} {v:<15} {step:>7.3f} {tokens / step:>9,.0f} "
+                          f"{base / step:>17.2f}x {flops / step / 1e9:>8.1f} {flops / step / peaks[prec]:>6.1%} "
+                          f"{mem['peak_rss_mb']:>12.0f} {mem['increase_mb']:>11.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ Two implementations of the same maths are kept:
   vectors and computes the scores, masked softmax and context explicitly;
 * ``attention_impl="fused"``: projects the 63-entry table once per layer, takes q . K_pos and
   k . Q_pos as (B, h, T, 63) matmuls, gathers them into a (B, h, T, T) additive bias (the mask
-  folded in as -inf) and calls ``scaled_dot_product_attention``.
+  folded in as -inf) and calls ``scaled_dot_product_attention``;
+* ``attention_impl="flex"``: the same two (B, h, T, 63) tables read inside ``flex_attention``'s
+  score_mod, and the mask as a block mask, so no (B, h, T, T) tensor is built and tiles that packing
+  or causality block entirely are skipped. Flex attention has no backward on CPU; there a forward
+  that needs gradients runs the fused path.
 """
 
 from __future__ import annotations
@@ -23,8 +27,22 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import flex_attention as _flex_module
 
 from common.config.model import ModelConfig
+
+_compiled_flex = None
+# Device types whose flex_attention has a backward; elsewhere (CPU) a forward that needs gradients
+# takes the fused path.
+FLEX_BACKWARD_DEVICES = {"cuda", "xpu", "hpu"}
+
+
+def _flex_attention(*args, **kwargs):
+    """flex_attention compiled once per process (its kernels exist only compiled)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(_flex_module.flex_attention, dynamic=False)
+    return _compiled_flex(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +186,8 @@ class Attention(nn.Module):
         pos = self.in_proj_qk(F.dropout(rel_table, p_drop, self.training))  # (R, 2H)
         if self.impl == "reference":
             ctx = self._reference(q, k, v, pos, pos_index, masks["blocked"], p_drop)
+        elif "block_mask" in masks and (not x.requires_grad or x.device.type in FLEX_BACKWARD_DEVICES):
+            ctx = self._flex(q, k, v, pos, pos_index, masks)
         else:
             ctx = self._fused(q, k, v, pos, pos_index, masks, p_drop)
         ctx = ctx.transpose(1, 2).reshape(B, T, H)
@@ -212,6 +232,40 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop, scale=self.scale)
         # Fully blocked rows (pads) got a finite dummy row in "additive"; their output is zero.
         return out * masks["row_keep"] if masks["any_empty_row"] else out
+
+
+    def _flex(self, q, k, v, pos, pos_index, masks):
+        R, (B, h, T, d) = pos.size(0), q.shape
+        q_pos, k_pos = (pos * self.scale).view(R, 2, h, d).permute(1, 2, 3, 0)  # each (h, d, R)
+        # (B, h, T, R) tables: query i against every bucket, key j against every bucket.
+        score_mod = position_score_mod(q @ k_pos, k @ q_pos, pos_index)
+        out = _flex_attention(q, k, v, score_mod=score_mod, block_mask=masks["block_mask"], scale=self.scale)
+        return out * masks["row_keep"] if masks["any_empty_row"] else out
+
+
+def position_score_mod(c2p: torch.Tensor, p2c: torch.Tensor, pos_index: torch.Tensor):
+    """flex_attention score_mod adding the disentangled position terms to q_i . k_j: the
+    content->position term ``c2p[b, h, i, idx(i, j)]`` and the position->content term
+    ``p2c[b, h, j, idx(i, j)]``, where the (B, h, T, R) tables hold each query (key) against every
+    relative-distance bucket and ``pos_index`` is the (T, T) bucket index."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        r = pos_index[q_idx, kv_idx]
+        return score + c2p[b, h, q_idx, r] + p2c[b, h, kv_idx, r]
+
+    return score_mod
+
+
+def flex_block_mask(blocked: torch.Tensor):
+    """The (B, T, T) blocked mask (True = may not attend) as a flex_attention BlockMask, shared by
+    every head and layer; tiles blocked throughout (other segments, the causal upper triangle,
+    padding) are skipped by the kernel."""
+    B, T, _ = blocked.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ~blocked[b, q_idx, kv_idx]
+
+    return _flex_module.create_block_mask(mask_mod, B, None, T, T, device=blocked.device)
 
 
 class _GEGLU(torch.autograd.Function):
@@ -375,10 +429,13 @@ class GPTBERT(nn.Module):
             self._pos_index_cache[key] = table
         return table[:length, :length]
 
-    @staticmethod
-    def _attention_masks(blocked: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def _attention_masks(self, blocked: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The mask in the forms each attention path needs, computed once per forward."""
         full_rows = blocked.all(dim=-1, keepdim=True)  # (B, T, 1): pads
+        flex = {}
+        if self.config.attention_impl == "flex" and (not torch.is_grad_enabled()
+                                                     or blocked.device.type in FLEX_BACKWARD_DEVICES):
+            flex = {"block_mask": flex_block_mask(blocked)}
         # -inf where blocked, except in fully blocked rows, which get a finite dummy row (0) so the
         # fused softmax stays NaN-free; their output is zeroed with row_keep.
         additive = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)
@@ -390,6 +447,7 @@ class GPTBERT(nn.Module):
             # Python bools (one sync per forward) let the common cases skip whole passes.
             "any_blocked": bool(blocked.any()),
             "any_empty_row": bool(full_rows.any()),
+            **flex,
         }
 
     # -- forward ------------------------------------------------------------------------------

@@ -475,9 +475,14 @@ def run_digest(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
     return digest(pretrain_config(model_cfg, train_cfg))
 
 
+# How the packing planner orders the data; part of a run's identity, so checkpoints and cached
+# runs made with an earlier order (whole documents in turn) are not resumed or reused as this one.
+DATA_ORDER = "shuffled-segments"
+
+
 def pretrain_config(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     """The config part of a pretraining run's identity (stage record and checkpoint run digest)."""
-    return {"model": model_cfg.identity_dict(), "train": train_cfg.identity_dict()}
+    return {"model": model_cfg.identity_dict(), "train": train_cfg.identity_dict(), "data_order": DATA_ORDER}
 
 
 def pretrain_inputs(data: TrainingData) -> dict[str, str | None]:

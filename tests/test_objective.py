@@ -66,13 +66,13 @@ def test_causal_example_in_batch_and_blocked_mask():
 
 # ----------------------------------------------------------------------------- packing
 
-def test_packing_plan_fills_examples_and_covers_the_corpus():
+@pytest.mark.parametrize("segment_len", [None, 6, 14])
+def test_packing_plan_fills_examples_and_covers_the_corpus(segment_len):
     lengths = [5, 40, 1, 7, 2, 0, 13]
     src = docs_source(lengths)
-    planner = PackingPlanner(src.lengths, seed=3)
+    planner = PackingPlanner(src.lengths, seed=3, segment_len=segment_len)
     seq_len = 16
     examples, cursor = planner.plan(Cursor(), batch_size=12, seq_len=seq_len)
-    used = {d: 0 for d in range(len(lengths))}
     for pieces in examples:
         slots = sum(n + 1 for _, _, n in pieces)
         assert slots <= seq_len + 1
@@ -83,23 +83,35 @@ def test_packing_plan_fills_examples_and_covers_the_corpus():
             assert start + n <= lengths[doc]
         items, segs, _ = layout(src, pieces, seq_len)
         assert (segs[:slots] > 0).all() and (segs[slots:] == 0).all()
-    # Pieces form runs, one per document visit, following the epoch orders: each run starts at
-    # offset 0, continues contiguously, and ends with at most a one-token tail left over.
-    stream = [p for ex in examples for p in ex]
-    runs: list[list] = []
-    for doc, start, n in stream:
-        if runs and runs[-1][0] == doc and start > 0:
-            assert start == runs[-1][1]
-            runs[-1][1] = start + n
-        else:
-            assert start == 0
-            runs.append([doc, n])
-    visits = np.concatenate([planner.order(e) for e in range(cursor.epoch + 1)])
-    assert [r[0] for r in runs] == visits[:len(runs)].tolist()
-    for doc, end in runs[:-1]:
-        assert end >= lengths[doc] - 1
+    # The units (whole documents, or segments of segment_len) tile every document except
+    # one-token tails.
+    for doc, length in enumerate(lengths):
+        mine = sorted((int(s), int(n)) for d, s, n in zip(planner.unit_doc, planner.unit_start, planner.unit_len)
+                      if d == doc)
+        covered = sum(n for _, n in mine)
+        assert covered in (length, length - 1) if length >= 2 else covered == 0
+        assert all(n <= (segment_len or length) for _, n in mine)
+    # The pieces walk the units in the epochs' orders: each unit from its start, contiguously, to
+    # its end or a one-token tail, then the next unit.
+    visits = [u for e in range(cursor.epoch + 1) for u in planner.order(e)]
+    v, used = 0, 0
+    for doc, start, n in (p for ex in examples for p in ex):
+        u = visits[v]
+        assert (doc, start) == (planner.unit_doc[u], planner.unit_start[u] + used)
+        used += n
+        if planner.unit_len[u] - used < 2:
+            v, used = v + 1, 0
     assert cursor.epoch >= 1  # 12 examples of 17 slots exceed the corpus (66 tokens)
-    assert sorted(planner.order(0).tolist()) == [0, 1, 3, 4, 6]
+
+
+def test_segments_mix_documents_within_a_batch():
+    # Two long documents: visiting whole documents fills an 8-example batch from one of them;
+    # shuffled segments draw both into it.
+    lengths = np.array([400, 400])
+    whole, _ = PackingPlanner(lengths, seed=0).plan(Cursor(), 8, 16)
+    assert len({doc for ex in whole for doc, _, _ in ex}) == 1
+    mixed, _ = PackingPlanner(lengths, seed=0, segment_len=14).plan(Cursor(), 8, 16)
+    assert {doc for ex in mixed for doc, _, _ in ex} == {0, 1}
 
 
 def test_packing_plan_is_a_pure_function_of_lengths_and_cursor():

@@ -27,8 +27,12 @@ class ModelConfig(ConfigBase):
     gate: bool = True
     layer_weighting: bool = True
     # "fused": scaled_dot_product_attention with the position terms as an additive bias;
-    # "reference": the explicit softmax path that mirrors the paper's code.
-    attention_impl: Literal["fused", "reference"] = "fused"
+    # "reference": the explicit softmax path that mirrors the paper's code;
+    # "flex": torch's flex_attention with a block mask (blocked tiles are skipped) and the position
+    # terms as a score_mod, no dense bias (the GPU path). Its kernels have no dropout on the
+    # attention probabilities, so it needs attention_dropout 0; where flex has no backward (CPU)
+    # training runs the fused path, which computes the same maths.
+    attention_impl: Literal["fused", "reference", "flex"] = "fused"
 
     @property
     def head_dim(self) -> int:
@@ -48,3 +52,6 @@ class ModelConfig(ConfigBase):
         for name in ("hidden_dropout", "attention_dropout"):
             check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
         check(self.layer_norm_eps > 0, "layer_norm_eps", "must be positive")
+        check(self.attention_impl != "flex" or self.attention_dropout == 0.0, "attention_dropout",
+              "must be 0 with attention_impl flex (flex attention cannot drop attention probabilities); "
+              "use attention_impl fused to keep it")
