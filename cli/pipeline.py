@@ -123,7 +123,7 @@ def _sweep(args: argparse.Namespace) -> int:
     workdir = Path(cfg.workdir).resolve()
     console = Console(log_path_for(workdir, "sweep"), verbose=args.verbose,
                       title=f"gptbert sweep: {len(cfg.sweep.fractions)} causal fractions x {len(cfg.sweep.seeds)} "
-                            f"seeds, run root {workdir}")
+                            f"seed{'s' if len(cfg.sweep.seeds) != 1 else ''}, run root {workdir}")
     with console, temporary_server_scope():
         summary = ratio_sweep(config=cfg)
     print_sweep_summary(summary, time.time() - start, as_json=args.json, stream=console.out)

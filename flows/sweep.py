@@ -141,7 +141,7 @@ def run_sweep(config: PipelineConfig) -> dict[str, Any]:
     parent = None
     if tracker is not None:
         name = (f"ratio sweep · {model_size_name(config)} · {len(sweep.fractions)} fractions x "
-                f"{len(sweep.seeds)} seeds · {time.strftime('%m-%d %H:%M', time.localtime(start))}")
+                f"{len(sweep.seeds)} seed{'s' if len(sweep.seeds) != 1 else ''} · {time.strftime('%m-%d %H:%M', time.localtime(start))}")
         parent = tracker.start_run(name, tags={"gptbert.kind": "ratio-sweep", **source_tags(), **prefect_ids()})
         tracker.log_params(parent, flatten(config))
         tracker.log_text(parent, dump_yaml(config), "config.yaml")

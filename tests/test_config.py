@@ -1,6 +1,7 @@
 """The typed config tree: presets pin SPEC numbers; invalid values fail with the field name."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,10 @@ def test_unknown_preset_and_bad_yaml(tmp_path):
 def test_configs_are_plain_dataclasses():
     cfg = load_config("tiny")
     assert dataclasses.is_dataclass(cfg) and dataclasses.is_dataclass(cfg.model)
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_load(recipe):
+    cfg = load_config(path=recipe)
+    assert cfg.sweep.fractions and cfg.train.steps > 0
