@@ -90,11 +90,16 @@ def _pipeline(args: argparse.Namespace) -> int:
     return _run_flow(FLOWS["pipeline" if args.until == "evaluate" else args.until], cfg, "pipeline", args)
 
 
+def _run_root(path: str) -> str:
+    """An absolute run root; a URI is passed on unchanged, for the config to refuse by name."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
 def _demo(args: argparse.Namespace) -> int:
     _quiet_env()
     from flows.demo import demo_config, with_demo_data
 
-    cfg = with_demo_data(demo_config(str(Path(args.workdir).resolve()), args.overrides), corpus=args.corpus)
+    cfg = with_demo_data(demo_config(_run_root(args.workdir), args.overrides), corpus=args.corpus)
     from flows.pipeline import pipeline
 
     return _run_flow(pipeline, cfg, "demo", args)
@@ -106,7 +111,7 @@ def _sweep(args: argparse.Namespace) -> int:
     _quiet_env()
     from flows.demo import demo_config, with_demo_data
 
-    overrides = ([f"workdir={Path(args.workdir).resolve()}"] if args.workdir else []) + list(args.overrides)
+    overrides = ([f"workdir={_run_root(args.workdir)}"] if args.workdir else []) + list(args.overrides)
     if args.preset or args.config:
         from common.config import load_config
 

@@ -76,7 +76,7 @@ def model_size_name(cfg: PipelineConfig) -> str:
     """The preset whose model shape the config uses (``mini``), else ``<layers>x<hidden>``."""
     from common.config import load_config, preset_names
 
-    shape = lambda m: (m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size)  # noqa: E731
+    shape = lambda m: (m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size)  # noqa: E731
     for name in preset_names():
         if shape(load_config(preset=name).model) == shape(cfg.model):
             return name

@@ -90,3 +90,21 @@ def test_configs_are_plain_dataclasses():
 def test_shipped_recipes_load(recipe):
     cfg = load_config(path=recipe)
     assert cfg.sweep.fractions and cfg.train.steps > 0
+
+
+@pytest.mark.parametrize("override, field", [("workdir=s3://bucket/run", "workdir"),
+                                             ('clean.inputs=["gs://b/corpus"]', "clean.inputs[0]"),
+                                             ("eval.blimp_dir=file:///data/blimp", "eval.blimp_dir")])
+def test_uris_are_refused_where_only_local_paths_work(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", overrides=[override])
+    assert err.value.field == field and "URI" in str(err.value)
+
+
+def test_demo_with_a_uri_workdir_fails_before_writing_anything(tmp_path, monkeypatch, capsys):
+    from cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--workdir", "s3://bucket/demo"]) == 1
+    assert "config field 'workdir'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no folder named "s3:"

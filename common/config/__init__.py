@@ -15,6 +15,7 @@ from .base import (
     ConfigBase,
     ConfigError,
     check,
+    check_local_path,
     deep_merge,
     digest,
     dump_yaml,
@@ -53,7 +54,9 @@ class PipelineConfig(ConfigBase):
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> None:
-        """Reject model.vocab_size != tokenizer.vocab_size with a ConfigError naming model.vocab_size."""
+        """Reject model.vocab_size != tokenizer.vocab_size with a ConfigError naming model.vocab_size,
+        and a URI as workdir."""
+        check_local_path(self.workdir, "workdir")
         check(self.tokenizer.vocab_size == self.model.vocab_size, "model.vocab_size",
               f"tokenizer.vocab_size ({self.tokenizer.vocab_size}) and model.vocab_size ({self.model.vocab_size}) "
               "must be equal")
@@ -111,6 +114,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "check",
+    "check_local_path",
     "deep_merge",
     "digest",
     "dump_yaml",

@@ -59,6 +59,14 @@ def check(condition: bool, field: str, reason: str) -> None:
         raise ConfigError(field, reason)
 
 
+def check_local_path(value: str, field: str) -> None:
+    """Refuse a URI (``s3://...``, ``gs://...``, ``file://...``) where only a local or mounted path
+    works, instead of letting it become a folder named ``s3:`` in the current directory."""
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    check(not scheme, field, f"{value!r} is a URI ({scheme}://); this field takes a local path (or a "
+                             "mounted filesystem) for now")
+
+
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
