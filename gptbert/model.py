@@ -38,10 +38,12 @@ FLEX_BACKWARD_DEVICES = {"cuda", "xpu", "hpu"}
 
 
 def _flex_attention(*args, **kwargs):
-    """flex_attention compiled once per process (its kernels exist only compiled)."""
+    """flex_attention compiled once per process (its kernels exist only compiled). Dynamic shapes
+    are left to torch.compile's default (static first, dynamic after a recompile), so the
+    sequence-length stages and ragged last micro-batches do not exhaust the recompile limit."""
     global _compiled_flex
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(_flex_module.flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(_flex_module.flex_attention)
     return _compiled_flex(*args, **kwargs)
 
 
@@ -89,6 +91,31 @@ def build_blocked_mask(segment_ids: torch.Tensor, causal: torch.Tensor) -> torch
     future = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).triu(1)
     allowed = allowed & ~(future[None] & causal[:, None, None])
     return ~allowed
+
+
+def position_score_mod(c2p: torch.Tensor, p2c: torch.Tensor, pos_index: torch.Tensor):
+    """flex_attention score_mod adding the disentangled position terms to q_i . k_j: the
+    content->position term ``c2p[b, h, i, idx(i, j)]`` and the position->content term
+    ``p2c[b, h, j, idx(i, j)]``, where the (B, h, T, R) tables hold each query (key) against every
+    relative-distance bucket and ``pos_index`` is the (T, T) bucket index."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        r = pos_index[q_idx, kv_idx]
+        return score + c2p[b, h, q_idx, r] + p2c[b, h, kv_idx, r]
+
+    return score_mod
+
+
+def flex_block_mask(blocked: torch.Tensor):
+    """The (B, T, T) blocked mask (True = may not attend) as a flex_attention BlockMask, shared by
+    every head and layer; tiles blocked throughout (other segments, the causal upper triangle,
+    padding) are skipped by the kernel."""
+    B, T, _ = blocked.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ~blocked[b, q_idx, kv_idx]
+
+    return _flex_module.create_block_mask(mask_mod, B, None, T, T, device=blocked.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +260,6 @@ class Attention(nn.Module):
         # Fully blocked rows (pads) got a finite dummy row in "additive"; their output is zero.
         return out * masks["row_keep"] if masks["any_empty_row"] else out
 
-
     def _flex(self, q, k, v, pos, pos_index, masks):
         R, (B, h, T, d) = pos.size(0), q.shape
         q_pos, k_pos = (pos * self.scale).view(R, 2, h, d).permute(1, 2, 3, 0)  # each (h, d, R)
@@ -241,31 +267,6 @@ class Attention(nn.Module):
         score_mod = position_score_mod(q @ k_pos, k @ q_pos, pos_index)
         out = _flex_attention(q, k, v, score_mod=score_mod, block_mask=masks["block_mask"], scale=self.scale)
         return out * masks["row_keep"] if masks["any_empty_row"] else out
-
-
-def position_score_mod(c2p: torch.Tensor, p2c: torch.Tensor, pos_index: torch.Tensor):
-    """flex_attention score_mod adding the disentangled position terms to q_i . k_j: the
-    content->position term ``c2p[b, h, i, idx(i, j)]`` and the position->content term
-    ``p2c[b, h, j, idx(i, j)]``, where the (B, h, T, R) tables hold each query (key) against every
-    relative-distance bucket and ``pos_index`` is the (T, T) bucket index."""
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        r = pos_index[q_idx, kv_idx]
-        return score + c2p[b, h, q_idx, r] + p2c[b, h, kv_idx, r]
-
-    return score_mod
-
-
-def flex_block_mask(blocked: torch.Tensor):
-    """The (B, T, T) blocked mask (True = may not attend) as a flex_attention BlockMask, shared by
-    every head and layer; tiles blocked throughout (other segments, the causal upper triangle,
-    padding) are skipped by the kernel."""
-    B, T, _ = blocked.shape
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return ~blocked[b, q_idx, kv_idx]
-
-    return _flex_module.create_block_mask(mask_mod, B, None, T, T, device=blocked.device)
 
 
 class _GEGLU(torch.autograd.Function):
