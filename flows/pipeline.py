@@ -100,20 +100,22 @@ def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Option
             params.update(flatten(getattr(config, section), f"{section}."))
         tracker.log_params(child, params)
     try:
+        started = time.perf_counter()
         artifact: Artifact = run(child)
+        duration = time.perf_counter() - started  # stage records hold no duration
         if artifact.cached:
             logger.info("stage %s: cached, skipped (identity %s, folder %s)", stage, artifact.identity[:16],
                         artifact.path)
         else:
-            logger.info("stage %s: ran in %.1f s (identity %s, folder %s)", stage,
-                        artifact.record.get("duration_s", 0.0), artifact.identity[:16], artifact.path)
+            logger.info("stage %s: ran in %.1f s (identity %s, folder %s)", stage, duration,
+                        artifact.identity[:16], artifact.path)
         if tracker is not None:
-            _log_stage(tracker, child, stage, artifact)
+            _log_stage(tracker, child, stage, artifact, duration)
             if not artifact.cached:
                 artifact.record = update_record(artifact.path, mlflow_run_id=child)
             tracker.end_run(child)
         events.emit("stage_finished", stage=stage, cached=artifact.cached, path=artifact.path,
-                    duration_s=0.0 if artifact.cached else artifact.record.get("duration_s", 0.0))
+                    duration_s=0.0 if artifact.cached else duration)
         return artifact
     except BaseException as exc:
         events.emit("stage_failed", stage=stage, error=_one_line(exc))
@@ -122,7 +124,7 @@ def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Option
         raise
 
 
-def _log_stage(tracker, run_id: str, stage: str, artifact: Artifact) -> None:
+def _log_stage(tracker, run_id: str, stage: str, artifact: Artifact, duration: float) -> None:
     rec = artifact.record
     tags = {
         "gptbert.cached": str(artifact.cached).lower(),
@@ -139,7 +141,7 @@ def _log_stage(tracker, run_id: str, stage: str, artifact: Artifact) -> None:
     tracker.set_tags(run_id, tags)
     metrics = {f"stage.{k}": v for k, v in _scalars(rec.get("stats", {})).items()}
     metrics["stage.cached"] = float(artifact.cached)
-    metrics["stage.duration_s"] = 0.0 if artifact.cached else rec.get("duration_s", 0.0)
+    metrics["stage.duration_s"] = 0.0 if artifact.cached else duration
     tracker.log_metrics(run_id, metrics)
     folder = Path(artifact.path)
     for name in STAGE_FILES[stage]:

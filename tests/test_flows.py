@@ -163,6 +163,9 @@ def test_pipeline_end_to_end_then_cached_then_partial_rerun(prefect_harness, tmp
     assert [(m.step, m.value) for m in sorted(client.get_metric_history(first["mlflow_run_id"], "loss"),
                                                 key=lambda m: m.step)] == \
         [(m.step, m.value) for m in sorted(client.get_metric_history(pre, "loss"), key=lambda m: m.step)]
+    # Each stage that ran logged how long it took.
+    for stage, run in children.items():
+        assert run.data.metrics["stage.duration_s"] > 0, stage
     # Evaluation results are metrics of the evaluate run and of the parent.
     ev = children["evaluate"].data.metrics
     for mode in cfg.eval.modes:
