@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -167,7 +166,7 @@ def quality(args, device: torch.device) -> dict:
               "eval.tasks=[blimp]", f"eval.blimp_dir={Path(args.blimp).resolve()}"]
     cfg = load_config(name, overrides=common)
     t_start = time.time()
-    shards, _ = data_stages(cfg)
+    shards, tokenizer = data_stages(cfg)
     corpus_tokens = open_data(shards.path).train.num_tokens
     rate = probe_tokens_per_s(name, device, batch[1])
     budget_tokens = min(10 * corpus_tokens, int(args.budget_minutes * 60 * rate * 0.9))
@@ -186,7 +185,7 @@ def quality(args, device: torch.device) -> dict:
     callback = MetricsCallback(cfg.model, cfg.train.causal_fraction, 1,
                                torch.cuda.get_device_name(device) if gpu else None, gpu, inner=collect)
     t_train = time.time()
-    model = pretrain(cfg, shards, _tokenizer_artifact(cfg, shards), callback=callback)
+    model = pretrain(cfg, shards, tokenizer, callback=callback)
     train_s = time.time() - t_train
     evaluation = evaluate(cfg, model)
     summary = model.record["stats"]
@@ -205,12 +204,6 @@ def quality(args, device: torch.device) -> dict:
           f"{row['wall_minutes']:>8.2f} {(format(row['mfu'], '.1%') if row['mfu'] else '-'):>6} "
           + " ".join(f"{a:>7.1%}" if a is not None else f"{'-':>7}" for a in acc), flush=True)
     return row
-
-
-def _tokenizer_artifact(cfg, shards):
-    from flows.stages import clean, train_tokenizer
-
-    return train_tokenizer(cfg, clean(cfg))  # cached: the folder the shards were made with
 
 
 # ----------------------------------------------------------------------------- sweep

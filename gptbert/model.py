@@ -261,7 +261,7 @@ class Attention(nn.Module):
         return out * masks["row_keep"] if masks["any_empty_row"] else out
 
     def _flex(self, q, k, v, pos, pos_index, masks):
-        R, (B, h, T, d) = pos.size(0), q.shape
+        R, h, d = pos.size(0), q.size(1), q.size(3)
         q_pos, k_pos = (pos * self.scale).view(R, 2, h, d).permute(1, 2, 3, 0)  # each (h, d, R)
         # (B, h, T, R) tables: query i against every bucket, key j against every bucket.
         score_mod = position_score_mod(q @ k_pos, k @ q_pos, pos_index)
