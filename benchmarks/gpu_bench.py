@@ -33,11 +33,13 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common.config import ModelConfig, load_config, preset  # noqa: E402
 from gptbert.flops import flops_per_token  # noqa: E402
 from gptbert.metrics import device_peak_flops  # noqa: E402
-from gptbert.model import GPTBERT, build_blocked_mask  # noqa: E402
+from gptbert.model import GPTBERT  # noqa: E402
+from model_throughput import make_batch  # noqa: E402  (the same masked-mode batch as the CPU benchmark)
 from gptbert.optim import build_optimizer  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -48,18 +50,6 @@ TARGET_FRACTION = 0.25
 
 
 # ----------------------------------------------------------------------------- throughput
-
-
-def make_batch(cfg: ModelConfig, batch: int, seq: int, device: torch.device, seed: int = 0):
-    """Masked-mode batch: two packed documents per row, a little padding, 25% targets."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(16, cfg.vocab_size, (batch, seq), generator=g)
-    seg = torch.ones(batch, seq, dtype=torch.long)
-    seg[:, seq // 2:] = 2
-    seg[:, seq - seq // 16:] = 0
-    blocked = build_blocked_mask(seg, torch.zeros(batch, dtype=torch.bool))
-    targets = (torch.rand(batch, seq, generator=g) < TARGET_FRACTION) & (seg != 0)
-    return ids.to(device), blocked.to(device), targets.to(device)
 
 
 def sync(device: torch.device) -> None:
@@ -79,7 +69,8 @@ def time_variant(name: str, seq: int, impl: str, compiled: bool, steps: int, bat
     model = GPTBERT(cfg).to(device).train()
     opt = build_optimizer(model, base.train)
     forward = torch.compile(model) if compiled else model
-    ids, blocked, targets = make_batch(cfg, max(1, batch_tokens // seq), seq, device)
+    batch = make_batch(cfg, max(1, batch_tokens // seq), seq, TARGET_FRACTION)
+    ids, blocked, targets = (t.to(device) for t in batch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> None:
