@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from common import storage
 from common.artifacts import STAGES
 
 from .options import add_config_args, config_from_args
@@ -66,8 +67,8 @@ def _run_flow(flow_fn, cfg, command: str, args: argparse.Namespace) -> int:
     from .console import Console, log_path_for
 
     start = time.time()
-    workdir = Path(cfg.workdir).resolve()
-    console = Console(log_path_for(workdir, command), verbose=args.verbose,
+    workdir = storage.normalize(cfg.workdir)
+    console = Console(log_path_for(storage.local_home(workdir), command), verbose=args.verbose,
                       title=f"gptbert {command}: run root {workdir}")
     from flows.pipeline import temporary_server_scope
 
@@ -91,7 +92,7 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _run_root(path: str) -> str:
-    """An absolute run root; a URI is passed on unchanged, for the config to refuse by name."""
+    """An absolute run root; a URI is passed on unchanged (an unknown scheme is refused by the config)."""
     return path if "://" in path else str(Path(path).resolve())
 
 
@@ -125,8 +126,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from .console import Console, log_path_for
 
     start = time.time()
-    workdir = Path(cfg.workdir).resolve()
-    console = Console(log_path_for(workdir, "sweep"), verbose=args.verbose,
+    workdir = storage.normalize(cfg.workdir)
+    console = Console(log_path_for(storage.local_home(workdir), "sweep"), verbose=args.verbose,
                       title=f"gptbert sweep: {len(cfg.sweep.fractions)} causal fractions x {len(cfg.sweep.seeds)} "
                             f"seed{'s' if len(cfg.sweep.seeds) != 1 else ''}, run root {workdir}")
     with console, temporary_server_scope():

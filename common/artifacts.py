@@ -14,8 +14,10 @@ record ``stage.json``:
 - A folder counts as a stage's output only when its record names that stage: one stage never
   mistakes another stage's folder for its own, and a folder without a record is incomplete.
 
-Records hold no timestamps, so identical inputs give byte-identical folders. Nothing here imports
-torch or any orchestration library.
+Records hold no timestamps, so identical inputs give byte-identical folders. A stage folder may
+also be a URI (``common.storage``): ``staging_dir`` then writes locally and publishes the finished
+folder with its record last, and ``read_record`` reads only the remote record. Nothing here
+imports torch or any orchestration library.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from . import storage
 from .config.base import digest
 
 RECORD_FILE = "stage.json"
@@ -138,14 +141,18 @@ def replace_dir(tmp: str | Path, dest: str | Path) -> Path:
 
 def read_record(folder: str | Path, stage: str | None = None, identity: str | None = None) -> dict | None:
     """The folder's record, or None when it has none, an unreadable one, one of another stage
-    (when ``stage`` is given) or of another identity (when ``identity`` is given)."""
-    marker = Path(folder) / RECORD_FILE
-    if not marker.is_file():
-        return None
-    try:
-        record = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+    (when ``stage`` is given) or of another identity (when ``identity`` is given). For a remote
+    folder only the record object is read."""
+    if storage.is_remote(folder):
+        record = storage.read_json(storage.join(folder, RECORD_FILE))
+    else:
+        marker = Path(folder) / RECORD_FILE
+        if not marker.is_file():
+            return None
+        try:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
     if not isinstance(record, dict):
         return None
     if stage is not None and record.get("stage") != stage:
@@ -172,7 +179,11 @@ def make_record(stage: str, inputs: dict[str, str | None], config: dict[str, Any
 
 
 def write_record(folder: str | Path, record: dict[str, Any]) -> None:
-    """Write ``stage.json`` (last: its presence marks the folder complete)."""
+    """Write ``stage.json`` (last: its presence marks the folder complete); one PUT when remote."""
+    if storage.is_remote(folder):
+        text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+        storage.write_bytes(storage.join(folder, RECORD_FILE), text.encode("utf-8"))
+        return
     atomic_write_json(Path(folder) / RECORD_FILE, record)
 
 
@@ -189,7 +200,13 @@ def update_record(folder: str | Path, **fields: Any) -> dict[str, Any]:
 def check_output_folder(out: str | Path, stage: str) -> Path:
     """Refuse, before any work, an output folder that cannot take this stage's output: a file, a
     non-empty folder whose record is missing or names another stage, or a place that cannot be
-    written (probed by creating a hidden folder beside it)."""
+    written (probed by creating a hidden folder beside it). A remote folder must be empty or hold
+    this stage's record or its interrupted upload."""
+    if storage.is_remote(out):
+        if storage.owned_by(out, stage, RECORD_FILE) is False:
+            raise DataError(f"{out}: output location is not empty and holds no {stage} {RECORD_FILE}; "
+                            "refusing to overwrite it")
+        return out
     out = Path(out)
     if out.exists():
         if not out.is_dir():
@@ -219,12 +236,14 @@ def check_writable(out: str | Path) -> None:
 
 def check_outside_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
     """Refuse an output folder that is, lies inside, or contains one of the inputs: the stage
-    would read its own output back, or replace what it reads."""
-    o = Path(out).resolve()
+    would read its own output back, or replace what it reads. Locations on different filesystems
+    never overlap; URIs are compared as paths inside their store."""
+    o = Path(storage.normalize(out).split("://", 1)[-1])
     for given in inputs:
-        if given is None:
+        if given is None or storage.is_remote(given) != storage.is_remote(out) \
+                or storage.scheme_of(given) != storage.scheme_of(out) and storage.is_remote(out):
             continue
-        i = Path(given).resolve()
+        i = Path(storage.normalize(given).split("://", 1)[-1])
         relation = ("is" if o == i else "lies inside" if i in o.parents else "contains" if o in i.parents
                     else None)
         if relation:
@@ -270,7 +289,23 @@ def staging_dir(out_dir: str | Path, stage: str) -> Iterator[Path]:
     """Yield a fresh hidden folder beside ``out_dir``; when the block succeeds it replaces
     ``out_dir`` (whose earlier content must be this stage's output, see ``check_output_folder``).
     A failing block leaves nothing behind; a killed one a hidden ``.NAME.tmp-*`` folder, which the
-    next run of the stage removes."""
+    next run of the stage removes.
+
+    A remote ``out_dir`` (a URI): the block writes into a local folder, which is then published
+    (``storage.publish``: every object first, the record last) and removed."""
+    if storage.is_remote(out_dir):
+        check_output_folder(out_dir, stage)
+        scratch = storage.local_home(out_dir)
+        scratch.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(scratch)
+        tmp = temporary_sibling(scratch)
+        tmp.mkdir()
+        try:
+            yield tmp
+            storage.publish(tmp, out_dir, stage, RECORD_FILE)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     out = check_output_folder(Path(out_dir).resolve(), stage)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(out)

@@ -26,6 +26,7 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from common import storage
 from common.artifacts import STAGES, update_record
 from common.config import PipelineConfig, dump_yaml, flatten, load_config
 
@@ -143,7 +144,8 @@ def _log_stage(tracker, run_id: str, stage: str, artifact: Artifact, duration: f
     metrics["stage.cached"] = float(artifact.cached)
     metrics["stage.duration_s"] = 0.0 if artifact.cached else duration
     tracker.log_metrics(run_id, metrics)
-    folder = Path(artifact.path)
+    # Only the files logged here are fetched of a remote folder (not its shards or checkpoints).
+    folder = artifact.local(STAGE_FILES[stage]) if STAGE_FILES[stage] else None
     for name in STAGE_FILES[stage]:
         path = folder / name
         if path.exists():
@@ -220,14 +222,15 @@ def pretrain_task(config: PipelineConfig, shards: Artifact, tokenizer: Artifact,
         if callback is not None:
             callback.flush()  # the plain loop calls it in this process; Ray flushed on its worker
             tracker = tracker_for(config)
-            model_dir = Path(artifact.path) / "model"
+            model_dir = artifact.local(stages.RUN_PARTS) / "model"
             if not artifact.cached or not artifact.record.get("mlflow_run_id"):
                 tracker.log_artifact(child, model_dir, "model")
                 if artifact.cached:  # first time this model is tracked: this run is its source
                     artifact.record = update_record(artifact.path, mlflow_run_id=child)
             # Loss curves from the run that trained the model (this one, or the cached source).
             source = child if not artifact.cached else artifact.record.get("mlflow_run_id", child)
-            _log_loss_plot(tracker, child, source, Path(artifact.path))
+            # The figure goes beside the run folder's files (for a remote run: its local home).
+            _log_loss_plot(tracker, child, source, storage.local_home(artifact.path))
             if parent_run_id:
                 curves = [k for k in tracker.client.get_run(source).data.metrics if k in CURVES]
                 tracker.copy_history(source, parent_run_id, curves)
@@ -255,7 +258,7 @@ def export_task(config: PipelineConfig, model: Artifact, parent_run_id: Optional
     def run(child: Optional[str]) -> Artifact:
         artifact = stages.export(config, model)
         if child is not None and (not artifact.cached or not artifact.record.get("mlflow_run_id")):
-            tracker_for(config).log_artifact(child, Path(artifact.path), "hf")
+            tracker_for(config).log_artifact(child, artifact.local(), "hf")
             if artifact.cached:
                 artifact.record = update_record(artifact.path, mlflow_run_id=child)
         return artifact
@@ -561,7 +564,7 @@ def _summary(config, arts, parent, tracker, registered, duration) -> dict[str, A
         "mlflow_run_id": parent,
         "tracking_uri": tracker.uri if tracker else None,
         "experiment_id": tracker.experiment_id if tracker else None,
-        "workdir": str(Path(config.workdir).resolve()),
+        "workdir": storage.normalize(config.workdir),
         "stages": {},
         "cached": [k for k, a in arts.items() if a.cached],
         "ran": [k for k, a in arts.items() if not a.cached],

@@ -7,6 +7,11 @@ folder whose record names the stage and the identity is complete and is reused b
 digests and the config before running, with the same function the library writes into the
 record, and the record is checked against it afterwards. No Prefect, no MLflow here: the tasks in
 ``flows/pipeline.py`` wrap these.
+
+The run root may be a URI (``s3://bucket/prefix``): the stage folders are then prefixes of the
+object store, the cache check reads only their records, each library function publishes its
+folder with the record last, and a stage that needs an upstream folder's files reads a verified
+local copy (``Artifact.local``; shards are read by the shard reader itself).
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from common.artifacts import STAGES, read_record, stage_identity, tree_digest
-from common.config import PipelineConfig
+from common import storage
+from common.artifacts import STAGES, DigestMismatchError, read_record, stage_identity, tree_digest
+from common.config import PipelineConfig, digest
 
 log = logging.getLogger("gptbert")
+# What the stages after pretraining read of a run folder (its checkpoints stay where they are).
+RUN_PARTS = ("model", "milestones")
 
 
 @dataclass
@@ -33,22 +41,49 @@ class Artifact:
     cached: bool = False
     record: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def remote(self) -> bool:
+        """Whether the folder is on an object store (or another remote filesystem)."""
+        return storage.is_remote(self.path)
+
+    def local(self, parts: tuple[str, ...] | None = None) -> Path:
+        """A local folder with this artifact's files: the folder itself, or for a remote one a copy
+        in the local cache (of ``parts`` only, when given: e.g. a run's model without its
+        checkpoints), checked against the record's output digest when it is filled."""
+        if not self.remote:
+            return Path(self.path)
+        if parts is not None and self.record["output"] != ".":
+            parts = tuple(sorted(set(parts) | {self.record["output"]}))
+        else:
+            parts = None  # the output is the whole folder
+
+        def verify(folder: Path) -> None:
+            actual = tree_digest(folder / self.record["output"])
+            if actual != self.digest:
+                raise DigestMismatchError(f"{self.path}: its {self.record['output']} has digest {actual[:16]}..., "
+                                          f"its record says {self.digest[:16]}...; the stage will run again")
+
+        # Partial copies are cached apart from whole ones, named by a digest of what they hold.
+        key = f"{self.stage}-{self.digest[:32]}" + (f"-{digest(sorted(parts))[:8]}" if parts else "")
+        return storage.LocalCache().tree(self.path, key, verify, only=list(parts) if parts else None)
+
     def file(self, name: str) -> str:
-        """The path of ``name`` inside the stage folder, as a string."""
-        return str(Path(self.path) / name)
+        """A local path of ``name`` inside the stage folder (``local``), as a string."""
+        return str(self.local() / name)
 
 
-def stage_dir(workdir: str | Path, stage: str, identity: str) -> Path:
-    """Where the output of ``stage`` with ``identity`` lives under the run root."""
-    return Path(workdir).resolve() / "artifacts" / stage / identity[:16]
+def stage_dir(workdir: str | Path, stage: str, identity: str) -> str:
+    """Where the output of ``stage`` with ``identity`` lives under the run root (a path or a URI)."""
+    return storage.join(storage.normalize(workdir), "artifacts", stage, identity[:16])
 
 
 def _cached_or_run(cfg: PipelineConfig, stage: str, inputs: dict[str, Any], config: dict[str, Any],
-                   run: Callable[[Path], Any]) -> Artifact:
+                   run: Callable[[str], Any]) -> Artifact:
     identity = stage_identity(stage, inputs, config)
     folder = stage_dir(cfg.workdir, stage, identity)
     record = read_record(folder, stage, identity)
-    if record is not None and not _output_matches(folder, record):
+    # Locally the output is digested again (cheap); on an object store only the record is read.
+    if record is not None and not storage.is_remote(folder) and not _output_matches(Path(folder), record):
         log.warning("stage %s: %s no longer holds the output its record describes (digest changed); "
                     "running the stage again", stage, folder)
         record = None
@@ -60,7 +95,7 @@ def _cached_or_run(cfg: PipelineConfig, stage: str, inputs: dict[str, Any], conf
             raise RuntimeError(f"stage {stage} wrote {folder} with identity "
                                f"{(record or {}).get('identity', 'none')[:16]}, expected {identity[:16]}: "
                                "its inputs or config changed while it ran")
-    return Artifact(stage, str(folder), identity, record["output_digest"], cached, record)
+    return Artifact(stage, folder, identity, record["output_digest"], cached, record)
 
 
 def _output_matches(folder: Path, record: dict[str, Any]) -> bool:
@@ -113,9 +148,10 @@ def pretrain(cfg: PipelineConfig, shards: Artifact, tokenizer: Artifact, callbac
 
     from . import events
 
-    def run(out: Path) -> Path:
-        out.mkdir(parents=True, exist_ok=True)
-        progress = ProgressFile(out / PROGRESS_FILE, cfg.train.steps)
+    def run(out: str) -> str:
+        local = storage.local_home(out)  # a remote run trains in a local folder, then publishes it
+        local.mkdir(parents=True, exist_ok=True)
+        progress = ProgressFile(local / PROGRESS_FILE, cfg.train.steps)
         events.emit("progress_file", stage="pretrain", path=progress.path, total_steps=cfg.train.steps)
         return run_pretraining(cfg, shards.path, out, callback=Chain(progress, callback))
 
@@ -128,15 +164,16 @@ def export(cfg: PipelineConfig, model: Artifact) -> Artifact:
     folder (``export.git_repo``: also a hub-style git repository), reused when cached."""
     from gptbert.export import export_inputs, export_model
 
-    return _cached_or_run(cfg, "export", export_inputs(model.path), cfg.export.identity_dict(),
-                          lambda out: export_model(model.path, out, git_repo=cfg.export.git_repo))
+    run_dir = model.local(RUN_PARTS)
+    return _cached_or_run(cfg, "export", export_inputs(run_dir), cfg.export.identity_dict(),
+                          lambda out: export_model(run_dir, out, git_repo=cfg.export.git_repo))
 
 
 def evaluate(cfg: PipelineConfig, model: Artifact, after: Callable | None = None) -> Artifact:
     """``after(results, folder)`` may add files (plots) to the evaluation folder before its record."""
     from gptbert.evaluation import evaluate_model_dir, evaluation_config, evaluation_inputs
 
-    model_dir = model.file("model")
+    model_dir = str(model.local(RUN_PARTS) / "model")
     return _cached_or_run(cfg, "evaluate", evaluation_inputs(model_dir, cfg.eval), evaluation_config(cfg.eval),
                           lambda out: evaluate_model_dir(model_dir, cfg.eval, out, after=after))
 

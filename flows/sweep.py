@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 
+from common import storage
 from common.artifacts import atomic_write_text
 from common.config import PipelineConfig, dump_yaml, flatten, from_dict, to_dict
 
@@ -182,7 +183,7 @@ def run_sweep(config: PipelineConfig) -> dict[str, Any]:
                 rows.append(_trial_row(f, s, model, evaluation))
         wall = time.time() - start
         table = aggregate(rows)
-        out = Path(config.workdir).resolve() / SWEEP_DIR / time.strftime("%Y%m%d-%H%M%S", time.localtime(start))
+        out = storage.local_home(config.workdir) / SWEEP_DIR / time.strftime("%Y%m%d-%H%M%S", time.localtime(start))
         out.mkdir(parents=True, exist_ok=True)
         results = {"fractions": list(sweep.fractions), "seeds": list(sweep.seeds), "trials": rows, "table": table,
                    "wall_s": round(wall, 1), "shards": shards.path, "tokenizer": tokenizer.path}

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import storage
 from common.config import PipelineConfig, flatten
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -20,12 +21,13 @@ RUN_NAME_TAG = "mlflow.runName"
 
 
 def resolve_tracking_uri(cfg: PipelineConfig) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else sqlite under the workdir."""
+    """Config value, else $MLFLOW_TRACKING_URI, else sqlite under the workdir (a workdir on an
+    object store keeps this embedded store on the local disk: ``storage.local_home``)."""
     if cfg.tracking.tracking_uri:
         return cfg.tracking.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    db = Path(cfg.workdir).resolve() / "mlflow" / "mlflow.db"
+    db = storage.local_home(cfg.workdir) / "mlflow" / "mlflow.db"
     return f"sqlite:///{db}"
 
 
@@ -36,7 +38,7 @@ def default_artifact_root(cfg: PipelineConfig, uri: str) -> str | None:
         return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
     if uri.startswith(("http://", "https://", "databricks")):
         return None  # the server decides (--artifacts-destination / --default-artifact-root)
-    return (Path(cfg.workdir).resolve() / "mlflow" / "artifacts").as_uri()
+    return (storage.local_home(cfg.workdir) / "mlflow" / "artifacts").as_uri()
 
 
 def client_for(uri: str):

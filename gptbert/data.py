@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from common import storage
 from common.artifacts import DataError, file_digest
 from common.documents import DocumentSource
 
@@ -157,7 +158,7 @@ class WordCounter:
 
 def open_data(data, tokenizer: str | Path | None = None, valid_data=None) -> TrainingData:
     """Open ``data``: a DocumentSource, a shard folder (its ``valid`` split validates, its own
-    ``tokenizer.json`` is the tokenizer) or a token file (.txt/.npz). ``tokenizer``: a tokenizer to
+    ``tokenizer.json`` is the tokenizer; a URI too) or a token file (.txt/.npz). ``tokenizer``: a tokenizer to
     use instead (a shard folder checks it against its manifest); ``valid_data``: a DocumentSource or
     token file of validation documents, instead of the shards' split."""
     valid = valid_data if (valid_data is None or isinstance(valid_data, DocumentSource)) \
@@ -167,6 +168,18 @@ def open_data(data, tokenizer: str | Path | None = None, valid_data=None) -> Tra
         raise FileNotFoundError(f"tokenizer file not found: {tok}")
     if isinstance(data, DocumentSource):
         return TrainingData(data, valid, tok, None, type(data).__name__)
+    if storage.is_remote(data):  # a shard folder on an object store (read through the local cache)
+        from tokenization.shards import MANIFEST_FILE, ShardReader
+
+        location = storage.normalize(data)
+        if not storage.is_file(storage.join(location, MANIFEST_FILE)):
+            raise FileNotFoundError(f"training data not found: {location} has no {MANIFEST_FILE} (a remote "
+                                    "location must be a shard folder)")
+        train = ShardReader(location, tokenizer_json=tok, split="train")
+        if valid is None and train.manifest["splits"].get("valid", {}).get("documents"):
+            valid = ShardReader(location, tokenizer_json=tok, split="valid")
+        return TrainingData(train, valid, tok or train.tokenizer_path, train.manifest_digest, location,
+                            int(train.manifest["vocab_size"]))
     path = Path(data)
     if path.is_dir():
         from tokenization.shards import MANIFEST_FILE, ShardReader

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common import storage
 from common.artifacts import (DataError, check_outside_inputs, file_digest, make_record, staging_dir,
                               write_record)
 from common.config.data import CleanConfig
@@ -104,12 +105,13 @@ def source_name(path: Path) -> str:
 
 
 def list_input_files(inputs: list[str]) -> list[InputFile]:
-    """Expand files and folders (recursively, sorted) into the ordered list of input files."""
+    """Expand files and folders (recursively, sorted) into the ordered list of input files. An input
+    on an object store (a URI) is read from its copy in the local cache (``storage.local_input``)."""
     if not inputs:
         raise DataError("clean: no inputs given (set clean.inputs or pass paths)")
     files: list[InputFile] = []
     for entry in inputs:
-        root = Path(entry)
+        root = storage.local_input(entry) if storage.is_remote(entry) else Path(entry)
         if not root.exists():
             raise FileNotFoundError(f"input not found: {root}")
         if root.is_file():

@@ -11,7 +11,11 @@ are validation documents, so the split depends neither on batching nor on docume
 tokenizer digests. The folder also holds the ``tokenizer.json`` the shards were made with (the
 single source of the tokenizer for everything downstream) and the stage record ``stage.json``.
 ``ShardReader`` memory-maps the shards and hands out numpy views of the mapped file (no copies);
-it implements the DocumentSource protocol of ``common/documents.py``.
+it implements the DocumentSource protocol of ``common/documents.py``. A shard folder on an object
+store (a URI, ``common.storage``) is read either through the local cache (``remote="cache"``:
+each shard downloaded once with parallel range requests, checked against its sha256, then
+memory-mapped like a local one) or into memory (``remote="memory"``: the same range requests and
+check, no local disk).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from common import storage
 from common.artifacts import (DataError, DigestMismatchError, atomic_write_json, check_outside_inputs, file_digest,
                               make_record, resolve_file, staging_dir, write_record)
 from common.config.data import ShardConfig
@@ -214,15 +219,25 @@ class ShardReader:
 
     ``document(i)`` is a numpy view into the mapped file; nothing is read until it is touched.
     Given ``tokenizer_json``, the reader refuses shards made with a different tokenizer.
+    ``shard_dir`` may be a URI; ``remote`` then chooses how its shards are read ("cache" or
+    "memory", see the module docstring) and ``cache`` which local cache holds them.
     """
 
     def __init__(self, shard_dir: str | Path, tokenizer_json: str | Path | None = None,
-                 split: str = "train"):
-        self.dir = Path(shard_dir)
+                 split: str = "train", remote: str = "cache", cache: storage.LocalCache | None = None):
+        self.remote = storage.is_remote(shard_dir)
+        self.dir = storage.normalize(shard_dir) if self.remote else Path(shard_dir)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        manifest_path = resolve_file(self.dir, MANIFEST_FILE, "shard manifest")
-        raw = manifest_path.read_bytes()
+        if remote not in ("cache", "memory"):
+            raise ValueError(f"remote must be 'cache' or 'memory', got {remote!r}")
+        self._cache = (cache or storage.LocalCache()) if self.remote and remote == "cache" else None
+        if self.remote:
+            manifest_path = storage.join(self.dir, MANIFEST_FILE)
+            raw = storage.read_bytes(manifest_path)
+        else:
+            manifest_path = resolve_file(self.dir, MANIFEST_FILE, "shard manifest")
+            raw = manifest_path.read_bytes()
         self.manifest_digest = hashlib.sha256(raw).hexdigest()
         try:
             self.manifest = json.loads(raw)
@@ -240,20 +255,12 @@ class ShardReader:
                     f"{self.dir}: shards were made with tokenizer sha256 {expected[:16]}..., but "
                     f"{tok_path} has sha256 {actual[:16]}...; re-run gptbert shard with it")
         self.dtype = np.dtype(self.manifest["dtype"])
-        self._maps: list[pa.MemoryMappedFile] = []
+        self._maps: list[pa.NativeFile] = []
         self._values: list[np.ndarray] = []
         self._offsets: list[np.ndarray] = []
         words = []
         for entry in entries:
-            path = self.dir / entry["file"]
-            if not path.is_file():
-                raise FileNotFoundError(f"shard listed in {manifest_path} not found: {path}")
-            # Verified on open (~40 ms per 25 MB shard): an edited or damaged shard never trains.
-            actual = file_digest(path)
-            if actual != entry["sha256"]:
-                raise DigestMismatchError(f"{path}: sha256 {actual[:16]}... differs from the manifest's "
-                                          f"{entry['sha256'][:16]}...; the shard was changed after it was written")
-            source = pa.memory_map(str(path), "r")
+            source, path = self._open_shard(entry, manifest_path)
             try:
                 reader = pa.ipc.open_file(source)
             except pa.ArrowInvalid as exc:
@@ -291,9 +298,44 @@ class ShardReader:
         self.num_tokens = int(self.lengths.sum())
         self.num_words = int(self.words.sum())
 
+
+    def _open_shard(self, entry: dict[str, Any], manifest_path) -> tuple[pa.NativeFile, Any]:
+        """The shard as an Arrow file (memory-mapped, or a buffer for ``remote="memory"``),
+        checked against the manifest's sha256 (an edited or damaged shard never trains)."""
+        if self.remote:
+            location = storage.join(self.dir, entry["file"])
+            if not storage.is_file(location):
+                raise FileNotFoundError(f"shard listed in {manifest_path} not found: {location}")
+            if self._cache is not None:  # checked against the sha256 as the cache is filled
+                return pa.memory_map(str(self._cache.file(location, entry["sha256"])), "r"), location
+            data = storage.read_ranged(location)
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != entry["sha256"]:
+                raise DigestMismatchError(f"{location}: sha256 {actual[:16]}... differs from the manifest's "
+                                          f"{entry['sha256'][:16]}...; the shard was changed after it was written")
+            return pa.BufferReader(pa.py_buffer(data)), location
+        path = self.dir / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"shard listed in {manifest_path} not found: {path}")
+        # Verified on open (~40 ms per 25 MB shard).
+        actual = file_digest(path)
+        if actual != entry["sha256"]:
+            raise DigestMismatchError(f"{path}: sha256 {actual[:16]}... differs from the manifest's "
+                                      f"{entry['sha256'][:16]}...; the shard was changed after it was written")
+        return pa.memory_map(str(path), "r"), path
+
     @property
     def tokenizer_path(self) -> Path | None:
-        """The folder's ``tokenizer.json`` when it is the one the shards were made with, else None."""
+        """The folder's ``tokenizer.json`` when it is the one the shards were made with, else None
+        (for a remote folder: its copy in the local cache)."""
+        if self.remote:
+            location = storage.join(self.dir, TOKENIZER_FILE)
+            if not storage.is_file(location):
+                return None
+            try:
+                return storage.LocalCache().file(location, self.manifest["tokenizer_sha256"])
+            except DigestMismatchError:
+                return None
         path = self.dir / TOKENIZER_FILE
         if path.is_file() and file_digest(path) == self.manifest["tokenizer_sha256"]:
             return path
@@ -336,11 +378,17 @@ class ShardReader:
             yield values[s][start: start + length]
 
     def verify(self) -> None:
-        """Check every shard's sha256 against the manifest (reads all bytes)."""
+        """Check every shard's sha256 against the manifest (reads all bytes; a remote folder's
+        shards are read from the store again)."""
         for entry in self.manifest["splits"][self.split]["shards"]:
-            actual = file_digest(self.dir / entry["file"])
+            if self.remote:
+                where = storage.join(self.dir, entry["file"])
+                actual = hashlib.sha256(storage.read_ranged(where)).hexdigest()
+            else:
+                where = self.dir / entry["file"]
+                actual = file_digest(where)
             if actual != entry["sha256"]:
-                raise DigestMismatchError(f"{self.dir / entry['file']}: sha256 {actual[:16]}... "
+                raise DigestMismatchError(f"{where}: sha256 {actual[:16]}... "
                                           f"differs from the manifest's {entry['sha256'][:16]}...")
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from .base import (
     ConfigBase,
     ConfigError,
     check,
-    check_local_path,
+    check_location,
     deep_merge,
     digest,
     dump_yaml,
@@ -55,8 +55,8 @@ class PipelineConfig(ConfigBase):
 
     def validate(self) -> None:
         """Reject model.vocab_size != tokenizer.vocab_size with a ConfigError naming model.vocab_size,
-        and a URI as workdir."""
-        check_local_path(self.workdir, "workdir")
+        and a workdir URI of an unknown scheme."""
+        check_location(self.workdir, "workdir")
         check(self.tokenizer.vocab_size == self.model.vocab_size, "model.vocab_size",
               f"tokenizer.vocab_size ({self.tokenizer.vocab_size}) and model.vocab_size ({self.model.vocab_size}) "
               "must be equal")
@@ -114,7 +114,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "check",
-    "check_local_path",
+    "check_location",
     "deep_merge",
     "digest",
     "dump_yaml",

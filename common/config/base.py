@@ -59,12 +59,16 @@ def check(condition: bool, field: str, reason: str) -> None:
         raise ConfigError(field, reason)
 
 
-def check_local_path(value: str, field: str) -> None:
-    """Refuse a URI (``s3://...``, ``gs://...``, ``file://...``) where only a local or mounted path
-    works, instead of letting it become a folder named ``s3:`` in the current directory."""
-    scheme = value.split("://", 1)[0] if "://" in value else ""
-    check(not scheme, field, f"{value!r} is a URI ({scheme}://); this field takes a local path (or a "
-                             "mounted filesystem) for now")
+def check_location(value: str, field: str) -> None:
+    """Accept a local path or a URI of a filesystem ``common.storage`` resolves (``s3://``,
+    ``gs://``, ``hdfs://``, ``file://``, ...); refuse any other scheme by name instead of letting it
+    become a folder named ``xyz:`` in the current directory."""
+    from ..storage import SCHEMES
+
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    check(not scheme or scheme in SCHEMES, field,
+          f"{value!r} has the URI scheme {scheme}://, which no filesystem here reads (known: "
+          f"{', '.join(s + '://' for s in SCHEMES)})")
 
 
 def _type_name(tp: Any) -> str:

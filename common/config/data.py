@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .base import ConfigBase, check, check_local_path
+from .base import ConfigBase, check, check_location
 
 # Strips CHILDES speaker prefixes such as "*CHI:" or "*MOT:" (a usable value for CleanRule).
 CHILDES_SPEAKER_PATTERN = r"\*[A-Z][A-Z0-9]{1,3}:\s*"
@@ -57,7 +57,7 @@ class CleanConfig(ConfigBase):
         """Reject invalid values with a ConfigError naming the field."""
         check(bool(self.text_field), "text_field", "must be non-empty")
         for i, path in enumerate(self.inputs):
-            check_local_path(path, f"inputs[{i}]")
+            check_location(path, f"inputs[{i}]")
         check(self.max_document_chars >= 100, "max_document_chars", "must be at least 100")
         check(self.min_document_chars >= 1, "min_document_chars", "must be at least 1")
         check(self.min_document_chars <= self.max_document_chars, "min_document_chars",

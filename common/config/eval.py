@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from .base import ConfigBase, check, check_local_path
+from .base import ConfigBase, check, check_location
 
 ScoringMode = Literal["causal", "mntp", "fused"]
 BabyLMTask = Literal["blimp", "supplement", "ewok", "entity_tracking", "wug_adj", "wug_past", "comps", "reading"]
@@ -58,7 +58,7 @@ class FinetuneConfig(ConfigBase):
         check(self.max_train_examples is None or self.max_train_examples > 0, "max_train_examples",
               "must be positive or null (all)")
         check(not self.tasks or bool(self.data_dir), "data_dir", "must be set when tasks are given")
-        check_local_path(self.data_dir, "data_dir")
+        check_location(self.data_dir, "data_dir")
         for i, task in enumerate(self.tasks):
             check(bool(task) and "/" not in task, f"tasks[{i}]", f"must be a task file prefix, got {task!r}")
             check(self.recipe != "babylm" or task in BABYLM_FINETUNE_TASKS, f"tasks[{i}]",
@@ -105,7 +105,7 @@ class EvalConfig(ConfigBase):
         """Reject invalid values with a ConfigError naming the field."""
         check(len(set(self.tasks)) == len(self.tasks), "tasks", f"has duplicates: {self.tasks}")
         for name in ("blimp_dir", "babylm_dir"):
-            check_local_path(getattr(self, name), name)
+            check_location(getattr(self, name), name)
         check(len(self.modes) > 0, "modes", "must name at least one of causal, mntp, fused")
         check(len(set(self.modes)) == len(self.modes), "modes", f"has duplicates: {self.modes}")
         check(len(self.temperatures) > 0, "temperatures", "must hold at least one temperature")

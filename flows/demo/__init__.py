@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+from common import storage
 from common.config import PipelineConfig, from_dict, load_config, to_dict
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
@@ -44,9 +45,10 @@ def write_demo_data(folder: str | Path, n_documents: int = DEMO_DOCUMENTS,
 
 
 def with_demo_data(cfg: PipelineConfig, corpus: str | None = None) -> PipelineConfig:
-    """Point the config at the demo data (generated under <workdir>/data) where it names none."""
+    """Point the config at the demo data (generated under <workdir>/data, or its local home for a
+    workdir on an object store) where it names none."""
     data = to_dict(cfg)
-    gen_corpus, pairs = write_demo_data(Path(cfg.workdir) / "data")
+    gen_corpus, pairs = write_demo_data(storage.local_home(cfg.workdir) / "data")
     if corpus is not None:
         data["clean"]["inputs"] = [str(Path(corpus).resolve())]
     elif not data["clean"]["inputs"]:

@@ -5,6 +5,11 @@
 - ``local``: the plain loop in this process (``gptbert.trainer.pretrain``);
 - ``ray``: Ray Train workers, each a DeepSpeed rank (``gptbert.distributed.ray_launcher``).
 
+``out_dir`` may be a URI (``s3://...``): the launcher then trains in a local folder named after it
+(``common.storage.local_home``, so a rerun on the same machine resumes), Ray Train persists its
+checkpoints under ``<out_dir>/ray`` unless ``launch.storage_path`` says otherwise (every node
+writes there), and the finished run folder is published to ``out_dir`` with its record last.
+
 The CLI (``gptbert pretrain``) and the Prefect stage both call ``run_pretraining``. A new launcher
 is one module here plus one ``register_launcher`` line below. This package is the only place ray
 and deepspeed are imported, and only inside the launchers that need them.
@@ -15,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from common import storage
 from common.config import ConfigError, PipelineConfig
 
 
@@ -37,14 +43,38 @@ def register_launcher(name: str, launcher: Launcher) -> None:
 
 def run_pretraining(cfg: PipelineConfig, data: Any, out_dir: str | Path, *, tokenizer: str | Path | None = None,
                     callback: Callable[[dict, int], None] | None = None, stop_after: int | None = None,
-                    progress: bool = False) -> Path:
-    """Pretrain with the launcher ``cfg.launch.backend`` names (see the module docstring)."""
+                    progress: bool = False) -> Path | str:
+    """Pretrain with the launcher ``cfg.launch.backend`` names (see the module docstring); returns
+    the model folder (a URI when ``out_dir`` is one)."""
     launcher = LAUNCHERS.get(cfg.launch.backend)
     if launcher is None:
         raise ConfigError("launch.backend", f"unknown launcher {cfg.launch.backend!r} "
                                             f"(known: {', '.join(sorted(LAUNCHERS))})")
-    return launcher(cfg, data, out_dir, tokenizer=tokenizer, callback=callback, stop_after=stop_after,
-                    progress=progress)
+    if not storage.is_remote(out_dir):
+        return launcher(cfg, data, out_dir, tokenizer=tokenizer, callback=callback, stop_after=stop_after,
+                        progress=progress)
+    from common.artifacts import RECORD_FILE, check_output_folder
+    from common.config import from_dict, to_dict
+
+    from ..trainer import MODEL_DIR, STAGE
+
+    out = storage.normalize(out_dir)
+    check_output_folder(out, STAGE)  # never over someone else's objects
+    if cfg.launch.backend == "ray" and cfg.launch.storage_path is None:
+        raw = to_dict(cfg)
+        raw["launch"]["storage_path"] = storage.join(out, RAY_STORAGE_DIR)
+        cfg = from_dict(PipelineConfig, raw)
+    local = storage.local_home(out)
+    result = launcher(cfg, data, local, tokenizer=tokenizer, callback=callback, stop_after=stop_after,
+                      progress=progress)
+    if stop_after is not None and stop_after < cfg.train.steps:
+        return result  # a checkpoint, not a finished run: nothing is published
+    # Ray's checkpoints already live under <out>/ray; the rest goes up with the record last.
+    storage.publish(local, out, STAGE, RECORD_FILE, keep=(RAY_STORAGE_DIR,))
+    return storage.join(out, MODEL_DIR)
+
+
+RAY_STORAGE_DIR = "ray"  # where a remote run's Ray Train checkpoints live, inside its run folder
 
 
 def _local(cfg, data, out_dir, *, tokenizer=None, callback=None, stop_after=None, progress=False) -> Path:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from common import storage
 from common.artifacts import check_outside_inputs, remove_stale_siblings, replace_dir, temporary_sibling
 from common.config import ConfigError, LaunchConfig, PipelineConfig, from_dict, to_dict
 from ..optim import AUTO_PRECISION_ENV
@@ -74,10 +75,11 @@ def default_run_name(out_dir: str | Path) -> str:
     return f"{p.parent.name}-{p.name}".strip("-") or "gptbert"
 
 
-def _stored_checkpoints(storage_path: str, run_name: str) -> list[Path]:
-    """Complete checkpoints ``step-N`` (with trainer.pt) of a run in local storage, oldest first."""
-    if "://" in storage_path:
-        return []
+def _stored_checkpoints(storage_path: str, run_name: str, scratch: Path | None = None) -> list[Path]:
+    """Complete checkpoints ``step-N`` (with trainer.pt) of a run in storage, oldest first. In
+    remote storage the newest two are copied into ``scratch`` (node-local) to be read."""
+    if storage.is_remote(storage_path):
+        return _remote_checkpoints(storage_path, run_name, scratch)
     root = Path(storage_path) / run_name
     found = []
     if root.is_dir():
@@ -125,6 +127,26 @@ class _Reporter:
                          checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{self.trainer.step}")
         if folder is not None and folder.name.startswith(".tmp-") and self.local_rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remote_checkpoints(storage_path: str, run_name: str, scratch: Path | None) -> list[Path]:
+    root = storage.join(storage_path, run_name)
+    steps = {}
+    for name in storage.list_files(root):
+        head, _, rest = name.partition("/")
+        n = head[len(CHECKPOINT_PREFIX):]
+        if head.startswith(CHECKPOINT_PREFIX) and n.isdigit() and rest == "trainer.pt":
+            steps[int(n)] = head
+    if not steps or scratch is None:
+        return []
+    out = []
+    for n in sorted(steps)[-2:]:
+        local = scratch / "stored" / steps[n]
+        if not (local / "trainer.pt").is_file():
+            shutil.rmtree(local, ignore_errors=True)
+            storage.download_tree(storage.join(root, steps[n]), local)
+        out.append(local)
+    return out
 
 
 def _train_worker(config: dict) -> None:
@@ -177,7 +199,8 @@ def _train_worker(config: dict) -> None:
     # Resume from Ray's latest checkpoint (a restarted worker group) or the run's stored ones (a
     # rerun under the same name); a damaged newest one falls back to the one before.
     checkpoint = ray.train.get_checkpoint()
-    stored = _stored_checkpoints(config["storage_path"], config["run_name"])
+    scratch = Path(config["out_dir"]) / ".ray-checkpoints" / config["run_name"]
+    stored = _stored_checkpoints(config["storage_path"], config["run_name"], scratch)
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as d:
         candidates = list(stored)
         if d is not None and Path(d).resolve() not in {p.resolve() for p in stored}:
@@ -186,7 +209,6 @@ def _train_worker(config: dict) -> None:
     resumed_from = {"step": trainer.step, "via": str(loaded)} if loaded is not None else None
 
     # Node-local scratch for the trainer's checkpoint writer; Ray storage keeps the real copies.
-    scratch = Path(config["out_dir"]) / ".ray-checkpoints" / config["run_name"]
     started = time.time()
     start_step = trainer.step
     reporter = _Reporter(trainer, local_rank, tc.steps)
@@ -243,7 +265,7 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
     if not isinstance(data, (str, Path)):
         raise ConfigError("launch.backend", "the ray launcher reads a shard folder or token file given by path "
                                             "(its workers open it themselves), not an in-memory source")
-    data_path = str(Path(data).resolve())
+    data_path = storage.normalize(data)  # a path or a URI: workers on every node open it themselves
     check_outside_inputs(out, [data_path, tokenizer])
     opened = open_data(data_path, tokenizer)  # fails here, before Ray starts, on bad data
     check_data_fits(cfg, opened)
@@ -251,7 +273,7 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
         check_zero3_steps(cfg.train, lc.num_workers)
     out.mkdir(parents=True, exist_ok=True)
     address = resolve_ray_address(lc)
-    storage = check_storage_path(lc.storage_path, out, cluster=address is not None)
+    store = check_storage_path(lc.storage_path, out, cluster=address is not None)
     name = lc.run_name or default_run_name(out)
 
     started_ray = False
@@ -269,13 +291,15 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={"cfg": to_dict(cfg), "data": data_path, "out_dir": str(out),
-                               "storage_path": storage, "run_name": name, "callback": callback,
-                               "tokenizer": str(opened.tokenizer) if opened.tokenizer else None,
+                               "storage_path": store, "run_name": name, "callback": callback,
+                               # Only a tokenizer given apart from the data: workers take a shard
+                               # folder's own from the folder (a remote one through their cache).
+                               "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
                                "stop_after": stop_after},
             scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(
-                name=name, storage_path=storage,
+                name=name, storage_path=store,
                 failure_config=FailureConfig(max_failures=lc.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.train.keep_checkpoints, 1) + 1),
                 worker_runtime_env={"env_vars": {
@@ -293,14 +317,14 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
             raise worker_error(result.error)
         checkpoint = result.checkpoint
         if checkpoint is None:
-            raise RuntimeError(f"run {name!r} in {storage} finished without a checkpoint")
+            raise RuntimeError(f"run {name!r} in {store} finished without a checkpoint")
         if stop_after is not None and stop_after < cfg.train.steps:
             return Path(checkpoint.path)
         with checkpoint.as_directory() as d:
             model_src = Path(d) / "model"
             if not (model_src / "training.json").is_file():
                 raise RuntimeError(f"latest checkpoint {checkpoint.path} of run {name!r} holds no model folder")
-            install_milestones(storage, name, out / MILESTONES_DIR)
+            install_milestones(store, name, out / MILESTONES_DIR)
             model_dir = _install_model_dir(model_src, out / "model")
     finally:
         if started_ray:
@@ -319,18 +343,16 @@ def worker_error(error: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc  # a RayTaskError carries the original as .cause
 
 
-def _storage_fs(storage: str):
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(storage)  # (filesystem, path inside it)
+def _storage_fs(location: str):
+    return storage.filesystem(location)  # (filesystem, path inside it)
 
 
-def upload_folder(local: Path, storage: str, relative: str) -> None:
+def upload_folder(local: Path, store: str, relative: str) -> None:
     """Copy a model folder into Ray storage (a path or URI) under ``relative``; ``training.json``
     goes last, so a folder without it is incomplete (a worker killed while copying)."""
     import pyarrow.fs
 
-    fs, root = _storage_fs(storage)
+    fs, root = _storage_fs(store)
     dest = f"{root.rstrip('/')}/{relative}"
     fs.create_dir(dest, recursive=True)
     files = sorted((p for p in local.iterdir() if p.is_file()), key=lambda p: p.name == "training.json")
@@ -338,14 +360,14 @@ def upload_folder(local: Path, storage: str, relative: str) -> None:
         pyarrow.fs.copy_files(str(path), f"{dest}/{path.name}", destination_filesystem=fs)
 
 
-def install_milestones(storage: str, run_name: str, dest: Path) -> list[str]:
+def install_milestones(store: str, run_name: str, dest: Path) -> list[str]:
     """Copy the run's complete milestone folders from Ray storage into ``dest`` (each swapped into
     place); returns their names."""
     import pyarrow.fs
 
     from ..trainer import MILESTONES_DIR
 
-    fs, root = _storage_fs(storage)
+    fs, root = _storage_fs(store)
     base = f"{root.rstrip('/')}/{run_name}/{MILESTONES_DIR}"
     if fs.get_file_info(base).type != pyarrow.fs.FileType.Directory:
         return []

@@ -16,7 +16,8 @@ from typing import Any, Callable, Protocol
 
 from common.artifacts import (atomic_write_text, check_output_folder, check_outside_inputs, make_record,
                               staging_dir, tree_digest, write_record)
-from common.config import EvalConfig, to_dict
+from common import storage
+from common.config import EvalConfig, from_dict, to_dict
 
 from . import babylm, finetune, minimal_pairs
 
@@ -151,9 +152,23 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
     return path
 
 
+def with_local_data(cfg: EvalConfig) -> EvalConfig:
+    """``cfg`` with each data location on an object store (``blimp_dir``, ``babylm_dir``,
+    ``finetune.data_dir``) replaced by its copy in the local cache (``storage.local_input``)."""
+    raw = to_dict(cfg)
+    changed = False
+    for section, key in ((raw, "blimp_dir"), (raw, "babylm_dir"), (raw["finetune"], "data_dir")):
+        if section.get(key) and storage.is_remote(section[key]):
+            section[key] = str(storage.local_input(section[key]))
+            changed = True
+    return from_dict(EvalConfig, raw) if changed else cfg
+
+
 def evaluation_inputs(model_dir: str | Path, cfg: EvalConfig) -> dict[str, str]:
     """The inputs part of the evaluate stage's identity: the model folder, each task's data and the
     word-milestone models that will be scored."""
+    cfg = with_local_data(cfg)
+    model_dir = storage.local_input(model_dir)
     milestones = milestone_models(model_dir) if cfg.milestones != "none" else []
     return {"model": tree_digest(model_dir), **{f"data.{k}": v for k, v in data_digests(cfg).items()},
             **{f"milestone.{name}": tree_digest(folder) for name, _, folder in milestones}}
@@ -247,6 +262,8 @@ def evaluate_model_dir(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Pa
     Returns the record."""
     from ..io import load_model_dir
 
+    cfg = with_local_data(cfg)
+    model_dir = storage.local_input(model_dir)
     tasks, _ = configured_tasks(cfg)
     check_outside_inputs(out_dir, [model_dir, *(task.data(cfg) for task in tasks.values())])
     check_output_folder(out_dir, STAGE)  # before scoring, not after
@@ -269,4 +286,4 @@ def evaluate_model_dir(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Pa
 __all__ = ["RESULTS_FILE", "REPORT_FILE", "STAGE", "TASKS", "Task", "configured_tasks", "data_digests", "evaluate",
            "evaluate_folder", "evaluate_milestones", "evaluate_model_dir", "evaluation_config", "evaluation_inputs",
            "milestone_config", "milestone_models", "milestone_report", "register_task",
-           "render_report", "summary_metrics", "write_results"]
+           "render_report", "summary_metrics", "with_local_data", "write_results"]
