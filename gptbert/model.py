@@ -119,6 +119,42 @@ def flex_block_mask(blocked: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------------------
+# Element-wise helpers for the CPU training step
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout`` with a cheaper mask on CPU: each 64-bit draw of the generator gives four 16-bit
+    uniforms, so the drop probability is ``p`` rounded to a multiple of 2**-16 (0.1 -> 0.100006) and
+    the kept values are scaled by the exact inverse keep rate (unbiased). CPU ``bernoulli_`` draws
+    one value per element and was about a fifth of a CPU training step; other devices keep
+    ``F.dropout``."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, training)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
+    bits = bits.view(torch.int16)[:n].view(x.shape)
+    cut = round(p * 65536)
+    scale = torch.tensor(65536 / (65536 - cut), dtype=x.dtype)
+    # The mask holds 0 or the scale in x's dtype, so autograd's backward is one multiply.
+    return x * torch.where(bits >= cut - 32768, scale, 0.0)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls on ``x`` run in: the autocast dtype where autocast is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _lower_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype when autocast is on for its device (else unchanged). Casting once
+    by hand lets several Linears share the cast that autocast would repeat for each of them."""
+    return x.to(_compute_dtype(x))
+
+
+# ---------------------------------------------------------------------------------------------
 # Layer weighting (DenseFormer / ELC-BERT style)
 
 
@@ -203,14 +239,14 @@ class Attention(nn.Module):
         forms ``GPTBERT._attention_masks`` builds."""
         B, T, H = x.shape
         h, d = self.num_heads, self.head_dim
-        x = F.layer_norm(x, (H,), eps=self.eps)
+        x = _lower_precision(F.layer_norm(x, (H,), eps=self.eps))
         # One copy into head-major layout; q and k are then contiguous (B, h, T, d) views.
         q, k = self.in_proj_qk(x).view(B, T, 2, h, d).permute(2, 0, 3, 1, 4).contiguous()
         vg = self.in_proj_vg(x)
         v = vg[..., :H].reshape(B, T, h, d).transpose(1, 2)
         # The shared table (dropped out per layer) through this layer's own [Q|K] projection.
         p_drop = self.attention_dropout if self.training else 0.0
-        pos = self.in_proj_qk(F.dropout(rel_table, p_drop, self.training))  # (R, 2H)
+        pos = self.in_proj_qk(dropout(rel_table, p_drop, self.training))  # (R, 2H)
         if self.impl == "reference":
             ctx = self._reference(q, k, v, pos, pos_index, masks["blocked"], p_drop)
         elif "block_mask" in masks and (not x.requires_grad or x.device.type in FLEX_BACKWARD_DEVICES):
@@ -221,7 +257,7 @@ class Attention(nn.Module):
         if self.gate:
             ctx = ctx * F.gelu(vg[..., H:])
         ctx = F.layer_norm(ctx, (H,), eps=self.eps)
-        return F.dropout(self.out_proj(ctx), self.hidden_dropout, self.training)
+        return dropout(self.out_proj(ctx), self.hidden_dropout, self.training)
 
     def _reference(self, q, k, v, pos, pos_index, blocked, p_drop):
         T, h, d = q.size(2), self.num_heads, self.head_dim
@@ -233,7 +269,7 @@ class Attention(nn.Module):
         scores = scores + torch.einsum("bhkd,qkhd->bhqk", k * self.scale, q_pos)
         mask = blocked[:, None]
         probs = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1).masked_fill(mask, 0.0)
-        probs = F.dropout(probs, p_drop, self.training)
+        probs = dropout(probs, p_drop, self.training)
         return probs @ v
 
     def _fused(self, q, k, v, pos, pos_index, masks, p_drop):
@@ -253,7 +289,7 @@ class Attention(nn.Module):
             # gradient); doing it by hand saves its extra passes over the (T, T) scores.
             scores = torch.baddbmm(bias.view(B * h, T, T), q.view(B * h, T, d),
                                    k.view(B * h, T, d).transpose(1, 2), alpha=self.scale)
-            probs = F.dropout(torch.softmax(scores, dim=-1), p_drop, self.training)
+            probs = dropout(torch.softmax(scores, dim=-1), p_drop, self.training)
             out = (probs @ v.reshape(B * h, T, d)).view(B, h, T, d)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop, scale=self.scale)
@@ -307,7 +343,7 @@ class FeedForward(nn.Module):
         x = self.up(F.layer_norm(x, (x.size(-1),), eps=self.eps))
         x = _GEGLU.apply(x)  # first half * GELU-tanh(second half)
         x = F.layer_norm(x, (self.intermediate_size,), eps=self.eps)
-        return F.dropout(self.down(x), self.dropout, self.training)
+        return dropout(self.down(x), self.dropout, self.training)
 
 
 class Layer(nn.Module):
@@ -341,7 +377,7 @@ class ClassifierHead(nn.Module):
         x = hidden[:, 0]
         H = x.size(-1)
         x = F.gelu(self.dense(F.layer_norm(x, (H,), eps=self.eps)))
-        x = F.dropout(F.layer_norm(x, (H,), eps=self.eps), self.dropout, self.training)
+        x = dropout(F.layer_norm(x, (H,), eps=self.eps), self.dropout, self.training)
         return self.out(x)
 
 
@@ -463,11 +499,12 @@ class GPTBERT(nn.Module):
                              f"got {blocked.dtype} {tuple(blocked.shape)}")
         cfg = self.config
         x = self.word_embedding(input_ids)
-        x = F.dropout(F.layer_norm(x, (cfg.hidden_size,), eps=cfg.layer_norm_eps),
-                      cfg.hidden_dropout, self.training)
+        x = dropout(F.layer_norm(x, (cfg.hidden_size,), eps=cfg.layer_norm_eps),
+                    cfg.hidden_dropout, self.training)
         rel_table = self.relative_norm(self.relative_embedding)
         pos_index = self.position_index(T, input_ids.device)
-        masks = self._attention_masks(blocked, x.dtype)
+        # In the matmuls' dtype: an fp32 bias or row mask would promote the bf16 scores and context.
+        masks = self._attention_masks(blocked, _compute_dtype(x))
 
         history = _History(x, self.num_blocks) if self.layer_weights is not None else None
         first = x
@@ -488,7 +525,7 @@ class GPTBERT(nn.Module):
         H = hidden.size(-1)
         eps = self.config.layer_norm_eps
         x = F.gelu(self.head_dense(F.layer_norm(hidden, (H,), eps=eps)))
-        x = F.dropout(F.layer_norm(x, (H,), eps=eps), self.config.hidden_dropout, self.training)
+        x = dropout(F.layer_norm(x, (H,), eps=eps), self.config.hidden_dropout, self.training)
         return F.linear(x, self.word_embedding.weight, self.head_bias)
 
     def add_classifier(self, num_labels: int) -> ClassifierHead:
