@@ -223,12 +223,14 @@ def pretrain_task(config: PipelineConfig, shards: Artifact, tokenizer: Artifact,
             callback.flush()  # the plain loop calls it in this process; Ray flushed on its worker
             tracker = tracker_for(config)
             model_dir = artifact.local(stages.RUN_PARTS) / "model"
-            if not artifact.cached or not artifact.record.get("mlflow_run_id"):
+            recorded = artifact.record.get("mlflow_run_id")
+            known = tracker.has_run(recorded)  # False also for a run of another tracking store
+            if not artifact.cached or not known:
                 tracker.log_artifact(child, model_dir, "model")
-                if artifact.cached:  # first time this model is tracked: this run is its source
+                if artifact.cached and not recorded:  # first time this model is tracked: this run is its source
                     artifact.record = update_record(artifact.path, mlflow_run_id=child)
             # Loss curves from the run that trained the model (this one, or the cached source).
-            source = child if not artifact.cached else artifact.record.get("mlflow_run_id", child)
+            source = recorded if artifact.cached and known else child
             # The figure goes beside the run folder's files (for a remote run: its local home).
             _log_loss_plot(tracker, child, source, storage.local_home(artifact.path))
             if parent_run_id:
@@ -313,6 +315,10 @@ def register_task(config: PipelineConfig, model: Artifact, evaluation: Artifact,
     logger = get_run_logger()
     source_run = model.record.get("mlflow_run_id")
     if not source_run:
+        return None
+    if not tracker.has_run(source_run):
+        logger.info("model %s was tracked by another tracking store (run %s); not registered in this one",
+                    model.digest[:12], source_run)
         return None
     events.emit("stage_started", stage="register")
     existing = [v for v in tracker.client.search_model_versions(f"name='{name}'")

@@ -168,6 +168,19 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         return run.info.run_id
 
+    def has_run(self, run_id: str | None) -> bool:
+        """Whether this store holds run ``run_id`` (a record may name a run of another store: the
+        same bucket-backed run root tracked by a team server and by a local sqlite file)."""
+        from mlflow.exceptions import MlflowException
+
+        if not run_id:
+            return False
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
+
     def run_name_of(self, run_id: str) -> str:
         """The display name of run ``run_id``."""
         return self.client.get_run(run_id).info.run_name

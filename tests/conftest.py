@@ -39,7 +39,7 @@ def one_thread():
 # Services the tests start (Ray's daemons and workers, Prefect's API server) that must be gone when
 # the session ends: a leftover one, reparented to init, keeps ports and memory after CI.
 SERVICE_PATTERNS = ("ray::", "raylet", "gcs_server", "prefect.server.api.server", "dashboard/agent.py",
-                    "runtime_env/agent")
+                    "runtime_env/agent", "moto.server", "postgresql/", "postgres: ", "mlflow.server")
 
 
 def _service_processes() -> dict[int, str]:
@@ -100,6 +100,39 @@ def prefect_harness(tmp_path_factory):
         with prefect_test_harness(server_startup_timeout=180):
             yield home
     finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """An S3 API server on loopback (moto in server mode: real HTTP, not an in-process patch) for
+    the session, with the session's environment pointed at it the standard way (AWS_* variables)
+    and the gptbert cache in a temporary folder. ``s3.bucket(name)`` creates a bucket and
+    returns its ``s3://`` URI."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("moto.server", reason="moto is not installed (pip install -e '.[dev]')")
+    pytest.importorskip("boto3", reason="boto3 is not installed (pip install -e '.[dev]')")
+    from servers import S3_ENV, create_bucket, start_s3_server, stop
+
+    folder = tmp_path_factory.mktemp("s3")
+    proc, endpoint, env = start_s3_server(folder)
+    env["GPTBERT_CACHE_DIR"] = str(folder / "cache")
+    saved = {k: os.environ.get(k) for k in (*S3_ENV, "GPTBERT_CACHE_DIR")}
+    os.environ.update(env)
+
+    def bucket(name: str) -> str:
+        create_bucket(endpoint, env, name)
+        return f"s3://{name}"
+
+    try:
+        yield SimpleNamespace(endpoint=endpoint, env=env, bucket=bucket, cache=folder / "cache")
+    finally:
+        stop(proc)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

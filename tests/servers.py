@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import shutil
 import signal
 import socket
@@ -101,3 +102,91 @@ def screenshot(page, folder: Path, name: str) -> Path:
         Path(extra).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, Path(extra) / path.name)
     return path
+
+
+# ----------------------------------------------------------------------------- object store, database
+
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED")
+
+
+def start_s3_server(log_dir: Path) -> tuple[subprocess.Popen, str, dict[str, str]]:
+    """moto's S3 API server (a real HTTP S3 endpoint) on 127.0.0.1: ``(process, endpoint, env)``,
+    where ``env`` is what a client needs (test credentials, the endpoint, no instance metadata)."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(log_dir / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(f"{endpoint}/moto-api/", proc, timeout=60)
+    except BaseException:
+        stop(proc)
+        raise
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+    return proc, endpoint, env
+
+
+def create_bucket(endpoint: str, env: dict[str, str], name: str) -> None:
+    """Create a bucket through the S3 API (boto3, as any client would)."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                 region_name=env["AWS_DEFAULT_REGION"]).create_bucket(Bucket=name)
+
+
+def postgres_bin() -> Path | None:
+    """The folder of Debian's PostgreSQL server binaries (initdb, pg_ctl), or None."""
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "initdb").is_file():
+            return candidate
+    found = shutil.which("initdb")
+    return Path(found).resolve().parent if found else None
+
+
+def start_postgres(folder: Path) -> tuple[Path, str]:
+    """A PostgreSQL server in ``folder`` on a loopback port (trust auth, database ``mlflow``):
+    ``(data dir, SQLAlchemy URI)``. Stop it with ``stop_postgres``. Debian's server refuses to run
+    as root, so as root it runs as the ``nobody``-like ``postgres`` user when that exists."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    data = folder / "pgdata"
+    sock = folder / "sock"
+    sock.mkdir(parents=True)
+    port = free_port()
+    run_as = _postgres_user()
+    if run_as:
+        shutil.chown(folder, run_as)
+        shutil.chown(sock, run_as)
+    def call(*cmd: str) -> None:
+        full = ["runuser", "-u", run_as, "--", *cmd] if run_as else list(cmd)
+        result = subprocess.run(full, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+
+    call(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "mlflow", "--no-sync")
+    call(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "postgres.log"), "-w", "-t", "60",
+         "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c fsync=off", "start")
+    call(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow")
+    return data, f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
+
+
+def stop_postgres(data: Path) -> None:
+    """Stop the server ``start_postgres`` started (fast shutdown, waiting for it)."""
+    bindir = postgres_bin()
+    run_as = _postgres_user()
+    cmd = [str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]
+    subprocess.run(["runuser", "-u", run_as, "--", *cmd] if run_as else cmd, capture_output=True, timeout=60)
+
+
+def _postgres_user() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pwd.getpwnam("postgres")
+        return "postgres"
+    except KeyError:
+        pytest.skip("running as root without a 'postgres' user: PostgreSQL refuses to run as root")

@@ -9,6 +9,9 @@
 # (or set tracking.tracking_uri in the config). With the server proxying artifacts, clients need
 # no direct access to the artifact store.
 #
+# The team setup (docs/deploy.md section 5): PostgreSQL (infra/mlflow/init-postgres.sh creates the
+# role and database) and an S3 bucket; MLFLOW_S3_ENDPOINT_URL names an S3-compatible endpoint.
+#
 # Backends (see docs/deploy.md):
 # - sqlite (default): one file, fine for one machine.
 # - PostgreSQL: `pip install psycopg2-binary`, create a database and user, set
