@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from common import storage
 
 from .options import add_config_args, config_from_args
 
@@ -185,11 +186,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
             metrics = evaluation.summary_metrics(results)
         else:
             record = evaluation.evaluate_model_dir(args.model_dir, cfg, args.out, progress=progress)
-            path, metrics = Path(args.out) / evaluation.RESULTS_FILE, record["stats"]
+            path, metrics = storage.join(args.out, evaluation.RESULTS_FILE), record["stats"]
     finally:
         if bar is not None:
             bar.close()
     for name, value in metrics.items():
         print(f"{name}\t{value:.4f}")
-    print(f"wrote {path} and {path.parent / evaluation.REPORT_FILE}")
+    print(f"wrote {path} and {evaluation.REPORT_FILE} beside it")
     return 0

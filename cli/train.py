@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+
+from common import storage
 
 from .options import add_config_args, config_from_args
 
@@ -43,15 +43,18 @@ def pretrain_command(args) -> int:
     from .console import Console, log_path_for
 
     cfg = config_from_args(args)
-    out = Path(args.out).resolve()
-    check_run_folder(out)  # a bad --out is refused before the console writes its log under it
+    out = storage.normalize(args.out)
+    # A run folder on an object store trains in its local home and is published at the end.
+    local = storage.local_home(out)
+    if not storage.is_remote(out):
+        check_run_folder(local)  # a bad --out is refused before the console writes its log under it
     total = min(cfg.train.steps, args.stop_after or cfg.train.steps)
-    console = Console(log_path_for(out, "pretrain"), verbose=args.verbose, title=f"gptbert pretrain: {out}")
+    console = Console(log_path_for(local, "pretrain"), verbose=args.verbose, title=f"gptbert pretrain: {out}")
     with console:
         callback = None
         if not args.no_progress:
-            out.mkdir(parents=True, exist_ok=True)
-            callback = ProgressFile(out / PROGRESS_FILE, cfg.train.steps)
+            local.mkdir(parents=True, exist_ok=True)
+            callback = ProgressFile(local / PROGRESS_FILE, cfg.train.steps)
             console.event("progress_file", {"stage": "pretrain", "path": callback.path, "total_steps": total})
         console.event("stage_started", {"stage": "pretrain"})
         try:
@@ -64,9 +67,9 @@ def pretrain_command(args) -> int:
             raise
         console.event("stage_finished", {"stage": "pretrain", "cached": False, "path": str(result)})
     print(f"pretrain: wrote {result}", file=console.out)
-    summary = Path(result) / "training.json"
-    if summary.is_file():
-        final = json.loads(summary.read_text()).get("final", {})
+    summary = storage.read_json(storage.join(result, "training.json"))
+    if isinstance(summary, dict):
+        final = summary.get("final", {})
         keys = ("loss", "loss_masked", "loss_causal", "valid_loss_masked_ema", "valid_loss_causal_ema")
         print("  " + "  ".join(f"{k}={final[k]:.4f}" for k in keys if isinstance(final.get(k), float)),
               file=console.out)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 from prefect import flow, get_run_logger

@@ -188,6 +188,40 @@ def test_open_data_and_local_inputs_read_uris(s3, tmp_path):
         storage.local_input(f"{base}/nothing-here")
 
 
+@pytest.mark.slow
+def test_every_stage_command_reads_and_writes_uris(s3, tmp_path, capfd):
+    """The CLI stage by stage with every input and output in the bucket: clean (inputs in the
+    bucket too) -> train-tokenizer -> shard -> pretrain (local launcher) -> evaluate."""
+    from cli.main import main
+    from flows.demo import write_demo_data
+
+    base = s3.bucket("cli")
+    corpus, pairs = write_demo_data(tmp_path / "data")
+    storage.write_bytes(f"{base}/in/corpus.txt", Path(corpus).read_bytes())
+    for p in sorted(Path(pairs).glob("*.jsonl")):
+        storage.write_bytes(f"{base}/in/pairs/{p.name}", p.read_bytes())
+    common = ["--preset", "tiny", "--set", "shard.shard_tokens=20000"]
+    assert main(["clean", f"{base}/in/corpus.txt", "--out", f"{base}/clean", "--no-progress", *common]) == 0
+    assert main(["train-tokenizer", f"{base}/clean", "--out", f"{base}/tok", "--no-progress", *common]) == 0
+    assert main(["shard", f"{base}/clean", f"{base}/tok", "--out", f"{base}/shards", "--no-progress", *common]) == 0
+    train = ["--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--set", "train.validate_every=0",
+             "--set", "train.batch_tokens_start=512", "--set", "train.batch_tokens_end=512",
+             "--set", "train.micro_batch_tokens=512", "--set", "launch.backend=local"]
+    assert main(["pretrain", "--data", f"{base}/shards", "--out", f"{base}/run", "--no-progress", *common, *train]) == 0
+    assert f"pretrain: wrote {base}/run/model" in capfd.readouterr().out
+    assert main(["evaluate", f"{base}/run/model", "--out", f"{base}/eval", "--blimp", f"{base}/in/pairs",
+                 "--set", "eval.temperatures=[1.0]", "--set", "eval.max_pairs_per_paradigm=5", *common]) == 0
+    for folder, stage in (("clean", "clean"), ("tok", "tokenizer"), ("shards", "shard"), ("run", "pretrain"),
+                          ("eval", "evaluate")):
+        assert read_record(f"{base}/{folder}", stage) is not None, folder
+    run = storage.list_files(f"{base}/run")
+    assert "model/model.safetensors" in run and "checkpoints/" in "".join(run)  # the local launcher's checkpoints
+    results = json.loads(storage.read_bytes(f"{base}/eval/results.json"))
+    assert results["tasks"]["blimp"]
+    # The tokenizer stage's input, the shard stage's inputs and the model came from the bucket.
+    assert read_record(f"{base}/shards", "shard")["inputs"]["tokenizer"] == read_record(f"{base}/tok")["output_digest"]
+
+
 @pytest.fixture
 def team_server(s3, tmp_path):
     """The team tracking server of ``infra/mlflow/start-server.sh`` on loopback: PostgreSQL

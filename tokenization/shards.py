@@ -134,8 +134,9 @@ def write_shards(documents_parquet: str | Path, tokenizer_json: str | Path, cfg:
     """Encode the documents with batched parallel encoding into train/valid Arrow shards."""
     t0 = time.perf_counter()
     check_outside_inputs(out_dir, [documents_parquet, tokenizer_json])
-    docs_path = resolve_file(documents_parquet, DOCUMENTS_FILE, "documents file")
-    tok_path = resolve_file(tokenizer_json, TOKENIZER_FILE, "tokenizer")
+    # Inputs on an object store are read from their copies in the local cache.
+    docs_path = resolve_file(storage.local_input(documents_parquet), DOCUMENTS_FILE, "documents file")
+    tok_path = resolve_file(storage.local_input(tokenizer_json), TOKENIZER_FILE, "tokenizer")
     tok = load_tokenizer(tok_path)
     num_docs = open_documents(docs_path).metadata.num_rows
     inputs = {"corpus": file_digest(docs_path), "tokenizer": file_digest(tok_path)}

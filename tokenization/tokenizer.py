@@ -13,6 +13,7 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from common import storage
 from common.config.data import TokenizerConfig
 
 from common.artifacts import (DataError, check_output_folder, check_outside_inputs, file_digest, make_record, resolve_file,
@@ -133,7 +134,7 @@ def train_tokenizer(documents_parquet: str | Path, cfg: TokenizerConfig, out_dir
     t0 = time.perf_counter()
     check_outside_inputs(out_dir, [documents_parquet])
     check_output_folder(out_dir, STAGE)  # before training, not after
-    docs_path = _documents(documents_parquet)
+    docs_path = _documents(storage.local_input(documents_parquet))  # a URI: its copy in the local cache
     pf = open_documents(docs_path)
     num_docs = pf.metadata.num_rows
     if cfg.max_documents:
