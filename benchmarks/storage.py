@@ -15,14 +15,20 @@ backward, AdamW, the default precision), in tokens/s. Loopback S3 has no network
 bandwidth limit: the remote rows measure the protocol and the checks, a real store adds transfer
 time to the open (once per shard per node with the cache).
 
+With ``--pipeline``, it also runs ``gptbert demo`` twice, with the run root on local disk and in
+the bucket (each in a fresh run root and cache, the embedded MLflow store), and prints both wall
+times and their ratio.
+
     python benchmarks/storage.py                                  # the demo corpus
     python benchmarks/storage.py --corpus ../shared/data/babylm-sample
+    python benchmarks/storage.py --no-trainer --pipeline
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,6 +90,7 @@ def main() -> None:
     parser.add_argument("--corpus", help="text file or folder to shard (default: the demo's generated corpus)")
     parser.add_argument("--shard-tokens", type=int, default=1 << 20, help="tokens per shard (default 1M)")
     parser.add_argument("--no-trainer", action="store_true", help="skip the trainer measurement")
+    parser.add_argument("--pipeline", action="store_true", help="also time `gptbert demo`, local vs bucket")
     args = parser.parse_args()
 
     from servers import create_bucket, start_s3_server, stop
@@ -135,6 +142,21 @@ def main() -> None:
                   + (f" {rate / trainer:,.0f}x |" if trainer else ""))
         if trainer:
             print(f"\ntrainer (`small`, batch 8 x 128, {precision}, {os.cpu_count()} cores): {trainer:,.0f} tokens/s")
+        if args.pipeline:
+            create_bucket(endpoint, env, "demo")
+            times = {}
+            for name, workdir in (("local disk", str(work / "demo-local")), ("bucket", "s3://demo/run")):
+                run_env = dict(os.environ, GPTBERT_CACHE_DIR=str(work / f"cache-{len(times)}"))
+                t0 = time.perf_counter()
+                done = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--workdir", workdir, "--json"],
+                                      cwd=work, env={**run_env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                                      capture_output=True, text=True)
+                times[name] = time.perf_counter() - t0
+                if done.returncode != 0:
+                    raise SystemExit(f"gptbert demo --workdir {workdir} failed:\n{done.stderr[-2000:]}")
+            print("\n| gptbert demo run root | wall time (s) | vs local |\n|---|---|---|")
+            for name, seconds in times.items():
+                print(f"| {name} | {seconds:.1f} | {seconds / times['local disk']:.2f}x |")
     finally:
         stop(proc)
         import shutil
