@@ -295,6 +295,10 @@ def staging_dir(out_dir: str | Path, stage: str) -> Iterator[Path]:
     (``storage.publish``: every object first, the record last) and removed."""
     if storage.is_remote(out_dir):
         check_output_folder(out_dir, stage)
+        # Claim the prefix before any work (this also fails fast on a missing bucket or no access).
+        marker = storage.join(out_dir, storage.PENDING_FILE)
+        had_marker = storage.is_file(marker)
+        storage.write_bytes(marker, json.dumps({"stage": stage}).encode())
         scratch = storage.local_home(out_dir)
         scratch.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_siblings(scratch)
@@ -302,6 +306,13 @@ def staging_dir(out_dir: str | Path, stage: str) -> Iterator[Path]:
         tmp.mkdir()
         try:
             yield tmp
+        except BaseException:
+            if not had_marker:  # nothing was uploaded: leave the prefix as it was
+                with contextlib.suppress(OSError):
+                    storage.delete(marker)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
             storage.publish(tmp, out_dir, stage, RECORD_FILE)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

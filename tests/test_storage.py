@@ -75,6 +75,20 @@ def test_publish_writes_the_record_last_and_an_interrupted_upload_is_redone(s3, 
     assert not list(storage.local_home(dest).parent.glob(f".{storage.name_of(dest)}.tmp-*"))  # no local leftovers
 
 
+def test_a_failed_stage_leaves_the_prefix_as_it_was_and_a_missing_bucket_fails_before_work(s3):
+    base = s3.bucket("failed")
+    with pytest.raises(RuntimeError, match="stage broke"):
+        with staging_dir(f"{base}/out", "clean") as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("stage broke")
+    assert storage.list_files(f"{base}/out") == {}
+    ran = []
+    with pytest.raises(storage.StorageError, match="s3://no-such-bucket/out"):
+        with staging_dir("s3://no-such-bucket/out", "clean"):
+            ran.append(True)
+    assert ran == []
+
+
 def test_foreign_objects_are_never_overwritten(s3):
     base = s3.bucket("foreign")
     storage.write_bytes(f"{base}/out/notes.txt", b"the user's notes")

@@ -60,6 +60,8 @@ def run_pretraining(cfg: PipelineConfig, data: Any, out_dir: str | Path, *, toke
 
     out = storage.normalize(out_dir)
     check_output_folder(out, STAGE)  # never over someone else's objects
+    # Claim the prefix before training (and fail fast on a missing bucket or no write access).
+    storage.write_bytes(storage.join(out, storage.PENDING_FILE), b'{"stage": "%s"}' % STAGE.encode())
     if cfg.launch.backend == "ray" and cfg.launch.storage_path is None:
         raw = to_dict(cfg)
         raw["launch"]["storage_path"] = storage.join(out, RAY_STORAGE_DIR)
