@@ -205,7 +205,7 @@ def test_open_data_and_local_inputs_read_uris(s3, tmp_path):
 @pytest.mark.slow
 def test_every_stage_command_reads_and_writes_uris(s3, tmp_path, capfd):
     """The CLI stage by stage with every input and output in the bucket: clean (inputs in the
-    bucket too) -> train-tokenizer -> shard -> pretrain (local launcher) -> evaluate."""
+    bucket too) -> train-tokenizer -> shard -> pretrain (local launcher) -> evaluate, export."""
     from cli.main import main
     from flows.demo import write_demo_data
 
@@ -225,13 +225,16 @@ def test_every_stage_command_reads_and_writes_uris(s3, tmp_path, capfd):
     assert f"pretrain: wrote {base}/run/model" in capfd.readouterr().out
     assert main(["evaluate", f"{base}/run/model", "--out", f"{base}/eval", "--blimp", f"{base}/in/pairs",
                  "--set", "eval.temperatures=[1.0]", "--set", "eval.max_pairs_per_paradigm=5", *common]) == 0
+    assert main(["export", f"{base}/run", "--out", f"{base}/hf"]) == 0  # the run folder, from the bucket
     for folder, stage in (("clean", "clean"), ("tok", "tokenizer"), ("shards", "shard"), ("run", "pretrain"),
-                          ("eval", "evaluate")):
+                          ("eval", "evaluate"), ("hf", "export")):
         assert read_record(f"{base}/{folder}", stage) is not None, folder
     run = storage.list_files(f"{base}/run")
     assert "model/model.safetensors" in run and "checkpoints/" in "".join(run)  # the local launcher's checkpoints
     results = json.loads(storage.read_bytes(f"{base}/eval/results.json"))
     assert results["tasks"]["blimp"]
+    exported = storage.list_files(f"{base}/hf")
+    assert "model.safetensors" in exported and "config.json" in exported
     # The tokenizer stage's input, the shard stage's inputs and the model came from the bucket.
     assert read_record(f"{base}/shards", "shard")["inputs"]["tokenizer"] == read_record(f"{base}/tok")["output_digest"]
 

@@ -27,7 +27,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from common import storage
 from common.artifacts import DataError, check_output_folder, check_outside_inputs, make_record, staging_dir, write_record
+from common.config import digest
 
 STAGE = "export"
 HF_DIR = Path(__file__).resolve().parent / "hf"
@@ -147,13 +149,26 @@ def milestone_folders(run_dir: str | Path) -> list[tuple[str, Path]]:
 
 def _source(model_dir: str | Path) -> tuple[Path, Path | None]:
     """(the final model folder, the run folder holding its milestones or None) of what was given:
-    a pretraining run folder or a model folder (``RUN/model`` finds its run's milestones)."""
+    a pretraining run folder or a model folder (``RUN/model`` finds its run's milestones). A URI
+    is read from its copy in the local cache (a run folder without its checkpoints)."""
+    if storage.is_remote(model_dir):
+        return _source(_remote_source(str(model_dir)))
     source = Path(model_dir)
     if (source / "model" / "model.safetensors").is_file():
         return source / "model", source
     if (source / "model.safetensors").is_file():
         return source, source.parent if source.name == "model" else None
     raise FileNotFoundError(f"not a model folder or pretraining run folder (no model.safetensors): {source}")
+
+
+def _remote_source(location: str) -> Path:
+    from ..trainer import MILESTONES_DIR, MODEL_DIR
+
+    if storage.is_file(storage.join(location, "model.safetensors")):
+        return storage.local_input(location)
+    # A run folder: its model and milestones only (not its checkpoints).
+    key = digest([storage.normalize(location), sorted(storage.list_files(location).items())])[:32]
+    return storage.LocalCache().tree(location, f"export-source-{key}", lambda p: None, only=[MODEL_DIR, MILESTONES_DIR])
 
 
 def export_inputs(model_dir: str | Path) -> dict[str, str]:
@@ -171,7 +186,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, git_repo: bool =
     git repository with the final model on ``main`` and each milestone on a ``chck_{N}M`` branch."""
     require_transformers()
     final, run_dir = _source(model_dir)
-    check_outside_inputs(out_dir, [Path(model_dir)])
+    check_outside_inputs(out_dir, [model_dir])
     check_output_folder(out_dir, STAGE)
     if git_repo and shutil.which("git") is None:
         raise DataError("export with git_repo needs the git command on PATH")
