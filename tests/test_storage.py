@@ -323,3 +323,21 @@ def test_pipeline_in_a_bucket_tracked_by_the_team_server(prefect_harness, s3, te
     print(f"bucket-backed rerun (all cached): {time.time() - t0:.1f} s")
     assert second["cached"] == list(STAGES) and second["ran"] == []
     assert second["tracking_uri"] == f"sqlite:///{storage.local_home(workdir)}/mlflow/mlflow.db"
+
+
+def test_a_rerun_finds_the_newest_complete_checkpoints_in_remote_ray_storage(s3, tmp_path):
+    """A driver started again under the same run name resumes from what is in the bucket: the
+    newest two complete checkpoints (with trainer.pt) are copied to node-local scratch."""
+    from gptbert.distributed.ray_launcher import stored_checkpoints
+
+    base = s3.bucket("raystore")
+    for step, files in ((3, ("trainer.pt", "model/w.bin")), (6, ("trainer.pt",)), (9, ("model/w.bin",)),
+                        (12, ())):
+        for name in files:
+            storage.write_bytes(f"{base}/ray/run/step-{step}/{name}", f"{step}:{name}".encode())
+    storage.write_bytes(f"{base}/ray/run/other/trainer.pt", b"not a checkpoint")
+    found = stored_checkpoints(f"{base}/ray", "run", tmp_path / "scratch")
+    assert [p.name for p in found] == ["step-3", "step-6"]  # step-9 is incomplete (no trainer.pt)
+    assert (found[0] / "model" / "w.bin").read_bytes() == b"3:model/w.bin"
+    assert (found[1] / "trainer.pt").read_bytes() == b"6:trainer.pt"
+    assert stored_checkpoints(f"{base}/ray", "absent", tmp_path / "scratch") == []

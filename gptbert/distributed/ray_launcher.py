@@ -75,7 +75,7 @@ def default_run_name(out_dir: str | Path) -> str:
     return f"{p.parent.name}-{p.name}".strip("-") or "gptbert"
 
 
-def _stored_checkpoints(storage_path: str, run_name: str, scratch: Path | None = None) -> list[Path]:
+def stored_checkpoints(storage_path: str, run_name: str, scratch: Path | None = None) -> list[Path]:
     """Complete checkpoints ``step-N`` (with trainer.pt) of a run in storage, oldest first. In
     remote storage the newest two are copied into ``scratch`` (node-local) to be read."""
     if storage.is_remote(storage_path):
@@ -200,7 +200,7 @@ def _train_worker(config: dict) -> None:
     # rerun under the same name); a damaged newest one falls back to the one before.
     checkpoint = ray.train.get_checkpoint()
     scratch = Path(config["out_dir"]) / ".ray-checkpoints" / config["run_name"]
-    stored = _stored_checkpoints(config["storage_path"], config["run_name"], scratch)
+    stored = stored_checkpoints(config["storage_path"], config["run_name"], scratch)
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as d:
         candidates = list(stored)
         if d is not None and Path(d).resolve() not in {p.resolve() for p in stored}:
@@ -394,4 +394,5 @@ def _install_model_dir(src: Path, dest: Path) -> Path:
     return replace_dir(tmp, dest)
 
 
-__all__ = ["install_milestones", "upload_folder", "check_storage_path", "default_run_name", "pretrain_ray", "resolve_ray_address", "worker_error"]
+__all__ = ["install_milestones", "upload_folder", "check_storage_path", "default_run_name", "pretrain_ray", "resolve_ray_address", "stored_checkpoints",
+           "worker_error"]
