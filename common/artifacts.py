@@ -293,39 +293,33 @@ def staging_dir(out_dir: str | Path, stage: str) -> Iterator[Path]:
 
     A remote ``out_dir`` (a URI): the block writes into a local folder, which is then published
     (``storage.publish``: every object first, the record last) and removed."""
-    if storage.is_remote(out_dir):
+    remote = storage.is_remote(out_dir)
+    if remote:
         check_output_folder(out_dir, stage)
         # Claim the prefix before any work (this also fails fast on a missing bucket or no access).
         marker = storage.join(out_dir, storage.PENDING_FILE)
         had_marker = storage.is_file(marker)
         storage.write_bytes(marker, json.dumps({"stage": stage}).encode())
-        scratch = storage.local_home(out_dir)
-        scratch.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_siblings(scratch)
-        tmp = temporary_sibling(scratch)
-        tmp.mkdir()
-        try:
-            yield tmp
-        except BaseException:
-            if not had_marker:  # nothing was uploaded: leave the prefix as it was
-                with contextlib.suppress(OSError):
-                    storage.delete(marker)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        try:
-            storage.publish(tmp, out_dir, stage, RECORD_FILE)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return
-    out = check_output_folder(Path(out_dir).resolve(), stage)
+        out = storage.local_home(out_dir)  # the local folder is written beside this name
+    else:
+        out = check_output_folder(Path(out_dir).resolve(), stage)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(out)
     tmp = temporary_sibling(out)
     tmp.mkdir()
+    publishing = False
     try:
         yield tmp
-        replace_dir(tmp, out)
+        publishing = True
+        if remote:
+            storage.publish(tmp, out_dir, stage, RECORD_FILE)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            replace_dir(tmp, out)
     except BaseException:
+        if remote and not publishing and not had_marker:  # nothing was uploaded: leave the prefix as it was
+            with contextlib.suppress(OSError):
+                storage.delete(marker)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
