@@ -172,17 +172,19 @@ class _History:
 
 
 class _LayerMix(torch.autograd.Function):
-    """After block k: write its output into the history, return sum_j alpha_j * history_j.
+    """After block k: write its output, the residual sum ``x + delta``, straight into the history
+    (no separate add and copy), return sum_j alpha_j * history_j.
 
     Backward stores its incoming gradient g_k as row k of an upstream buffer; the gradient of block
     k's output (history entry k+1) is then sum_{k' >= k} alpha^{k'}_{k+1} g_{k'}, one matrix-vector
     product over rows already written (every later mix, its only other reader, ran before it). This
-    reads each row once instead of accumulating into a zeroed per-entry buffer (read + write).
+    reads each row once instead of accumulating into a zeroed per-entry buffer (read + write). That
+    gradient goes to both ``x`` and ``delta`` (autograd casts it to delta's dtype).
     """
 
     @staticmethod
-    def forward(ctx, alpha, x, first, history: _History, k: int):
-        history.buf[k + 1].copy_(x.reshape(-1))
+    def forward(ctx, alpha, x, delta, first, history: _History, k: int):
+        torch.add(x, delta, out=history.buf[k + 1].view(x.shape))
         history.alphas[k] = alpha.detach()
         ctx.history, ctx.k, ctx.shape = history, k, x.shape
         # mv, not mm: a weighted sum, and FLOP counters leave it out of the matmul FLOPs.
@@ -206,7 +208,7 @@ class _LayerMix(torch.autograd.Function):
         if k == 0:
             coeff0 = torch.stack([history.alphas[j][0] for j in range(0, history.hi + 1)])
             grad_first = torch.mv(history.upstream[: history.hi + 1].t(), coeff0).view(ctx.shape)
-        return grad_alpha, grad_x, grad_first, None, None
+        return grad_alpha, grad_x, grad_x, grad_first, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,22 +309,24 @@ class Attention(nn.Module):
 
 class _GEGLU(torch.autograd.Function):
     """value * GELU-tanh(gate) for x = [value | gate]; backward writes both halves of the input
-    gradient into one buffer (no concatenation) and keeps only x, not GELU(gate)."""
+    gradient into one buffer (no concatenation). GELU(gate) is kept from the forward: recomputing
+    its tanh cost more than the extra (..., I) activation it holds."""
 
     @staticmethod
     def forward(ctx, x):
         value, gate = x.chunk(2, dim=-1)
-        ctx.save_for_backward(x)
-        return value * F.gelu(gate, approximate="tanh")
+        activated = F.gelu(gate, approximate="tanh")
+        ctx.save_for_backward(x, activated)
+        return value * activated
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
+        x, activated = ctx.saved_tensors
         value, gate = x.chunk(2, dim=-1)
         grad_x = torch.empty_like(x)
         grad_value, grad_gate = grad_x.chunk(2, dim=-1)
-        torch.mul(grad, F.gelu(gate, approximate="tanh"), out=grad_value)
-        grad_gate.copy_(torch.ops.aten.gelu_backward(grad * value, gate, approximate="tanh"))
+        torch.mul(grad, activated, out=grad_value)
+        torch.ops.aten.gelu_backward.grad_input(grad * value, gate, approximate="tanh", grad_input=grad_gate)
         return grad_x
 
 
@@ -509,16 +513,15 @@ class GPTBERT(nn.Module):
         history = _History(x, self.num_blocks) if self.layer_weights is not None else None
         first = x
         for i, layer in enumerate(self.layers):
-            x = x + layer.attention(x, rel_table, pos_index, masks)
-            x = self._mix(x, first, history, 2 * i)
-            x = x + layer.mlp(x)
-            x = self._mix(x, first, history, 2 * i + 1)
+            x = self._residual(x, layer.attention(x, rel_table, pos_index, masks), first, history, 2 * i)
+            x = self._residual(x, layer.mlp(x), first, history, 2 * i + 1)
         return x
 
-    def _mix(self, x, first, history, k):
+    def _residual(self, x, delta, first, history, k):
+        # x + delta, then layer weighting k where it is on (the mix does the add itself).
         if history is None:
-            return x
-        return _LayerMix.apply(self.layer_weights[k], x, first, history, k)
+            return x + delta
+        return _LayerMix.apply(self.layer_weights[k], x, delta, first, history, k)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The tied LM head on (..., H) states -> (..., V) logits. Gather target positions first."""

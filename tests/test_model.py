@@ -231,10 +231,11 @@ def test_layer_mix_matches_naive_weighted_sums_in_values_and_gradients():
         history = _History(x0, n_blocks) if custom else None
         outs, x = [x0], x0
         for k in range(n_blocks):
-            x = x + torch.tanh(x @ weights[k])
+            delta = torch.tanh(x @ weights[k])
             if custom:
-                x = _LayerMix.apply(alphas[k], x, x0, history, k)
+                x = _LayerMix.apply(alphas[k], x, delta, x0, history, k)
             else:
+                x = x + delta
                 outs.append(x)
                 x = sum(a * h for a, h in zip(alphas[k], outs))
         return x
