@@ -354,3 +354,67 @@ def test_geglu_function_matches_autograd():
     assert torch.autograd.gradcheck(_GEGLU.apply, (x,))
     value, gate = x.chunk(2, dim=-1)
     assert torch.allclose(_GEGLU.apply(x), value * torch.nn.functional.gelu(gate, approximate="tanh"))
+
+
+# -- the CPU dropout ------------------------------------------------------------------------------
+
+
+def test_dropout_is_identity_when_off():
+    from gptbert.model import dropout
+
+    x = torch.randn(4, 8)
+    assert dropout(x, 0.1, False) is x
+    assert dropout(x, 0.0, True) is x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_drops_at_rate_p_and_scales_the_rest(dtype):
+    from gptbert.model import dropout
+
+    torch.manual_seed(0)
+    p = 0.1
+    x = (torch.rand(200_000) + 0.5).to(dtype).requires_grad_()
+    out = dropout(x, p, True)
+    assert out.dtype == dtype and out.shape == x.shape
+    kept = out != 0
+    # 200k Bernoulli(0.9) draws: the kept fraction is within ~6 standard deviations of 0.9.
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.004
+    scale = 65536 / (65536 - round(p * 65536))
+    ratio = out[kept].float() / x[kept].float()
+    assert torch.allclose(ratio, torch.full_like(ratio, scale), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    # The backward multiplies by the same mask and scale.
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad != 0, kept)
+    assert torch.allclose(x.grad[kept].float(), torch.full_like(ratio, scale), rtol=1e-2)
+
+
+def test_dropout_masks_are_seeded_and_use_every_bit():
+    from gptbert.model import dropout
+
+    x = torch.ones(4, 1001)  # an odd count: the last 64-bit draw is only partly used
+    torch.manual_seed(3)
+    a = dropout(x, 0.5, True)
+    torch.manual_seed(3)
+    assert torch.equal(a, dropout(x, 0.5, True))
+    assert not torch.equal(a, dropout(x, 0.5, True))
+    # p = 0.5 splits on the sign bit of each 16-bit lane: all four lanes of a draw are random.
+    lanes = (a.reshape(-1)[:4000] != 0).float().view(-1, 4).mean(0)
+    assert ((lanes > 0.4) & (lanes < 0.6)).all(), lanes
+
+
+def test_bf16_autocast_step_follows_fp32():
+    # The hand-placed casts (one cast of the attention input, masks in the matmul dtype) keep the
+    # autocast step on the fp32 one: same loss to bf16 precision, gradients pointing the same way.
+    seg = torch.tensor([[1] * 9 + [2] * 11, [1] * 14 + [0] * 6])
+    blocked = blocked_for(seg, [False, True])
+    ids = torch.randint(0, 512, (2, 20))
+    results = {}
+    for bf16 in (False, True):
+        model = make_model(hidden_dropout=0.0, attention_dropout=0.0).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model.lm_logits(model(ids, blocked)).logsumexp(-1).square().mean()
+        loss.backward()
+        results[bf16] = loss.item(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert abs(results[True][0] - results[False][0]) < 2e-2 * abs(results[False][0])
+    cos = torch.nn.functional.cosine_similarity(results[True][1], results[False][1], dim=0)
+    assert cos > 0.99, cos
