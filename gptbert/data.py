@@ -156,11 +156,12 @@ class WordCounter:
         return int((self._upto(docs, start + n) - self._upto(docs, start)).sum())
 
 
-def open_data(data, tokenizer: str | Path | None = None, valid_data=None) -> TrainingData:
+def open_data(data, tokenizer: str | Path | None = None, valid_data=None, remote: str = "cache") -> TrainingData:
     """Open ``data``: a DocumentSource, a shard folder (its ``valid`` split validates, its own
     ``tokenizer.json`` is the tokenizer; a URI too) or a token file (.txt/.npz). ``tokenizer``: a tokenizer to
     use instead (a shard folder checks it against its manifest); ``valid_data``: a DocumentSource or
-    token file of validation documents, instead of the shards' split."""
+    token file of validation documents, instead of the shards' split; ``remote``: how a shard folder
+    given as a URI is read (``launch.remote_shards``: "cache" or "memory", see ShardReader)."""
     valid = valid_data if (valid_data is None or isinstance(valid_data, DocumentSource)) \
         else load_token_file(valid_data)
     tok = Path(tokenizer) if tokenizer is not None else None
@@ -175,9 +176,9 @@ def open_data(data, tokenizer: str | Path | None = None, valid_data=None) -> Tra
         if not storage.is_file(storage.join(location, MANIFEST_FILE)):
             raise FileNotFoundError(f"training data not found: {location} has no {MANIFEST_FILE} (a remote "
                                     "location must be a shard folder)")
-        train = ShardReader(location, tokenizer_json=tok, split="train")
+        train = ShardReader(location, tokenizer_json=tok, split="train", remote=remote)
         if valid is None and train.manifest["splits"].get("valid", {}).get("documents"):
-            valid = ShardReader(location, tokenizer_json=tok, split="valid")
+            valid = ShardReader(location, tokenizer_json=tok, split="valid", remote=remote)
         return TrainingData(train, valid, tok or train.tokenizer_path, train.manifest_digest, location,
                             int(train.manifest["vocab_size"]))
     path = Path(data)

@@ -542,7 +542,7 @@ def pretrain(cfg: PipelineConfig, data, out_dir: str | Path, callback: Callback 
     out = Path(out_dir)
     check_run_folder(out)
     check_outside_inputs(out, [data if isinstance(data, (str, Path)) else None, tokenizer])
-    opened = open_data(data, tokenizer, valid_data)
+    opened = open_data(data, tokenizer, valid_data, remote=cfg.launch.remote_shards)
     check_data_fits(cfg, opened)
     if backend is None:
         backend = build_local_backend(cfg.model, cfg.train)

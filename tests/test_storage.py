@@ -220,7 +220,8 @@ def test_every_stage_command_reads_and_writes_uris(s3, tmp_path, capfd):
     assert main(["shard", f"{base}/clean", f"{base}/tok", "--out", f"{base}/shards", "--no-progress", *common]) == 0
     train = ["--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--set", "train.validate_every=0",
              "--set", "train.batch_tokens_start=512", "--set", "train.batch_tokens_end=512",
-             "--set", "train.micro_batch_tokens=512", "--set", "launch.backend=local"]
+             "--set", "train.micro_batch_tokens=512", "--set", "launch.backend=local",
+             "--set", "launch.remote_shards=memory"]  # the shards read into memory, no local copy
     assert main(["pretrain", "--data", f"{base}/shards", "--out", f"{base}/run", "--no-progress", *common, *train]) == 0
     assert f"pretrain: wrote {base}/run/model" in capfd.readouterr().out
     assert main(["evaluate", f"{base}/run/model", "--out", f"{base}/eval", "--blimp", f"{base}/in/pairs",

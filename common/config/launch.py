@@ -9,7 +9,7 @@ setting is in ``train``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from .base import ConfigBase, check
 
@@ -48,6 +48,10 @@ class LaunchConfig(ConfigBase):
     # test 30x slower beside two busy loops); a cluster keeps its own setting (start it with
     # RAY_worker_niceness=0, as infra/ray/start_local_cluster.sh does).
     worker_niceness: int = 0
+    # How shards on an object store are read (common/storage.py): "cache" = downloaded once per
+    # node into the local cache (GPTBERT_CACHE_DIR, bounded by GPTBERT_CACHE_MAX_GB), checked, then
+    # memory-mapped; "memory" = read into memory with range requests, checked, no local disk.
+    remote_shards: Literal["cache", "memory"] = "cache"
 
     def validate(self) -> None:
         """Reject invalid values with a ConfigError naming the field."""

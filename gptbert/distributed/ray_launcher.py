@@ -181,7 +181,7 @@ def _train_worker(config: dict) -> None:
         device = torch.device("cpu")
         device_name = None
 
-    data = open_data(config["data"], config.get("tokenizer"))
+    data = open_data(config["data"], config.get("tokenizer"), remote=lc.remote_shards)
     backend = build_deepspeed_backend(cfg.model, tc, lc, device, rank, world)
     bf16 = resolve_precision(tc.precision, device) is not None
     callback = (MetricsCallback(cfg.model, tc.causal_fraction, world, device_name, bf16, config.get("callback"))
@@ -267,7 +267,7 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
                                             "(its workers open it themselves), not an in-memory source")
     data_path = storage.normalize(data)  # a path or a URI: workers on every node open it themselves
     check_outside_inputs(out, [data_path, tokenizer])
-    opened = open_data(data_path, tokenizer)  # fails here, before Ray starts, on bad data
+    opened = open_data(data_path, tokenizer, remote=lc.remote_shards)  # fails here, before Ray starts, on bad data
     check_data_fits(cfg, opened)
     if lc.zero_stage == 3:
         check_zero3_steps(cfg.train, lc.num_workers)
