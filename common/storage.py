@@ -336,7 +336,7 @@ class LocalCache:
         self.max_bytes = max_bytes
         self.hits = self.fills = 0
 
-    def file(self, location: str | Path, sha256: str, memory: bool = False) -> Path:
+    def file(self, location: str | Path, sha256: str) -> Path:
         """A local copy of the remote file ``location`` whose content has ``sha256``."""
         dest = self.root / "files" / sha256
         if dest.is_file():
@@ -373,9 +373,14 @@ class LocalCache:
             download_tree(location, tmp, only)
             verify(tmp)
             (tmp / ".complete").write_text("")
-            if dest.exists():  # an incomplete earlier copy
+            if dest.exists() and not (dest / ".complete").is_file():  # an incomplete earlier copy
                 shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                if not (dest / ".complete").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another process filled it meanwhile
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -384,16 +389,17 @@ class LocalCache:
         return dest
 
     def entries(self) -> list[tuple[float, int, Path]]:
-        """``(last used, bytes, path)`` of every complete entry."""
+        """``(last used, bytes, path)`` of every complete entry (one removed meanwhile by another
+        process is left out)."""
         out = []
         for p in (self.root / "files").glob("[!.]*") if (self.root / "files").is_dir() else []:
-            st = p.stat()
-            out.append((st.st_mtime, st.st_size, p))
+            with contextlib.suppress(FileNotFoundError):
+                st = p.stat()
+                out.append((st.st_mtime, st.st_size, p))
         for p in (self.root / "trees").glob("[!.]*") if (self.root / "trees").is_dir() else []:
-            marker = p / ".complete"
-            if marker.is_file():
-                size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-                out.append((marker.stat().st_mtime, size, p))
+            with contextlib.suppress(FileNotFoundError):
+                used = (p / ".complete").stat().st_mtime
+                out.append((used, sum(f.stat().st_size for f in p.rglob("*") if f.is_file()), p))
         return out
 
     def evict(self, keep: Path | None = None) -> list[Path]:
@@ -452,18 +458,7 @@ def _parent(location: str | Path) -> str:
     return str(location).rstrip("/").rsplit("/", 1)[0]
 
 
-def local_file(location: str | Path, sha256: str | None = None) -> Path:
-    """A local path for a file: the path itself when local, else a cached copy (with ``sha256``)
-    or a fresh download into the cache keyed by its content."""
-    if not is_remote(location):
-        return Path(normalize(location))
-    if sha256 is None:
-        data = read_bytes(location)
-        sha256 = _sha256_bytes(data)
-    return LocalCache().file(location, sha256)
-
-
 __all__ = ["LocalCache", "PENDING_FILE", "SCHEMES", "StorageError", "cache_root", "delete", "download_tree",
            "exists", "filesystem", "is_dir", "is_file", "is_remote", "join", "list_files",
-           "local_file", "local_input", "local_home", "name_of", "normalize", "owned_by", "publish", "read_bytes", "read_json",
+           "local_input", "local_home", "name_of", "normalize", "owned_by", "publish", "read_bytes", "read_json",
            "read_ranged", "scheme_of", "upload_file", "write_bytes"]
