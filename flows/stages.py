@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common import storage
-from common.artifacts import STAGES, DigestMismatchError, read_record, stage_identity, tree_digest
+from common.artifacts import RECORD_FILE, STAGES, DigestMismatchError, read_record, stage_identity, tree_digest
 from common.config import PipelineConfig, digest
 
 log = logging.getLogger("gptbert")
@@ -61,7 +61,8 @@ class Artifact:
             actual = tree_digest(folder / self.record["output"])
             if actual != self.digest:
                 raise DigestMismatchError(f"{self.path}: its {self.record['output']} has digest {actual[:16]}..., "
-                                          f"its record says {self.digest[:16]}...; the stage will run again")
+                                          f"its record says {self.digest[:16]}...; it was changed after it was "
+                                          f"written (delete its {RECORD_FILE} to make the stage run again)")
 
         # Partial copies are cached apart from whole ones, named by a digest of what they hold.
         key = f"{self.stage}-{self.digest[:32]}" + (f"-{digest(sorted(parts))[:8]}" if parts else "")
