@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from common import storage
 from common.artifacts import (atomic_write_text, check_output_folder, check_outside_inputs, make_record,
                               staging_dir, tree_digest, write_record)
-from common import storage
 from common.config import EvalConfig, from_dict, to_dict
 
 from . import babylm, finetune, minimal_pairs
