@@ -324,6 +324,27 @@ def staging_dir(out_dir: str | Path, stage: str) -> Iterator[Path]:
         raise
 
 
+def local_stage_copy(folder: str | Path, record: dict[str, Any], parts: tuple[str, ...] | None = None) -> Path:
+    """A local folder with a stage folder's files: the folder itself when local, else a copy in the
+    local cache (of ``parts`` only, when given, e.g. a run's model without its checkpoints; the
+    record's output is always included), checked against the record's output digest when filled."""
+    if not storage.is_remote(folder):
+        return Path(folder)
+    output = record["output"]
+    parts = tuple(sorted(set(parts) | {output})) if parts is not None and output != "." else None
+
+    def verify(copy: Path) -> None:
+        actual = tree_digest(copy / output)
+        if actual != record["output_digest"]:
+            raise DigestMismatchError(f"{folder}: its {output} has digest {actual[:16]}..., its record says "
+                                      f"{record['output_digest'][:16]}...; it was changed after it was written "
+                                      f"(delete its {RECORD_FILE} to make the stage run again)")
+
+    # Partial copies are cached apart from whole ones, named by a digest of what they hold.
+    key = f"{record['stage']}-{record['output_digest'][:32]}" + (f"-{digest(list(parts))[:8]}" if parts else "")
+    return storage.LocalCache().tree(folder, key, verify, only=list(parts) if parts else None)
+
+
 def resolve_file(path: str | Path, default_name: str, what: str) -> Path:
     """``path`` itself, or ``path/default_name`` when ``path`` is a stage folder."""
     p = Path(path)
@@ -335,6 +356,6 @@ def resolve_file(path: str | Path, default_name: str, what: str) -> Path:
 
 
 __all__ = ["DataError", "DigestMismatchError", "RECORD_FILE", "STAGES", "atomic_write_bytes",
-           "atomic_write_json", "atomic_write_text", "check_output_folder", "check_outside_inputs", "check_writable", "file_digest",
+           "atomic_write_json", "atomic_write_text", "check_output_folder", "check_outside_inputs", "check_writable", "file_digest", "local_stage_copy",
            "make_record", "read_json", "read_record", "remove_stale_siblings", "replace_dir", "resolve_file",
            "stage_identity", "staging_dir", "temporary_sibling", "tree_digest", "update_record", "write_record"]

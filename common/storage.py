@@ -154,25 +154,34 @@ def list_files(location: str | Path) -> dict[str, int]:
     return {i.path[len(base):]: i.size for i in fs.get_file_info(selector) if i.type == pafs.FileType.File}
 
 
+@contextlib.contextmanager
+def _open_input(location: str | Path):
+    """``(filesystem, path, open file)``: one request on the hot path; only when it fails is the
+    store asked again, to tell a missing file (FileNotFoundError naming it) from other errors."""
+    fs, path = filesystem(location)
+    try:
+        f = fs.open_input_file(path)
+    except OSError as exc:
+        if not is_file(location):
+            raise FileNotFoundError(f"{location}: not found") from None
+        raise StorageError(f"{location}: cannot read ({_short(exc)})") from None
+    with f:
+        yield fs, path, f
+
+
 def read_bytes(location: str | Path) -> bytes:
     """A file's bytes; a missing file is FileNotFoundError naming the location."""
     if not is_remote(location):
         return Path(normalize(location)).read_bytes()
-    if not is_file(location):
-        raise FileNotFoundError(f"{location}: not found")
-    fs, path = filesystem(location)
-    try:
-        with fs.open_input_file(path) as f:
-            return f.read()
-    except OSError as exc:
-        raise StorageError(f"{location}: cannot read ({_short(exc)})") from None
+    with _open_input(location) as (_, _, f):
+        return f.read()
 
 
 def read_ranged(location: str | Path, size: int | None = None, workers: int = 4) -> bytes:
     """A remote file's bytes, fetched as parallel range requests of 8 MiB (an object store serves
-    each range at full speed; one stream is slower on large objects)."""
-    fs, path = filesystem(location)
-    with fs.open_input_file(path) as f:
+    each range at full speed; one stream is slower on large objects). A missing file is
+    FileNotFoundError naming it."""
+    with _open_input(location) as (fs, path, f):
         size = f.size() if size is None else size
         if size <= _RANGE:
             return f.read_at(size, 0) if size else b""
@@ -221,6 +230,8 @@ def upload_file(local: str | Path, location: str | Path) -> None:
     import pyarrow.fs as pafs
 
     fs, path = filesystem(location)
+    if not is_remote(location):  # object stores have no folders to create
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
         pafs.copy_files(str(local), path, destination_filesystem=fs)
     except OSError as exc:

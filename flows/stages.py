@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common import storage
-from common.artifacts import RECORD_FILE, STAGES, DigestMismatchError, read_record, stage_identity, tree_digest
-from common.config import PipelineConfig, digest
+from common.artifacts import STAGES, local_stage_copy, read_record, stage_identity, tree_digest
+from common.config import PipelineConfig
 
 log = logging.getLogger("gptbert")
 # What the stages after pretraining read of a run folder (its checkpoints stay where they are).
@@ -47,26 +47,9 @@ class Artifact:
         return storage.is_remote(self.path)
 
     def local(self, parts: tuple[str, ...] | None = None) -> Path:
-        """A local folder with this artifact's files: the folder itself, or for a remote one a copy
-        in the local cache (of ``parts`` only, when given: e.g. a run's model without its
-        checkpoints), checked against the record's output digest when it is filled."""
-        if not self.remote:
-            return Path(self.path)
-        if parts is not None and self.record["output"] != ".":
-            parts = tuple(sorted(set(parts) | {self.record["output"]}))
-        else:
-            parts = None  # the output is the whole folder
-
-        def verify(folder: Path) -> None:
-            actual = tree_digest(folder / self.record["output"])
-            if actual != self.digest:
-                raise DigestMismatchError(f"{self.path}: its {self.record['output']} has digest {actual[:16]}..., "
-                                          f"its record says {self.digest[:16]}...; it was changed after it was "
-                                          f"written (delete its {RECORD_FILE} to make the stage run again)")
-
-        # Partial copies are cached apart from whole ones, named by a digest of what they hold.
-        key = f"{self.stage}-{self.digest[:32]}" + (f"-{digest(sorted(parts))[:8]}" if parts else "")
-        return storage.LocalCache().tree(self.path, key, verify, only=list(parts) if parts else None)
+        """A local folder with this artifact's files (``common.artifacts.local_stage_copy``: for a
+        remote folder a verified copy in the local cache, of ``parts`` only when given)."""
+        return local_stage_copy(self.path, self.record, parts)
 
     def file(self, name: str) -> str:
         """A local path of ``name`` inside the stage folder (``local``), as a string."""

@@ -173,10 +173,13 @@ def open_data(data, tokenizer: str | Path | None = None, valid_data=None, remote
         from tokenization.shards import MANIFEST_FILE, ShardReader
 
         location = storage.normalize(data)
-        if not storage.is_file(storage.join(location, MANIFEST_FILE)):
+        try:
+            train = ShardReader(location, tokenizer_json=tok, split="train", remote=remote)
+        except FileNotFoundError as exc:
+            if not str(exc).startswith(storage.join(location, MANIFEST_FILE)):
+                raise
             raise FileNotFoundError(f"training data not found: {location} has no {MANIFEST_FILE} (a remote "
-                                    "location must be a shard folder)")
-        train = ShardReader(location, tokenizer_json=tok, split="train", remote=remote)
+                                    "location must be a shard folder)") from None
         if valid is None and train.manifest["splits"].get("valid", {}).get("documents"):
             valid = ShardReader(location, tokenizer_json=tok, split="valid", remote=remote)
         return TrainingData(train, valid, tok or train.tokenizer_path, train.manifest_digest, location,

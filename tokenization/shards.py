@@ -305,11 +305,12 @@ class ShardReader:
         checked against the manifest's sha256 (an edited or damaged shard never trains)."""
         if self.remote:
             location = storage.join(self.dir, entry["file"])
-            if not storage.is_file(location):
-                raise FileNotFoundError(f"shard listed in {manifest_path} not found: {location}")
-            if self._cache is not None:  # checked against the sha256 as the cache is filled
-                return pa.memory_map(str(self._cache.file(location, entry["sha256"])), "r"), location
-            data = storage.read_ranged(location)
+            try:
+                if self._cache is not None:  # checked against the sha256 as the cache is filled
+                    return pa.memory_map(str(self._cache.file(location, entry["sha256"])), "r"), location
+                data = storage.read_ranged(location)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"shard listed in {manifest_path} not found: {location}") from None
             actual = hashlib.sha256(data).hexdigest()
             if actual != entry["sha256"]:
                 raise DigestMismatchError(f"{location}: sha256 {actual[:16]}... differs from the manifest's "
@@ -330,12 +331,10 @@ class ShardReader:
         """The folder's ``tokenizer.json`` when it is the one the shards were made with, else None
         (for a remote folder: its copy in the local cache)."""
         if self.remote:
-            location = storage.join(self.dir, TOKENIZER_FILE)
-            if not storage.is_file(location):
-                return None
             try:
-                return storage.LocalCache().file(location, self.manifest["tokenizer_sha256"])
-            except DigestMismatchError:
+                return storage.LocalCache().file(storage.join(self.dir, TOKENIZER_FILE),
+                                                 self.manifest["tokenizer_sha256"])
+            except (FileNotFoundError, DigestMismatchError):
                 return None
         path = self.dir / TOKENIZER_FILE
         if path.is_file() and file_digest(path) == self.manifest["tokenizer_sha256"]:

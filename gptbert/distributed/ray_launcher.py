@@ -54,10 +54,10 @@ def check_storage_path(storage_path: str | None, out_dir: str | Path, cluster: b
         path.mkdir(parents=True, exist_ok=True)
         return str(path)
     if "://" in storage_path:
-        scheme = storage_path.split("://", 1)[0]
-        if not scheme or not scheme.replace("+", "").replace("-", "").isalnum():
-            raise ConfigError(field, f"not a valid URI: {storage_path!r}")
-        return storage_path
+        if storage.scheme_of(storage_path) not in storage.SCHEMES:
+            raise ConfigError(field, f"not a URI of a known filesystem: {storage_path!r} "
+                                     f"(known: {', '.join(storage.SCHEMES)})")
+        return storage.normalize(storage_path)
     path = Path(storage_path)
     if not path.is_absolute():
         raise ConfigError(field, f"must be an absolute path or a URI (workers run in other working "
@@ -343,47 +343,30 @@ def worker_error(error: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc  # a RayTaskError carries the original as .cause
 
 
-def _storage_fs(location: str):
-    return storage.filesystem(location)  # (filesystem, path inside it)
-
-
 def upload_folder(local: Path, store: str, relative: str) -> None:
     """Copy a model folder into Ray storage (a path or URI) under ``relative``; ``training.json``
     goes last, so a folder without it is incomplete (a worker killed while copying)."""
-    import pyarrow.fs
-
-    fs, root = _storage_fs(store)
-    dest = f"{root.rstrip('/')}/{relative}"
-    fs.create_dir(dest, recursive=True)
+    dest = storage.join(store, relative)
     files = sorted((p for p in local.iterdir() if p.is_file()), key=lambda p: p.name == "training.json")
     for path in files:
-        pyarrow.fs.copy_files(str(path), f"{dest}/{path.name}", destination_filesystem=fs)
+        storage.upload_file(path, storage.join(dest, path.name))
 
 
 def install_milestones(store: str, run_name: str, dest: Path) -> list[str]:
-    """Copy the run's complete milestone folders from Ray storage into ``dest`` (each swapped into
-    place); returns their names."""
-    import pyarrow.fs
-
+    """Copy the run's complete milestone folders (those with ``training.json``) from Ray storage
+    into ``dest`` (each swapped into place); returns their names."""
     from ..trainer import MILESTONES_DIR
 
-    fs, root = _storage_fs(store)
-    base = f"{root.rstrip('/')}/{run_name}/{MILESTONES_DIR}"
-    if fs.get_file_info(base).type != pyarrow.fs.FileType.Directory:
-        return []
-    names = []
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(base)):
-        if info.type != pyarrow.fs.FileType.Directory or \
-                fs.get_file_info(f"{info.path}/training.json").type != pyarrow.fs.FileType.File:
-            continue
-        target = dest / info.base_name
+    base = storage.join(store, run_name, MILESTONES_DIR)
+    names = sorted({n.split("/")[0] for n in storage.list_files(base) if n.count("/") == 1
+                    and n.endswith("/training.json")})
+    for name in names:
+        target = dest / name
         remove_stale_siblings(target)
         tmp = temporary_sibling(target)
-        tmp.mkdir(parents=True)  # copy_files writes into the folder but does not create it
-        pyarrow.fs.copy_files(info.path, str(tmp), source_filesystem=fs)
+        storage.download_tree(storage.join(base, name), tmp)
         replace_dir(tmp, target)
-        names.append(info.base_name)
-    return sorted(names)
+    return names
 
 
 def _install_model_dir(src: Path, dest: Path) -> Path:

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from common import storage
-from common.artifacts import DataError, check_output_folder, check_outside_inputs, make_record, staging_dir, write_record
-from common.config import digest
+from common.artifacts import (DataError, check_output_folder, check_outside_inputs, local_stage_copy, make_record,
+                              read_record, staging_dir, write_record)
 
 STAGE = "export"
 HF_DIR = Path(__file__).resolve().parent / "hf"
@@ -162,13 +162,12 @@ def _source(model_dir: str | Path) -> tuple[Path, Path | None]:
 
 
 def _remote_source(location: str) -> Path:
-    from ..trainer import MILESTONES_DIR, MODEL_DIR
+    from ..trainer import MILESTONES_DIR, MODEL_DIR, STAGE as PRETRAIN
 
-    if storage.is_file(storage.join(location, "model.safetensors")):
+    record = read_record(location, PRETRAIN)
+    if record is None:  # a model folder (or a run folder without its record)
         return storage.local_input(location)
-    # A run folder: its model and milestones only (not its checkpoints).
-    key = digest([storage.normalize(location), sorted(storage.list_files(location).items())])[:32]
-    return storage.LocalCache().tree(location, f"export-source-{key}", lambda p: None, only=[MODEL_DIR, MILESTONES_DIR])
+    return local_stage_copy(location, record, (MODEL_DIR, MILESTONES_DIR))  # not its checkpoints
 
 
 def export_inputs(model_dir: str | Path) -> dict[str, str]:
