@@ -194,6 +194,8 @@ def main() -> None:
     p.add_argument("--target-fraction", type=float, default=0.25)
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up step)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
+    p.add_argument("--variants", nargs="+", choices=list(OURS), default=list(OURS),
+                   help="our variants to time (the paper's code is added with --against-reference)")
     p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fused", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -204,8 +206,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     paper = load_paper_module(args.against_reference) if args.against_reference else None
-    variants = (["paper"] if paper else []) + list(OURS)
-    baseline = "paper" if paper else "reference-attn"
+    variants = (["paper"] if paper else []) + args.variants
+    baseline = "paper" if paper else args.variants[-1]
     peaks = {prec: matmul_peak(prec) for prec in args.precisions}
     print(f"# batch {args.batch}, {args.target_fraction:.0%} targets, {args.threads} threads, torch "
           f"{torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -122,23 +123,41 @@ def flex_block_mask(blocked: torch.Tensor):
 # Element-wise helpers for the CPU training step
 
 
+_BIT_PATTERN = {2: (np.uint16, np.int16, torch.int16), 4: (np.uint32, np.int32, torch.int32),
+                8: (np.uint64, np.int64, torch.int64)}
+
+
+def _keep_mask(n: int, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` values of ``dtype``: 0 with probability ``p`` rounded to a multiple of 2**-16, else
+    the inverse keep rate. Each 64-bit random value gives four 16-bit uniforms.
+
+    One 64-bit draw from torch's default generator seeds a numpy SFC64 stream, so
+    ``torch.manual_seed`` and a saved torch RNG state still fix every mask. The mask is built in
+    numpy as ``keep * bit pattern of the scale``: torch's CPU Mersenne Twister (about 10 ns per 64
+    bits) and its comparisons and ``where`` with bool masks (scalar loops) cost three to five
+    times as much.
+    """
+    cut = round(p * 65536)
+    unsigned, signed, torch_int = _BIT_PATTERN[torch.empty((), dtype=dtype).element_size()]
+    scale = torch.tensor(65536 / (65536 - cut), dtype=dtype).view(torch_int).item()
+    seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    uniforms = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n]
+    keep = np.greater_equal(uniforms, cut).view(np.uint8)
+    pattern = np.multiply(keep, unsigned(scale & np.iinfo(unsigned).max), dtype=unsigned)
+    return torch.from_numpy(pattern.view(signed)).view(dtype)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout`` with a cheaper mask on CPU: each 64-bit draw of the generator gives four 16-bit
-    uniforms, so the drop probability is ``p`` rounded to a multiple of 2**-16 (0.1 -> 0.100006) and
-    the kept values are scaled by the exact inverse keep rate (unbiased). CPU ``bernoulli_`` draws
-    one value per element and was about a fifth of a CPU training step; other devices keep
-    ``F.dropout``."""
+    """``F.dropout`` with a cheaper mask on CPU (``_keep_mask``): the drop probability is ``p``
+    rounded to a multiple of 2**-16 (0.1 -> 0.100006) and the kept values are scaled by the exact
+    inverse keep rate (unbiased). CPU ``bernoulli_`` draws one value per element and was about a
+    fifth of a CPU training step; other devices keep ``F.dropout``."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, training)
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
-    bits = bits.view(torch.int16)[:n].view(x.shape)
-    cut = round(p * 65536)
-    scale = torch.tensor(65536 / (65536 - cut), dtype=x.dtype)
     # The mask holds 0 or the scale in x's dtype, so autograd's backward is one multiply.
-    return x * torch.where(bits >= cut - 32768, scale, 0.0)
+    return x * _keep_mask(x.numel(), p, x.dtype).view(x.shape)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -152,6 +171,39 @@ def _lower_precision(x: torch.Tensor) -> torch.Tensor:
     """``x`` in the autocast dtype when autocast is on for its device (else unchanged). Casting once
     by hand lets several Linears share the cast that autocast would repeat for each of them."""
     return x.to(_compute_dtype(x))
+
+
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class _PositionBias(torch.autograd.Function):
+    """The disentangled position terms as one (B, h, T, T) bias:
+    ``bias[b, h, i, j] = c2p[b, h, i, idx(i, j)] + p2c[b, h, j, idx(i, j)]`` (+ the additive mask),
+    from the (B, h, T, R) tables of every query (key) against every relative-distance bucket.
+
+    The gathers run on an integer view of the tables' bits: CPU ``gather`` on bf16 writes into a
+    temporary and copies it (a second full pass over the bias), and on fp32 its integer path is
+    also faster. The backward is autograd's own (a scatter-add into each table).
+    """
+
+    @staticmethod
+    def forward(ctx, c2p, p2c, idx, additive):
+        bits = _SAME_SIZE_INT[c2p.element_size()]
+        bias = torch.gather(c2p.view(bits), 3, idx).view(c2p.dtype)
+        bias.add_(torch.gather(p2c.transpose(-1, -2).view(bits), 2, idx).view(p2c.dtype))
+        if additive is not None:
+            bias.add_(additive)
+        ctx.save_for_backward(idx)
+        ctx.shapes = c2p.shape, p2c.shape
+        return bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        (B, h, T, R), _ = ctx.shapes
+        grad_c2p = grad.new_zeros((B, h, T, R)).scatter_add_(3, idx, grad)
+        grad_p2c = grad.new_zeros((B, h, R, T)).scatter_add_(2, idx, grad).transpose(-1, -2)
+        return grad_c2p, grad_p2c, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +333,8 @@ class Attention(nn.Module):
         q_pos, k_pos = (pos * self.scale).view(R, 2, h, d).permute(1, 2, 3, 0)  # each (h, d, R)
         idx = pos_index.expand(B, h, T, T)
         # content->position: q_i . K_pos[idx(i, j)]; position->content: k_j . Q_pos[idx(i, j)].
-        c2p = torch.gather(q @ k_pos, 3, idx)  # (B, h, T, R) -> (B, h, T, T)
-        p2c = torch.gather((k @ q_pos).transpose(-1, -2), 2, idx)  # (B, h, R, T) -> (B, h, T, T)
-        bias = c2p.add_(p2c)
-        if masks["any_blocked"]:
-            bias = bias.add_(masks["additive"])
+        bias = _PositionBias.apply(q @ k_pos, k @ q_pos, idx,
+                                   masks["additive"] if masks["any_blocked"] else None)
         if torch.is_grad_enabled() and bias.requires_grad:
             # Training: SDPA on CPU would take its unfused math path here (the bias needs a
             # gradient); doing it by hand saves its extra passes over the (T, T) scores.
