@@ -212,12 +212,14 @@ class _PositionBias(torch.autograd.Function):
 
 class _History:
     """Per-forward storage of the block outputs [embedding, block 0, ..., block k] as one buffer,
-    so each weighted sum is a single matrix-vector product instead of a stack of copies."""
+    so each weighted sum is a single matrix-vector product instead of a stack of copies.
+    ``params`` are the mixes' weight Parameters, one per block."""
 
-    def __init__(self, first: torch.Tensor, num_blocks: int):
-        self.buf = first.new_empty((num_blocks + 1, first.numel()))
+    def __init__(self, first: torch.Tensor, params):
+        self.params = list(params)
+        self.buf = first.new_empty((len(self.params) + 1, first.numel()))
         self.buf[0].copy_(first.detach().reshape(-1))
-        self.alphas: list[torch.Tensor] = [None] * num_blocks  # each mix's weights (detached)
+        self.alphas = [a.detach() for a in self.params]  # each mix's weights, as values
         self.upstream: torch.Tensor | None = None  # backward: row k = gradient of mix k's output
         self.hi = -1  # backward: the highest mix whose gradient this pass has written
         self.last_k = -1  # backward: the mix that ran last (mixes run in decreasing k in a pass)
@@ -225,22 +227,26 @@ class _History:
 
 class _LayerMix(torch.autograd.Function):
     """After block k: write its output, the residual sum ``x + delta``, straight into the history
-    (no separate add and copy), return sum_j alpha_j * history_j.
+    (no separate add and copy), return sum_j alpha^k_j * history_j.
 
     Backward stores its incoming gradient g_k as row k of an upstream buffer; the gradient of block
     k's output (history entry k+1) is then sum_{k' >= k} alpha^{k'}_{k+1} g_{k'}, one matrix-vector
     product over rows already written (every later mix, its only other reader, ran before it). This
     reads each row once instead of accumulating into a zeroed per-entry buffer (read + write). That
     gradient goes to both ``x`` and ``delta`` (autograd casts it to delta's dtype).
+
+    The weights' gradients, grad alpha^k_j = history_j . g_k, come from the first mix (k = 0), which
+    takes every mix's Parameter as an input and runs last in a backward pass: one (blocks+1, N) x
+    (N, blocks) product reads the history and the upstream rows once, where a product per mix would
+    read history rows 0..k+1 again for every k (quadratic in depth).
     """
 
     @staticmethod
-    def forward(ctx, alpha, x, delta, first, history: _History, k: int):
+    def forward(ctx, x, delta, first, history: _History, k: int, *params):
         torch.add(x, delta, out=history.buf[k + 1].view(x.shape))
-        history.alphas[k] = alpha.detach()
         ctx.history, ctx.k, ctx.shape = history, k, x.shape
         # mv, not mm: a weighted sum, and FLOP counters leave it out of the matmul FLOPs.
-        return torch.mv(history.buf[: k + 2].t(), alpha).view(x.shape)
+        return torch.mv(history.buf[: k + 2].t(), history.alphas[k]).view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -250,17 +256,21 @@ class _LayerMix(torch.autograd.Function):
         if k >= history.last_k:  # a (new) backward pass begins here
             history.hi = k
         history.last_k = k
+        hi = history.hi
         g = grad_out.reshape(-1)
-        grad_alpha = torch.mv(history.buf[: k + 2], g)
         history.upstream[k].copy_(g)
-        rows = history.upstream[k: history.hi + 1]
-        coeff = torch.stack([history.alphas[j][k + 1] for j in range(k, history.hi + 1)])
+        rows = history.upstream[k: hi + 1]
+        coeff = torch.stack([history.alphas[j][k + 1] for j in range(k, hi + 1)])
         grad_x = torch.mv(rows.t(), coeff).view(ctx.shape)
-        grad_first = None
-        if k == 0:
-            coeff0 = torch.stack([history.alphas[j][0] for j in range(0, history.hi + 1)])
-            grad_first = torch.mv(history.upstream[: history.hi + 1].t(), coeff0).view(ctx.shape)
-        return grad_alpha, grad_x, grad_x, grad_first, None, None
+        if k > 0:
+            return grad_x, grad_x, None, None, None
+        coeff0 = torch.stack([history.alphas[j][0] for j in range(hi + 1)])
+        grad_first = torch.mv(history.upstream[: hi + 1].t(), coeff0).view(ctx.shape)
+        with torch.autocast(history.buf.device.type, enabled=False):  # fp32 sums, whatever the caller's context
+            dots = history.buf[: hi + 2] @ history.upstream[: hi + 1].t()  # [j, k'] = history_j . g_k'
+        grads = [dots[: j + 2, j] if j <= hi else torch.zeros_like(history.alphas[j])
+                 for j in range(len(history.alphas))]
+        return (grad_x, grad_x, grad_first, None, None, *grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,7 +569,7 @@ class GPTBERT(nn.Module):
         # In the matmuls' dtype: an fp32 bias or row mask would promote the bf16 scores and context.
         masks = self._attention_masks(blocked, _compute_dtype(x))
 
-        history = _History(x, self.num_blocks) if self.layer_weights is not None else None
+        history = _History(x, self.layer_weights) if self.layer_weights is not None else None
         first = x
         for i, layer in enumerate(self.layers):
             x = self._residual(x, layer.attention(x, rel_table, pos_index, masks), first, history, 2 * i)
@@ -570,7 +580,8 @@ class GPTBERT(nn.Module):
         # x + delta, then layer weighting k where it is on (the mix does the add itself).
         if history is None:
             return x + delta
-        return _LayerMix.apply(self.layer_weights[k], x, delta, first, history, k)
+        # The first mix carries every mix's weights (their gradients come from its backward).
+        return _LayerMix.apply(x, delta, first, history, k, *(history.params if k == 0 else ()))
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The tied LM head on (..., H) states -> (..., V) logits. Gather target positions first."""

@@ -228,12 +228,12 @@ def test_layer_mix_matches_naive_weighted_sums_in_values_and_gradients():
     x0 = torch.randn(shape, requires_grad=True)
 
     def run(custom: bool):
-        history = _History(x0, n_blocks) if custom else None
+        history = _History(x0, alphas) if custom else None
         outs, x = [x0], x0
         for k in range(n_blocks):
             delta = torch.tanh(x @ weights[k])
             if custom:
-                x = _LayerMix.apply(alphas[k], x, delta, x0, history, k)
+                x = _LayerMix.apply(x, delta, x0, history, k, *(alphas if k == 0 else ()))
             else:
                 x = x + delta
                 outs.append(x)
