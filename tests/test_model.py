@@ -418,3 +418,57 @@ def test_bf16_autocast_step_follows_fp32():
     assert abs(results[True][0] - results[False][0]) < 2e-2 * abs(results[False][0])
     cos = torch.nn.functional.cosine_similarity(results[True][1], results[False][1], dim=0)
     assert cos > 0.99, cos
+
+
+# -- the compiled CPU feed-forward kernel ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiled_geglu_norm_equals_the_eager_ops(autocast):
+    import torch.nn.functional as F
+
+    import gptbert.model as m
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, 2 * 24) * 2).requires_grad_()
+    grad = torch.randn(2, 5, 24)
+
+    def eager(inp):
+        value, gate = inp.chunk(2, dim=-1)
+        y = value * F.gelu(gate, approximate="tanh")
+        return F.layer_norm(y, (24,), eps=1e-7)
+
+    results = []
+    for fn in (eager, lambda inp: m.geglu_norm(inp, 1e-7)):
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            inp = x.to(torch.bfloat16) if autocast else x
+            out = fn(inp)
+        out.float().backward(grad)
+        results.append((out.float(), x.grad.clone()))
+    assert m._compiled_geglu_norm is not False, "the compiler should run on this machine"
+    (a, ga), (b, gb) = results
+    tol = 3e-2 if autocast else 1e-5  # bf16: the eager ops round between steps, the kernel does not
+    assert torch.allclose(a, b, atol=tol, rtol=tol)
+    assert torch.allclose(ga, gb, atol=tol * 4, rtol=tol)
+
+
+def test_geglu_norm_falls_back_to_eager_ops_when_the_compiler_fails(monkeypatch):
+    import gptbert.model as m
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(m, "_compiled_geglu_norm", None)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    x = torch.randn(3, 8, requires_grad=True)
+    with pytest.warns(UserWarning, match="RuntimeError: no C\\+\\+ compiler found\\); using eager ops"):
+        out = m.geglu_norm(x, 1e-7)
+    assert m._compiled_geglu_norm is False
+    value, gate = x.detach().chunk(2, dim=-1)
+    y = value * torch.nn.functional.gelu(gate, approximate="tanh")
+    assert torch.allclose(out, torch.nn.functional.layer_norm(y, (4,), eps=1e-7), atol=1e-6)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
