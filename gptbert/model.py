@@ -390,44 +390,52 @@ class _GEGLU(torch.autograd.Function):
         return grad_x
 
 
+class _CompiledOnCpu:
+    """``fn`` as one inductor-compiled kernel forward and one backward for CPU training steps;
+    ``eager`` (the same maths) in inference, on other devices (which compile the whole model or
+    have fast kernels), and where the compiler cannot run (no C++ toolchain; a warning says so
+    once). Shapes are static: the dynamic-shape code was slower, and a run has few shapes."""
+
+    def __init__(self, fn, eager, what: str):
+        self.fn, self.eager, self.what = fn, eager, what
+        self.compiled = None  # None: not tried yet; False: the compiler failed here
+
+    def __call__(self, x: torch.Tensor, *args):
+        if self.compiled is not False and x.device.type == "cpu" and x.requires_grad:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
+            try:
+                return self.compiled(x, *args)
+            except Exception as error:  # a missing or broken compiler shows up at the first call
+                first_line = str(error).splitlines()[0] if str(error) else ""
+                warnings.warn(f"gptbert: compiling the CPU {self.what} kernel failed "
+                              f"({type(error).__name__}: {first_line}); using eager ops")
+                self.compiled = False
+        return self.eager(x, *args)
+
+
 # GELU-tanh(g) = 0.5 g (1 + tanh(c (g + 0.044715 g^3))) = g * sigmoid(2c (g + 0.044715 g^3)), c = sqrt(2/pi).
 _GELU_TANH_C1 = 2.0 * math.sqrt(2.0 / math.pi)
 _GELU_TANH_C3 = _GELU_TANH_C1 * 0.044715
 
 
-def _geglu_norm_pointwise(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm(value * GELU-tanh(gate)) in the matmul dtype, written as plain ops for the
-    compiler to fuse into one forward and one backward kernel."""
+def _geglu_norm_ops(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm(value * GELU-tanh(gate)) for x = [value | gate], in the matmul dtype, as plain
+    pointwise ops for the compiler to fuse."""
     value, gate = x.chunk(2, dim=-1)
     y = value * (gate * torch.sigmoid(gate * (_GELU_TANH_C1 + _GELU_TANH_C3 * gate * gate)))
     return _lower_precision(F.layer_norm(y, (y.size(-1),), eps=eps))
 
 
-_compiled_geglu_norm = None  # None: not tried yet; False: the compiler is unavailable here
-
-
-def geglu_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """The middle of the feed-forward block: LayerNorm (no affine) of value * GELU-tanh(gate) for
-    x = [value | gate], in the dtype the next matmul runs in.
-
-    CPU training steps run it as one inductor-compiled kernel forward and one backward (static
-    shapes: dynamic-shape code was slower): ATen's CPU GELU-tanh and its backward take about 2 ms
-    each per (8 x 128 x 1280) tensor, several times the pointwise work, and the product, the
-    norm and the casts around it add five more passes. Elsewhere, or where the compiler cannot run
-    (no C++ toolchain; a warning says so once), the eager ops.
-    """
-    global _compiled_geglu_norm
-    if _compiled_geglu_norm is not False and x.device.type == "cpu" and x.requires_grad:
-        if _compiled_geglu_norm is None:
-            _compiled_geglu_norm = torch.compile(_geglu_norm_pointwise, dynamic=False, fullgraph=True)
-        try:
-            return _compiled_geglu_norm(x, eps)
-        except Exception as error:  # a missing or broken compiler shows up at the first call
-            warnings.warn(f"gptbert: compiling the CPU feed-forward kernel failed ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); using eager ops")
-            _compiled_geglu_norm = False
+def _geglu_norm_eager(x: torch.Tensor, eps: float) -> torch.Tensor:
     y = _GEGLU.apply(x)
     return _lower_precision(F.layer_norm(y, (y.size(-1),), eps=eps))
+
+
+# The middle of the feed-forward block. ATen's CPU GELU-tanh and its backward take about 2 ms each
+# per (8 x 128 x 1280) tensor, several times the pointwise work, and the product, the norm and the
+# casts around it add five more passes; compiled, it is one kernel each way.
+geglu_norm = _CompiledOnCpu(_geglu_norm_ops, _geglu_norm_eager, "feed-forward")
 
 
 class FeedForward(nn.Module):
