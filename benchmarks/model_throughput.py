@@ -90,7 +90,8 @@ def paper_config(cfg: ModelConfig) -> types.SimpleNamespace:
 class Runner:
     """One variant's model, AdamW optimiser and batch; ``step`` times one training step."""
 
-    def __init__(self, variant: str, cfg: ModelConfig, batch, precision: str, paper=None):
+    def __init__(self, variant: str, cfg: ModelConfig, batch, precision: str, paper=None,
+                 adamw: str = "foreach"):
         torch.manual_seed(0)
         self.variant, self.precision = variant, precision
         self.ids, self.blocked, self.targets = batch
@@ -101,7 +102,9 @@ class Runner:
             self.labels_t = torch.where(self.targets, self.ids, -100).t().contiguous()
         else:
             self.model = GPTBERT(ModelConfig(**{**cfg.__dict__, "attention_impl": OURS[variant]})).train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, foreach=True)
+        # The same optimiser for every variant: "foreach" (the multi-tensor kernels) or "fused"
+        # (one kernel per parameter group, on devices torch has it for).
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **{adamw: True})
 
     def _loss(self) -> torch.Tensor:
         if self.variant == "paper":
@@ -152,7 +155,8 @@ def peak_rss_mb() -> float:
 
 def build(args, name: str, variant: str, seq: int, precision: str, paper) -> Runner:
     cfg = preset(name).model
-    return Runner(variant, cfg, make_batch(cfg, args.batch, seq, args.target_fraction), precision, paper)
+    return Runner(variant, cfg, make_batch(cfg, args.batch, seq, args.target_fraction), precision, paper,
+                  args.adamw)
 
 
 def memory_probe(args) -> None:
@@ -170,7 +174,7 @@ def memory_probe(args) -> None:
 def measure_memory(args, name: str, variant: str, seq: int, precision: str) -> dict:
     cmd = [sys.executable, __file__, "--memory-probe", "--variant", variant, "--presets", name,
            "--threads", str(args.threads), "--batch", str(args.batch), "--seqs", str(seq),
-           "--precisions", precision, "--target-fraction", str(args.target_fraction)]
+           "--precisions", precision, "--target-fraction", str(args.target_fraction), "--adamw", args.adamw]
     if args.against_reference:
         cmd += ["--against-reference", args.against_reference]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -194,6 +198,8 @@ def main() -> None:
     p.add_argument("--target-fraction", type=float, default=0.25)
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up step)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
+    p.add_argument("--adamw", choices=["foreach", "fused"], default="foreach",
+                   help="torch AdamW implementation, the same for every variant (default: foreach)")
     p.add_argument("--variants", nargs="+", choices=list(OURS), default=list(OURS),
                    help="our variants to time (the paper's code is added with --against-reference)")
     p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
@@ -211,7 +217,7 @@ def main() -> None:
     peaks = {prec: matmul_peak(prec) for prec in args.precisions}
     print(f"# batch {args.batch}, {args.target_fraction:.0%} targets, {args.threads} threads, torch "
           f"{torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{args.steps} timed steps (median); matmul peak "
+          f"{args.steps} timed steps (median), AdamW {args.adamw}; matmul peak "
           + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
     header = (f"{'preset':<7} {'seq':>4} {'prec':<5} {'variant':<15} {'step s':>7} {'tokens/s':>9} "
               f"{'vs ' + baseline:>18} {'GFLOP/s':>8} {'MFU':>6} {'peak RSS MB':>12} {'+MB in step':>11}")

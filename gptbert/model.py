@@ -393,15 +393,17 @@ class _GEGLU(torch.autograd.Function):
 class _CompiledOnCpu:
     """``fn`` as one inductor-compiled kernel forward and one backward for CPU training steps;
     ``eager`` (the same maths) in inference, on other devices (which compile the whole model or
-    have fast kernels), and where the compiler cannot run (no C++ toolchain; a warning says so
-    once). Shapes are static: the dynamic-shape code was slower, and a run has few shapes."""
+    have fast kernels), inside a model compiled as a whole, and where the compiler cannot run (no
+    C++ toolchain; a warning says so once). Shapes are static: the dynamic-shape code was slower,
+    and a run has few shapes."""
 
     def __init__(self, fn, eager, what: str):
         self.fn, self.eager, self.what = fn, eager, what
         self.compiled = None  # None: not tried yet; False: the compiler failed here
 
     def __call__(self, x: torch.Tensor, *args):
-        if self.compiled is not False and x.device.type == "cpu" and x.requires_grad:
+        if (self.compiled is not False and x.device.type == "cpu" and x.requires_grad
+                and not torch.compiler.is_compiling()):  # inside a compiled model: the outer compile fuses
             if self.compiled is None:
                 self.compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
             try:
