@@ -214,16 +214,43 @@ class _PositionBias(torch.autograd.Function):
 class _History:
     """Per-forward storage of the block outputs [embedding, block 0, ..., block k] as one buffer,
     so each weighted sum is a single matrix-vector product instead of a stack of copies.
-    ``params`` are the mixes' weight Parameters, one per block."""
+    ``params`` are the mixes' weight Parameters, one per block.
 
-    def __init__(self, first: torch.Tensor, params):
+    ``pool`` (a list the model keeps) recycles the two buffers between steps: freshly allocated,
+    their first writes are page faults, which cost more than the writes themselves on CPU. A
+    history gives its buffers back when it is freed, i.e. once its backward graph is gone.
+    """
+
+    POOL_SIZE = 4  # buffers kept: two histories alive at once (e.g. two forwards, one backward)
+
+    def __init__(self, first: torch.Tensor, params, pool: list | None = None):
         self.params = list(params)
-        self.buf = first.new_empty((len(self.params) + 1, first.numel()))
+        self.pool = pool
+        self.buf = self._take((len(self.params) + 1, first.numel()), first)
         self.buf[0].copy_(first.detach().reshape(-1))
         self.alphas = [a.detach() for a in self.params]  # each mix's weights, as values
         self.upstream: torch.Tensor | None = None  # backward: row k = gradient of mix k's output
         self.hi = -1  # backward: the highest mix whose gradient this pass has written
         self.last_k = -1  # backward: the mix that ran last (mixes run in decreasing k in a pass)
+
+    def _take(self, shape, like: torch.Tensor) -> torch.Tensor:
+        if self.pool is not None:
+            for i, t in enumerate(self.pool):
+                if t.shape == shape and t.dtype == like.dtype and t.device == like.device:
+                    return self.pool.pop(i)
+        return like.new_empty(shape)
+
+    def take_upstream(self) -> torch.Tensor:
+        if self.upstream is None:
+            self.upstream = self._take((len(self.alphas), self.buf.size(1)), self.buf)
+        return self.upstream
+
+    def __del__(self):
+        if self.pool is not None:
+            for t in (self.buf, self.upstream):
+                if t is not None:
+                    self.pool.insert(0, t)
+            del self.pool[self.POOL_SIZE:]
 
 
 class _LayerMix(torch.autograd.Function):
@@ -252,8 +279,7 @@ class _LayerMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         history, k = ctx.history, ctx.k
-        if history.upstream is None:
-            history.upstream = history.buf.new_empty((len(history.alphas), history.buf.size(1)))
+        history.take_upstream()
         if k >= history.last_k:  # a (new) backward pass begins here
             history.hi = k
         history.last_k = k
@@ -533,6 +559,7 @@ class GPTBERT(nn.Module):
         self.head_bias = nn.Parameter(torch.empty(V))
         self.classifier: ClassifierHead | None = None
         self._pos_index_cache: dict[str, torch.Tensor] = {}
+        self._history_pool: list[torch.Tensor] = []  # layer-weighting buffers reused across steps
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -619,7 +646,12 @@ class GPTBERT(nn.Module):
         # In the matmuls' dtype: an fp32 bias or row mask would promote the bf16 scores and context.
         masks = self._attention_masks(blocked, _compute_dtype(x))
 
-        history = _History(x, self.layer_weights) if self.layer_weights is not None else None
+        history = None
+        if self.layer_weights is not None:
+            # CPU training only: CUDA's caching allocator already reuses memory, and inference
+            # should not hold buffers between calls.
+            pool = self._history_pool if x.device.type == "cpu" and torch.is_grad_enabled() else None
+            history = _History(x, self.layer_weights, pool)
         first = x
         for i, layer in enumerate(self.layers):
             x = self._residual(x, layer.attention(x, rel_table, pos_index, masks), first, history, 2 * i)

@@ -472,3 +472,23 @@ def test_geglu_norm_falls_back_to_eager_ops_when_the_compiler_fails(monkeypatch)
     assert torch.allclose(out, torch.nn.functional.layer_norm(y, (4,), eps=1e-7), atol=1e-6)
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_layer_weighting_buffers_are_reused_across_training_steps_only():
+    model = make_model(hidden_dropout=0.0, attention_dropout=0.0)
+    ids = torch.randint(0, 512, (2, 10))
+    blocked = blocked_for(torch.ones(2, 10, dtype=torch.long), [False, True])
+    model(ids, blocked).square().mean().backward()
+    pooled = {t.data_ptr() for t in model._history_pool}
+    assert len(pooled) == 2  # the history and the upstream gradients, given back after backward
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert any(n.startswith("layer_weights") for n in grads)
+    model.zero_grad()
+    model(ids, blocked).square().mean().backward()  # reuses both buffers: the same gradients
+    assert {t.data_ptr() for t in model._history_pool} == pooled
+    for n, g in grads.items():
+        assert torch.equal(dict(model.named_parameters())[n].grad, g), n
+    model._history_pool.clear()
+    with torch.no_grad():
+        model(ids, blocked)
+    assert model._history_pool == []
