@@ -423,13 +423,17 @@ class _CompiledOnCpu:
     C++ toolchain; a warning says so once). Shapes are static: the dynamic-shape code was slower,
     and a run has few shapes."""
 
+    MAX_SHAPES = 4  # a pretraining run has one per sequence-length stage; fine-tuning pads per batch
+
     def __init__(self, fn, eager, what: str):
         self.fn, self.eager, self.what = fn, eager, what
         self.compiled = None  # None: not tried yet; False: the compiler failed here
+        self.shapes: set = set()  # (shape, dtype, autocast) signatures compiled so far
 
     def __call__(self, x: torch.Tensor, *args):
         if (self.compiled is not False and x.device.type == "cpu" and x.requires_grad
-                and not torch.compiler.is_compiling()):  # inside a compiled model: the outer compile fuses
+                and not torch.compiler.is_compiling()  # inside a compiled model: the outer compile fuses
+                and self._admit(x)):
             if self.compiled is None:
                 self.compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
             try:
@@ -440,6 +444,14 @@ class _CompiledOnCpu:
                               f"({type(error).__name__}: {first_line}); using eager ops")
                 self.compiled = False
         return self.eager(x, *args)
+
+    def _admit(self, x: torch.Tensor) -> bool:
+        # Each new signature costs a compile of seconds; past a few (per-batch padded lengths),
+        # new ones run eagerly instead of compiling again and again.
+        key = (tuple(x.shape), x.dtype, torch.is_autocast_enabled("cpu"))
+        if key not in self.shapes and len(self.shapes) < self.MAX_SHAPES:
+            self.shapes.add(key)
+        return key in self.shapes
 
 
 # GELU-tanh(g) = 0.5 g (1 + tanh(c (g + 0.044715 g^3))) = g * sigmoid(2c (g + 0.044715 g^3)), c = sqrt(2/pi).
