@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as _flex_module
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from common.config.model import ModelConfig
 
@@ -417,41 +418,41 @@ class _GEGLU(torch.autograd.Function):
 
 
 class _CompiledOnCpu:
-    """``fn`` as one inductor-compiled kernel forward and one backward for CPU training steps;
-    ``eager`` (the same maths) in inference, on other devices (which compile the whole model or
-    have fast kernels), inside a model compiled as a whole, and where the compiler cannot run (no
-    C++ toolchain; a warning says so once). Shapes are static: the dynamic-shape code was slower,
-    and a run has few shapes."""
+    """``fn`` (row-wise maths over the last dimension) as one inductor-compiled kernel forward and
+    one backward for CPU training steps; ``eager`` (the same maths) in inference, on other devices
+    (which compile the whole model or have fast kernels), inside a model compiled as a whole or
+    under a dispatch mode (a FLOP counter), and where the compiler cannot run (no C++ toolchain; a
+    warning says so once).
 
-    MAX_SHAPES = 4  # a pretraining run has one per sequence-length stage; fine-tuning pads per batch
+    Inputs are flattened to (rows, features) with only the row count dynamic: micro-batch sizes
+    vary from step to step, and one graph for all of them keeps a resumed run numerically equal
+    to an uninterrupted one (every row is computed by the same code whatever the count). Fully
+    dynamic shapes made slower code.
+    """
 
     def __init__(self, fn, eager, what: str):
         self.fn, self.eager, self.what = fn, eager, what
         self.compiled = None  # None: not tried yet; False: the compiler failed here
-        self.shapes: set = set()  # (shape, dtype, autocast) signatures compiled so far
 
     def __call__(self, x: torch.Tensor, *args):
-        if (self.compiled is not False and x.device.type == "cpu" and x.requires_grad
+        rows = x.numel() // max(x.size(-1), 1)
+        if (self.compiled is not False and x.device.type == "cpu" and x.requires_grad and rows >= 2
                 and not torch.compiler.is_compiling()  # inside a compiled model: the outer compile fuses
-                and self._admit(x)):
+                and _get_current_dispatch_mode() is None):  # e.g. FlopCounterMode: compiled frames are skipped
             if self.compiled is None:
-                self.compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
+                self.compiled = torch.compile(self.fn, fullgraph=True)
+            flat = x.reshape(rows, x.size(-1))
+            torch._dynamo.mark_dynamic(flat, 0)
             try:
-                return self.compiled(x, *args)
+                out = self.compiled(flat, *args)
             except Exception as error:  # a missing or broken compiler shows up at the first call
                 first_line = str(error).splitlines()[0] if str(error) else ""
                 warnings.warn(f"gptbert: compiling the CPU {self.what} kernel failed "
                               f"({type(error).__name__}: {first_line}); using eager ops")
                 self.compiled = False
+            else:
+                return out.view(*x.shape[:-1], out.size(-1))
         return self.eager(x, *args)
-
-    def _admit(self, x: torch.Tensor) -> bool:
-        # Each new signature costs a compile of seconds; past a few (per-batch padded lengths),
-        # new ones run eagerly instead of compiling again and again.
-        key = (tuple(x.shape), x.dtype, torch.is_autocast_enabled("cpu"))
-        if key not in self.shapes and len(self.shapes) < self.MAX_SHAPES:
-            self.shapes.add(key)
-        return key in self.shapes
 
 
 # GELU-tanh(g) = 0.5 g (1 + tanh(c (g + 0.044715 g^3))) = g * sigmoid(2c (g + 0.044715 g^3)), c = sqrt(2/pi).
