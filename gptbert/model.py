@@ -30,7 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as _flex_module
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from common.config.model import ModelConfig
 
@@ -420,9 +419,8 @@ class _GEGLU(torch.autograd.Function):
 class _CompiledOnCpu:
     """``fn`` (row-wise maths over the last dimension) as one inductor-compiled kernel forward and
     one backward for CPU training steps; ``eager`` (the same maths) in inference, on other devices
-    (which compile the whole model or have fast kernels), inside a model compiled as a whole or
-    under a dispatch mode (a FLOP counter), and where the compiler cannot run (no C++ toolchain; a
-    warning says so once).
+    (which compile the whole model or have fast kernels), inside a model compiled as a whole, and
+    where the compiler cannot run (no C++ toolchain; a warning says so once).
 
     Inputs are flattened to (rows, features) with only the row count dynamic: micro-batch sizes
     vary from step to step, and one graph for all of them keeps a resumed run numerically equal
@@ -437,10 +435,11 @@ class _CompiledOnCpu:
     def __call__(self, x: torch.Tensor, *args):
         rows = x.numel() // max(x.size(-1), 1)
         if (self.compiled is not False and x.device.type == "cpu" and x.requires_grad and rows >= 2
-                and not torch.compiler.is_compiling()  # inside a compiled model: the outer compile fuses
-                and _get_current_dispatch_mode() is None):  # e.g. FlopCounterMode: compiled frames are skipped
+                and not torch.compiler.is_compiling()):  # inside a compiled model: the outer compile fuses
             if self.compiled is None:
-                self.compiled = torch.compile(self.fn, fullgraph=True)
+                # Not fullgraph: under a dispatch mode (a FLOP counter) dynamo runs the frame
+                # eagerly instead of failing (and compiles it no more in this process).
+                self.compiled = torch.compile(self.fn)
             flat = x.reshape(rows, x.size(-1))
             torch._dynamo.mark_dynamic(flat, 0)
             try:
