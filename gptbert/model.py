@@ -21,6 +21,7 @@ Two implementations of the same maths are kept:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Mapping
@@ -124,8 +125,17 @@ def flex_block_mask(blocked: torch.Tensor):
 # Element-wise helpers for the CPU training step
 
 
-_BIT_PATTERN = {2: (np.uint16, np.int16, torch.int16), 4: (np.uint32, np.int32, torch.int32),
-                8: (np.uint64, np.int64, torch.int64)}
+# Integer types of a float's size (numpy unsigned, numpy signed, torch): ops that only move or
+# compare bits run on these views.
+_SAME_SIZE_INT = {2: (np.uint16, np.int16, torch.int16), 4: (np.uint32, np.int32, torch.int32),
+                  8: (np.uint64, np.int64, torch.int64)}
+
+
+@functools.lru_cache(maxsize=None)
+def _scale_bits(cut: int, dtype: torch.dtype) -> int:
+    """The bit pattern, as an unsigned integer, of 65536 / (65536 - cut) in ``dtype``."""
+    unsigned, _, torch_int = _SAME_SIZE_INT[dtype.itemsize]
+    return torch.tensor(65536 / (65536 - cut), dtype=dtype).view(torch_int).item() & np.iinfo(unsigned).max
 
 
 def _keep_mask(n: int, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -139,12 +149,11 @@ def _keep_mask(n: int, p: float, dtype: torch.dtype) -> torch.Tensor:
     times as much.
     """
     cut = round(p * 65536)
-    unsigned, signed, torch_int = _BIT_PATTERN[torch.empty((), dtype=dtype).element_size()]
-    scale = torch.tensor(65536 / (65536 - cut), dtype=dtype).view(torch_int).item()
+    unsigned, signed, _ = _SAME_SIZE_INT[dtype.itemsize]
     seed = int(torch.randint(0, 2 ** 62, (1,)).item())
     uniforms = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.uint16)[:n]
     keep = np.greater_equal(uniforms, cut).view(np.uint8)
-    pattern = np.multiply(keep, unsigned(scale & np.iinfo(unsigned).max), dtype=unsigned)
+    pattern = np.multiply(keep, unsigned(_scale_bits(cut, dtype)), dtype=unsigned)
     return torch.from_numpy(pattern.view(signed)).view(dtype)
 
 
@@ -174,9 +183,6 @@ def _lower_precision(x: torch.Tensor) -> torch.Tensor:
     return x.to(_compute_dtype(x))
 
 
-_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 class _PositionBias(torch.autograd.Function):
     """The disentangled position terms as one (B, h, T, T) bias:
     ``bias[b, h, i, j] = c2p[b, h, i, idx(i, j)] + p2c[b, h, j, idx(i, j)]`` (+ the additive mask),
@@ -189,19 +195,19 @@ class _PositionBias(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, c2p, p2c, idx, additive):
-        bits = _SAME_SIZE_INT[c2p.element_size()]
+        bits = _SAME_SIZE_INT[c2p.element_size()][2]
         bias = torch.gather(c2p.view(bits), 3, idx).view(c2p.dtype)
         bias.add_(torch.gather(p2c.transpose(-1, -2).view(bits), 2, idx).view(p2c.dtype))
         if additive is not None:
             bias.add_(additive)
         ctx.save_for_backward(idx)
-        ctx.shapes = c2p.shape, p2c.shape
+        ctx.table_shape = c2p.shape
         return bias
 
     @staticmethod
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
-        (B, h, T, R), _ = ctx.shapes
+        B, h, T, R = ctx.table_shape
         grad_c2p = grad.new_zeros((B, h, T, R)).scatter_add_(3, idx, grad)
         grad_p2c = grad.new_zeros((B, h, R, T)).scatter_add_(2, idx, grad).transpose(-1, -2)
         return grad_c2p, grad_p2c, None, None
@@ -279,22 +285,22 @@ class _LayerMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         history, k = ctx.history, ctx.k
-        history.take_upstream()
+        upstream = history.take_upstream()
         if k >= history.last_k:  # a (new) backward pass begins here
             history.hi = k
         history.last_k = k
         hi = history.hi
         g = grad_out.reshape(-1)
-        history.upstream[k].copy_(g)
-        rows = history.upstream[k: hi + 1]
+        upstream[k].copy_(g)
+        rows = upstream[k: hi + 1]
         coeff = torch.stack([history.alphas[j][k + 1] for j in range(k, hi + 1)])
         grad_x = torch.mv(rows.t(), coeff).view(ctx.shape)
         if k > 0:
             return grad_x, grad_x, None, None, None
         coeff0 = torch.stack([history.alphas[j][0] for j in range(hi + 1)])
-        grad_first = torch.mv(history.upstream[: hi + 1].t(), coeff0).view(ctx.shape)
+        grad_first = torch.mv(upstream[: hi + 1].t(), coeff0).view(ctx.shape)
         with torch.autocast(history.buf.device.type, enabled=False):  # fp32 sums, whatever the caller's context
-            dots = history.buf[: hi + 2] @ history.upstream[: hi + 1].t()  # [j, k'] = history_j . g_k'
+            dots = history.buf[: hi + 2] @ upstream[: hi + 1].t()  # [j, k'] = history_j . g_k'
         grads = [dots[: j + 2, j] if j <= hi else torch.zeros_like(history.alphas[j])
                  for j in range(len(history.alphas))]
         return (grad_x, grad_x, grad_first, None, None, *grads)
