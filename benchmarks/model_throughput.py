@@ -13,8 +13,9 @@ Variants, all built from the same ModelConfig and fed the same batch:
 
 Each precision runs every variant: ``fp32``, and ``bf16`` (CPU autocast: fp32 weights, bf16
 matmuls; the paper's own mixed-precision mode) where the processor runs bf16 natively. The matmul
-peak of the same precision is measured in the same run (a 2048^3 GEMM), so MFU is "model FLOPs
-(gptbert.flops, ~176 MFLOP/token for small at 128) per second / measured peak".
+peak of the same precision is measured in the same run (a 2048^3 GEMM, sampled between the timing
+rounds: on a shared host the GEMM rate drifts), so MFU is "model FLOPs (gptbert.flops, ~176
+MFLOP/token for small at 128) per second / the median of those peak samples".
 
 Timing interleaves the variants' steps, so load from other processes hits all alike; compare the
 ratio columns, not absolute numbers across runs. Peak memory is measured per variant in a fresh
@@ -138,6 +139,28 @@ def matmul_peak(precision: str, n: int = 2048, seconds: float = 1.5) -> float:
     return done * 2 * n ** 3 / (time.perf_counter() - t0)
 
 
+class PeakSampler:
+    """The matmul peak sampled between timing rounds (a few GEMMs each time), so MFU divides by
+    the peak of the same minutes as the steps: on a shared host the GEMM rate drifts by 2x or
+    more between minutes, and a peak measured once at start-up would skew MFU by as much."""
+
+    def __init__(self, precision: str, n: int = 2048, seconds: float = 0.1):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.a, self.b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        self.flops, self.seconds, self.samples = 2 * n ** 3, seconds, []
+        self.a @ self.b
+
+    def sample(self) -> None:
+        done, t0 = 0, time.perf_counter()
+        while done == 0 or time.perf_counter() - t0 < self.seconds:
+            self.a @ self.b
+            done += 1
+        self.samples.append(done * self.flops / (time.perf_counter() - t0))
+
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
@@ -217,10 +240,12 @@ def main() -> None:
     peaks = {prec: matmul_peak(prec) for prec in args.precisions}
     print(f"# batch {args.batch}, {args.target_fraction:.0%} targets, {args.threads} threads, torch "
           f"{torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{args.steps} timed steps (median), AdamW {args.adamw}; matmul peak "
-          + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
+          f"{args.steps} timed steps (median), AdamW {args.adamw}; matmul peak at start "
+          + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items())
+          + "; MFU divides by the column 'peak' (GFLOP/s, sampled between the timed rounds)")
     header = (f"{'preset':<7} {'seq':>4} {'prec':<5} {'variant':<15} {'step s':>7} {'tokens/s':>9} "
-              f"{'vs ' + baseline:>18} {'GFLOP/s':>8} {'MFU':>6} {'peak RSS MB':>12} {'+MB in step':>11}")
+              f"{'vs ' + baseline:>18} {'GFLOP/s':>8} {'MFU':>6} {'peak':>8} {'peak RSS MB':>12} "
+              f"{'+MB in step':>11}")
     print(header)
     print("-" * len(header))
     for name in args.presets:
@@ -231,10 +256,13 @@ def main() -> None:
                 for r in runners.values():  # warm-up
                     r.step()
                 times = {v: [] for v in variants}
+                sampler = PeakSampler(prec)
                 for _ in range(args.steps):
                     for v, r in runners.items():
                         times[v].append(r.step()[1])
+                    sampler.sample()
                 runners.clear()
+                peak = sampler.median()
                 tokens = args.batch * seq
                 flops = flops_per_token(cfg, seq, args.target_fraction, True, args.batch) * tokens
                 base = statistics.median(times[baseline])
@@ -244,8 +272,9 @@ def main() -> None:
                     if not args.no_memory:
                         mem = measure_memory(args, name, v, seq, prec)
                     print(f"{name:<7} {seq:>4} {prec:<5} {v:<15} {step:>7.3f} {tokens / step:>9,.0f} "
-                          f"{base / step:>17.2f}x {flops / step / 1e9:>8.1f} {flops / step / peaks[prec]:>6.1%} "
-                          f"{mem['peak_rss_mb']:>12.0f} {mem['increase_mb']:>11.0f}", flush=True)
+                          f"{base / step:>17.2f}x {flops / step / 1e9:>8.1f} {flops / step / peak:>6.1%} "
+                          f"{peak / 1e9:>8,.0f} {mem['peak_rss_mb']:>12.0f} {mem['increase_mb']:>11.0f}",
+                          flush=True)
 
 
 if __name__ == "__main__":
