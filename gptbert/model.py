@@ -252,7 +252,8 @@ class _History:
         return self.upstream
 
     def __del__(self):
-        if self.pool is not None:
+        # getattr: under torch.compile, dynamo may build an instance without running __init__.
+        if getattr(self, "pool", None) is not None:
             for t in (self.buf, self.upstream):
                 if t is not None:
                     self.pool.insert(0, t)
