@@ -126,21 +126,9 @@ class Runner:
         return t1 - t0, time.perf_counter() - t0
 
 
-def matmul_peak(precision: str, n: int = 2048, seconds: float = 1.5) -> float:
-    """Measured FLOP/s of an n x n x n GEMM on operands already in this precision (the hardware's
-    matmul peak; autocast's per-call casts are model overhead, not peak)."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    done, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        done += 1
-    return done * 2 * n ** 3 / (time.perf_counter() - t0)
-
-
 class PeakSampler:
-    """The matmul peak sampled between timing rounds (a few GEMMs each time), so MFU divides by
+    """The matmul peak (an n x n x n GEMM on operands already in this precision; autocast's
+    per-call casts are model overhead, not peak), sampled between timing rounds so MFU divides by
     the peak of the same minutes as the steps: on a shared host the GEMM rate drifts by 2x or
     more between minutes, and a peak measured once at start-up would skew MFU by as much."""
 
@@ -237,12 +225,10 @@ def main() -> None:
     paper = load_paper_module(args.against_reference) if args.against_reference else None
     variants = (["paper"] if paper else []) + args.variants
     baseline = "paper" if paper else args.variants[-1]
-    peaks = {prec: matmul_peak(prec) for prec in args.precisions}
     print(f"# batch {args.batch}, {args.target_fraction:.0%} targets, {args.threads} threads, torch "
           f"{torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{args.steps} timed steps (median), AdamW {args.adamw}; matmul peak at start "
-          + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items())
-          + "; MFU divides by the column 'peak' (GFLOP/s, sampled between the timed rounds)")
+          f"{args.steps} timed steps (median), AdamW {args.adamw}; MFU divides by the column 'peak' "
+          f"(a 2048^3 GEMM's GFLOP/s, sampled between the timed rounds)")
     header = (f"{'preset':<7} {'seq':>4} {'prec':<5} {'variant':<15} {'step s':>7} {'tokens/s':>9} "
               f"{'vs ' + baseline:>18} {'GFLOP/s':>8} {'MFU':>6} {'peak':>8} {'peak RSS MB':>12} "
               f"{'+MB in step':>11}")
