@@ -248,16 +248,6 @@ class EMA:
             p.copy_(saved[n])
 
 
-def resolve_device(device: str) -> torch.device:
-    """The device of ``train.device``: ``auto`` is CUDA when available, else the CPU; ``cuda``
-    without CUDA is a ValueError."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config field 'train.device': 'cuda' requested but CUDA is not available")
-    return torch.device(device)
-
-
 def cpu_supports_bf16() -> bool:
     """True on CPUs with native bf16 matmul (AVX-512-BF16 or AMX); AVX2 emulates it ~7x slower."""
     cpu = getattr(torch, "cpu", None)
@@ -301,4 +291,4 @@ def precision_name(dtype: torch.dtype | None) -> str:
 
 
 __all__ = ["AUTO_PRECISION_ENV", "EMA", "LAMB", "ShardedLAMB", "build_optimizer", "cpu_supports_bf16", "lr_at",
-           "param_groups", "precision_name", "resolve_device", "resolve_precision", "schedule_lr", "trust_ratio"]
+           "param_groups", "precision_name", "resolve_precision", "schedule_lr", "trust_ratio"]

@@ -29,7 +29,8 @@ from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, l
 from .data import TrainingData, WordCounter, document_words, open_data
 from .objective import (Cursor, LossNorm, TrainingStream, hybrid_loss, objective_value, rank_slice,
                         segment_pieces, validation_batches)
-from .optim import EMA, build_optimizer, precision_name, resolve_device, resolve_precision, schedule_lr
+from .device import resolve_device
+from .optim import EMA, build_optimizer, precision_name, resolve_precision, schedule_lr
 
 log = logging.getLogger("gptbert")
 

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -69,6 +70,15 @@ def check_location(value: str, field: str) -> None:
     check(not scheme or scheme in SCHEMES, field,
           f"{value!r} has the URI scheme {scheme}://, which no filesystem here reads (known: "
           f"{', '.join(s + '://' for s in SCHEMES)})")
+
+
+DEVICE_SPEC = re.compile(r"auto|cpu|cuda|cuda:\d+")
+
+
+def check_device(value: str, field: str) -> None:
+    """A device setting is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (gptbert.device resolves it)."""
+    check(isinstance(value, str) and DEVICE_SPEC.fullmatch(value) is not None, field,
+          f"expected one of auto, cpu, cuda, cuda:N, got {value!r}")
 
 
 def _type_name(tp: Any) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-from .base import ConfigBase, check
+from .base import ConfigBase, check, check_device
 
 
 @dataclass
@@ -62,7 +62,8 @@ class TrainConfig(ConfigBase):
     ema_decay: float = 0.999
     # "auto": bf16 autocast on CUDA with bf16, or a CPU with AVX-512-BF16/AMX; fp32 elsewhere.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Where pretraining computes, on every launcher: auto (CUDA when present) | cpu | cuda | cuda:N.
+    device: str = "auto"
 
     # --- loop ---
     # Build the next step's examples in a background thread while this step trains.
@@ -125,6 +126,7 @@ class TrainConfig(ConfigBase):
     def validate(self) -> None:
         """Reject invalid values with a ConfigError naming the field."""
         check(self.steps > 0, "steps", "must be positive")
+        check_device(self.device, "device")
         check(self.lr > 0, "lr", "must be positive")
         check(0.0 <= self.causal_fraction <= 1.0, "causal_fraction", "must be in [0, 1]")
         check(self.z_loss >= 0, "z_loss", "must be >= 0")
