@@ -523,11 +523,10 @@ def check_data_fits(cfg: PipelineConfig, data: TrainingData) -> None:
 
 def build_local_backend(model_cfg: ModelConfig, train_cfg: TrainConfig) -> LocalBackend:
     """A fresh model (seeded by ``train.seed``) and its optimizer on ``train.device``."""
-    from .model import GPTBERT
+    from .kernels import build_model
 
     torch.manual_seed(train_cfg.seed)
-    device = resolve_device(train_cfg.device)
-    model = GPTBERT(model_cfg).to(device)
+    model = build_model(model_cfg, resolve_device(train_cfg.device))
     return LocalBackend(model, build_optimizer(model, train_cfg), train_cfg.grad_clip)
 
 
