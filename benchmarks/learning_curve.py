@@ -31,7 +31,8 @@ from gptbert.kernels import build_model  # noqa: E402
 from gptbert.scoring import score_sentences  # noqa: E402
 from gptbert.data import open_data  # noqa: E402
 from gptbert.objective import PackingPlanner  # noqa: E402
-from gptbert.trainer import Trainer, build_local_backend, unwrap  # noqa: E402
+from gptbert.pretraining import build_local_backend  # noqa: E402
+from gptbert.trainer import Trainer, unwrap  # noqa: E402
 
 
 def blimp_t1(model, tokenizer, pairs, modes=("causal", "mntp")) -> dict[str, float]:

@@ -36,13 +36,14 @@ def register(subparsers) -> None:
 
 def pretrain_command(args) -> int:
     """Pretrain with the configured launcher, then print the model folder and its final losses."""
-    from gptbert.distributed import run_pretraining
+    from gptbert.distributed import check_launch, run_pretraining
     from gptbert.metrics import ProgressFile
-    from gptbert.trainer import PROGRESS_FILE, check_run_folder
+    from gptbert.pretraining import PROGRESS_FILE, check_run_folder
 
     from .console import Console, log_path_for
 
     cfg = config_from_args(args)
+    check_launch(cfg)  # an unknown launcher or a missing GPU: one line, nothing written
     out = storage.normalize(args.out)
     # A run folder on an object store trains in its local home and is published at the end.
     local = storage.local_home(out)

@@ -128,7 +128,7 @@ def pretrain(cfg: PipelineConfig, shards: Artifact, tokenizer: Artifact, callbac
     from gptbert.trainer import pretrain_config
 
     from gptbert.metrics import Chain, ProgressFile
-    from gptbert.trainer import PROGRESS_FILE
+    from gptbert.pretraining import PROGRESS_FILE
 
     from . import events
 
