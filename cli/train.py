@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 from common import storage
+from common.errors import error_line
 
 from .options import add_config_args, config_from_args
 
@@ -62,8 +63,6 @@ def pretrain_command(args) -> int:
             result = run_pretraining(cfg, args.data, out, tokenizer=args.tokenizer, callback=callback,
                                      stop_after=args.stop_after)
         except BaseException as exc:
-            from .main import error_line
-
             console.event("stage_failed", {"stage": "pretrain", "error": error_line(exc)})
             raise
         console.event("stage_finished", {"stage": "pretrain", "cached": False, "path": str(result)})

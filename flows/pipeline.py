@@ -29,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from common import storage
 from common.artifacts import STAGES, update_record
 from common.config import PipelineConfig, dump_yaml, flatten, load_config
+from common.errors import error_line
 
 from . import events, stages
 from .stages import Artifact
@@ -82,11 +83,6 @@ def _child_name(tracker, stage: str, parent_run_id: Optional[str]) -> str:
     return child_name(stage, tracker.run_name_of(parent_run_id) if parent_run_id else None)
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
-
-
 def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Optional[str], run) -> Artifact:
     """Open the stage's child run, run ``run(child_run_id)``, log what the stage produced."""
     logger = get_run_logger()
@@ -119,7 +115,7 @@ def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Option
                     duration_s=0.0 if artifact.cached else duration)
         return artifact
     except BaseException as exc:
-        events.emit("stage_failed", stage=stage, error=_one_line(exc))
+        events.emit("stage_failed", stage=stage, error=error_line(exc))
         if tracker is not None and child is not None:
             tracker.end_run(child, "FAILED")
         raise

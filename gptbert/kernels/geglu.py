@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.errors import error_line
+
 from ..model import FeedForward, compute_dtype
 
 
@@ -71,9 +73,8 @@ class CompiledOnCpu:
             try:
                 out = self.compiled(flat, *args)
             except Exception as error:  # a missing or broken compiler shows up at the first call
-                first_line = str(error).splitlines()[0] if str(error) else ""
                 warnings.warn(f"gptbert: compiling the CPU {self.what} kernel failed "
-                              f"({type(error).__name__}: {first_line}); using eager ops")
+                              f"({type(error).__name__}: {error_line(error, first=True)}); using eager ops")
                 self.compiled = False
             else:
                 return out.view(*x.shape[:-1], out.size(-1))
