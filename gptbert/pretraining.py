@@ -52,9 +52,10 @@ def milestone_name(words: int) -> str:
 
 
 
-def pretrain_inputs(data: TrainingData) -> dict[str, str | None]:
-    """The inputs part of a pretraining run's identity: the data's and the tokenizer's digests."""
-    return {"data": data.digest, "tokenizer": file_digest(data.tokenizer) if data.tokenizer else None}
+def pretrain_inputs(data_sha256: str, tokenizer_sha256: str | None) -> dict[str, str | None]:
+    """The inputs part of a pretraining run's identity: the data's and the tokenizer's digests (the
+    stage and the flows' cache check both spell it here)."""
+    return {"data": data_sha256, "tokenizer": tokenizer_sha256}
 
 
 def check_run_folder(out: Path) -> None:
@@ -136,7 +137,8 @@ def write_pretrain_record(out: Path, cfg: PipelineConfig, data: TrainingData, su
     """The pretraining stage's record (written once the model folder is complete)."""
     stats = {k: summary[k] for k in ("steps", "steps_this_session", "tokens", "words", "final", "precision",
                                      "milestones", "first_batch_sha256") if k in summary}
-    record = make_record(STAGE, pretrain_inputs(data), pretrain_config(cfg.model, cfg.train), out, MODEL_DIR,
+    inputs = pretrain_inputs(data.digest, file_digest(data.tokenizer) if data.tokenizer else None)
+    record = make_record(STAGE, inputs, pretrain_config(cfg.model, cfg.train), out, MODEL_DIR,
                          stats)
     write_record(out, record)
     return record
