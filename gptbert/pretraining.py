@@ -179,7 +179,8 @@ def build_local_backend(model_cfg: ModelConfig, train_cfg: TrainConfig,
     """A fresh model (seeded by ``train.seed``, kernels applied) and its optimizer on ``device``
     (default: ``train.device``)."""
     torch.manual_seed(train_cfg.seed)
-    model = build_model(model_cfg, device if device is not None else resolve_device(train_cfg.device, "train.device"))
+    model = build_model(model_cfg, device if device is not None else resolve_device(train_cfg.device, "train.device"),
+                        compile=train_cfg.compile)
     return LocalBackend(model, build_optimizer(model, train_cfg), train_cfg.grad_clip)
 
 

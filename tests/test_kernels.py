@@ -297,3 +297,43 @@ def test_compiled_kernel_rows_do_not_depend_on_the_batch_they_come_in():
         grads.append(x.grad[:3])
     assert geglu.geglu_norm.compiled not in (None, False)
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+
+
+# -- the whole model compiled (train.compile) --------------------------------------------------------
+
+
+def test_a_failed_compile_warns_once_and_the_model_runs_eagerly(monkeypatch):
+    from gptbert.kernels import compiled
+
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("inductor: no working C++ compiler\ndetails")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    ids, blocked = batch()
+    eager = tiny_model(True)
+    model = compiled.compile_model(tiny_model(True))
+    assert isinstance(model.layer_mix, LayerWeighting)  # the plain sums, for the compiler to trace
+    with pytest.warns(UserWarning, match=r"torch.compile of the model failed after .* s \(RuntimeError: inductor: "
+                                         r"no working C\+\+ compiler\); training continues with the eager model"):
+        h_fallback, g_fallback = step(model, ids, blocked)
+    assert model.forward.failed is not None
+    h_eager, g_eager = step(eager, ids, blocked)
+    assert torch.allclose(h_fallback, h_eager, atol=1e-5)
+    for name in g_eager:
+        assert torch.allclose(g_fallback[name], g_eager[name], atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.slow
+def test_the_compiled_model_equals_the_eager_one():
+    from gptbert.kernels.compiled import compile_model
+
+    ids, blocked = batch()
+    model = compile_model(tiny_model(True))
+    h_compiled, g_compiled = step(model, ids, blocked)
+    assert model.forward.failed is None and model.forward.first_call_s is not None
+    h_eager, g_eager = step(tiny_model(True), ids, blocked)
+    assert torch.allclose(h_compiled, h_eager, atol=1e-4)
+    for name in g_eager:
+        assert torch.allclose(g_compiled[name], g_eager[name], atol=1e-4, rtol=1e-3), name

@@ -64,6 +64,8 @@ class TrainConfig(ConfigBase):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Where pretraining computes, on every launcher: auto (CUDA when present) | cpu | cuda | cuda:N.
     device: str = "auto"
+    # torch.compile the model's forward (worth it on GPUs; eager with a warning where it fails).
+    compile: bool = False
 
     # --- loop ---
     # Build the next step's examples in a background thread while this step trains.
@@ -81,7 +83,7 @@ class TrainConfig(ConfigBase):
 
     # Loop settings that may change between a run and its resumption (not part of its identity).
     RUNTIME_FIELDS = ("checkpoint_every", "keep_checkpoints", "validate_every", "device", "precision",
-                      "prefetch")
+                      "prefetch", "compile")
 
     def seq_len_at(self, step: int) -> int:
         """Sequence length used at ``step`` (pure function of the step)."""

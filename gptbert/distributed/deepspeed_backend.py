@@ -5,6 +5,7 @@ the client optimizer), and the DeepSpeed config built from the typed config.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from common.config import ConfigError, LaunchConfig, ModelConfig, TrainConfig
 
 from ..kernels import build_model
 from ..optim import EMA, ShardedLAMB, param_groups, resolve_precision
+
+log = logging.getLogger("gptbert")
 from .zero import Zero3EMA, attach_zero3_partitions, attach_zero_partitions, prepare_zero3_model
 
 # The base configs, one per ZeRO stage; their "auto" values are filled from the typed config.
@@ -167,7 +170,9 @@ def build_deepspeed_backend(model_cfg: ModelConfig, train_cfg: TrainConfig, laun
     tc = train_cfg
     bf16 = resolve_precision(tc.precision, device) is not None
     torch.manual_seed(tc.seed)  # identical initial weights on every rank (as the plain loop)
-    model = build_model(model_cfg, device)
+    if tc.compile and launch_cfg.zero_stage == 3:
+        log.warning("train.compile is not applied under ZeRO-3 (its parameter hooks run inside the forward)")
+    model = build_model(model_cfg, device, compile=tc.compile and launch_cfg.zero_stage < 3)
     groups = param_groups(model, tc.weight_decay)
     betas = (tc.beta1, tc.beta2)
     if tc.optimizer == "lamb":

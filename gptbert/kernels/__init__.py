@@ -14,7 +14,8 @@ with code that computes the same thing faster, and sits beside a test of that eq
 
 ``apply_kernels(model)`` installs them all unless ``model.config.kernels`` is false, which keeps
 the plain model (the one checked against the paper's code). Every place that builds a model to
-compute with goes through ``build_model``.
+compute with goes through ``build_model``. ``compiled.compile_model`` (``train.compile``) routes the
+whole forward through ``torch.compile``, eager where compiling fails.
 """
 
 from __future__ import annotations
@@ -48,12 +49,16 @@ def apply_kernels(model: GPTBERT) -> GPTBERT:
     return model
 
 
-def build_model(config: ModelConfig, device: torch.device | str | None = None) -> GPTBERT:
-    """A freshly initialised ``GPTBERT(config)`` on ``device``, with the kernels applied."""
+def build_model(config: ModelConfig, device: torch.device | str | None = None, compile: bool = False) -> GPTBERT:
+    """A freshly initialised ``GPTBERT(config)`` on ``device``, with the kernels applied and, with
+    ``compile``, its forward compiled (``compiled.compile_model``)."""
+    from .compiled import compile_model
+
     model = GPTBERT(config)
     if device is not None:
         model = model.to(device)
-    return apply_kernels(model)
+    apply_kernels(model)
+    return compile_model(model) if compile else model
 
 
 __all__ = ["KERNELS", "apply_kernels", "build_model"]
