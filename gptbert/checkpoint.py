@@ -12,6 +12,7 @@ are kept. Resuming restores all of it, so a resumed run continues exactly.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import random
 import shutil
@@ -26,6 +27,8 @@ from common.artifacts import DataError, replace_dir
 from common.errors import error_line
 
 PREFIX = "step-"
+
+log = logging.getLogger("gptbert")
 
 
 def _reason(exc: BaseException) -> str:
@@ -105,8 +108,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
                          "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        restore, message = cuda_rng_restore_plan(len(state["cuda"]), count)
+        if message:
+            log.warning("%s", message)
+        for index in restore:
+            torch.cuda.set_rng_state(state["cuda"][index], index)
+
+
+def cuda_rng_restore_plan(saved: int, available: int) -> tuple[list[int], str | None]:
+    """Which CUDA devices get their RNG state back when a checkpoint holds ``saved`` device states
+    and this process sees ``available`` devices: each device that exists in both, by index. Returns
+    (device indices, a warning when the counts differ, else None): a run saved on 8 GPUs resumes on
+    fewer (the states of the missing devices are dropped), or on more (the extra ones keep theirs)."""
+    restore = list(range(min(saved, available)))
+    if saved == available:
+        return restore, None
+    return restore, (f"the checkpoint holds the CUDA RNG states of {saved} GPU{'s' if saved != 1 else ''} and this "
+                     f"process sees {available}: the GPU count changed; restoring devices "
+                     f"{', '.join(map(str, restore)) or 'none'}, so random streams (dropout) differ from an "
+                     "uninterrupted run")
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -198,5 +220,5 @@ def load_checkpoint(path: str | Path, backend, ema, rank: int = 0, run_digest: s
     return state
 
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
-           "read_trainer_state", "rng_state", "safetensors_load", "save_checkpoint", "set_rng_state", "torch_load"]
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "cuda_rng_restore_plan", "latest_checkpoint", "list_checkpoints",
+           "load_checkpoint", "read_trainer_state", "rng_state", "safetensors_load", "save_checkpoint", "set_rng_state", "torch_load"]

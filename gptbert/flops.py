@@ -71,3 +71,22 @@ def layer_weighting_flops_per_token(cfg: ModelConfig, training: bool = True) -> 
         return 0.0
     fwd = sum(2 * (k + 2) * cfg.hidden_size for k in range(2 * cfg.num_layers))
     return float(3 * fwd if training else fwd)
+
+
+def training_tokens(train_cfg) -> int:
+    """Token slots (padding included) a run trains on: sum over steps of sequences x length."""
+    return sum(train_cfg.batch_size_at(s) * train_cfg.seq_len_at(s) for s in range(train_cfg.steps))
+
+
+def training_flops(cfg: ModelConfig, train_cfg) -> float:
+    """Matmul FLOPs of a whole pretraining run (forward + backward of every step): each step's tokens
+    times ``flops_per_token`` at its sequence length, with the share of tokens reaching the LM head
+    of its objective mix (every causal position, ``mask_rate`` of a masked example's). The position
+    table is counted once per sequence (a micro-batch of one: an upper bound)."""
+    total = 0.0
+    r = train_cfg.causal_fraction
+    for s in range(train_cfg.steps):
+        seq = train_cfg.seq_len_at(s)
+        targets = r + (1.0 - r) * train_cfg.mask_rate_at(s)
+        total += flops_per_token(cfg, seq, targets, training=True) * train_cfg.batch_size_at(s) * seq
+    return total

@@ -113,6 +113,23 @@ class LAMB(torch.optim.Optimizer):
         return list(trust_ratio(w_norm, u_norm).unbind())
 
 
+def collective_device(backend: str, device: torch.device) -> torch.device:
+    """Where a tensor on ``device`` must be for a collective of the process-group ``backend``
+    (``torch.distributed.get_backend()``): NCCL reduces CUDA tensors only (the current device), gloo
+    CPU tensors; a multi-device backend such as ``cpu:gloo,cuda:nccl`` keeps the tensor where it is
+    when it serves that device type."""
+    served = {}
+    for part in str(backend).lower().split(","):
+        kind, _, name = part.strip().rpartition(":")
+        if kind:
+            served[kind] = name
+        else:
+            served.update({"nccl": {"cuda": "nccl"}, "gloo": {"cpu": "gloo"}}.get(name, {device.type: name}))
+    if device.type in served:
+        return device
+    return torch.device("cuda") if "cuda" in served else torch.device("cpu")
+
+
 class ShardedLAMB(LAMB):
     """LAMB whose layer-wise trust ratio survives ZeRO's flattening.
 
@@ -149,7 +166,11 @@ class ShardedLAMB(LAMB):
             sq[0].index_add_(0, seg, (w * w).double())
             sq[1].index_add_(0, seg, (u * u).double())
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(sq, group=group)
+                # With ZeRO offload the partitions live on the CPU, but NCCL reduces CUDA tensors only.
+                where = collective_device(torch.distributed.get_backend(group), sq.device)
+                reduced = sq.to(where)
+                torch.distributed.all_reduce(reduced, group=group)
+                sq = reduced.to(p.device)
             w_norm, u_norm = sq.sqrt().float()
             ratios.append(trust_ratio(w_norm, u_norm)[seg])
         return ratios

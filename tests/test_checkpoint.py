@@ -68,6 +68,36 @@ def test_rng_state_roundtrip():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
 
 
+@pytest.mark.parametrize("saved, available, restored, warned", [
+    (8, 8, [0, 1, 2, 3, 4, 5, 6, 7], False),
+    (8, 2, [0, 1], True),   # saved on 8 GPUs, resumed on 2: no IndexError
+    (1, 4, [0], True),
+    (4, 0, [], True),       # CUDA states, no GPU here
+    (1, 1, [0], False),     # one GPU per Ray worker
+])
+def test_cuda_rng_states_are_restored_per_device_that_exists(saved, available, restored, warned):
+    from gptbert.checkpoint import cuda_rng_restore_plan
+
+    indices, message = cuda_rng_restore_plan(saved, available)
+    assert indices == restored
+    assert (message is not None) == warned
+    if warned:
+        assert f"{saved} GPU" in message and f"sees {available}" in message and "GPU count changed" in message
+
+
+def test_a_checkpoint_from_an_8_gpu_machine_resumes_here_with_a_warning(caplog):
+    import random
+
+    state = rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8) for _ in range(8)]  # 8 devices' states, as saved
+    a = random.random()
+    with caplog.at_level("WARNING", logger="gptbert"):
+        set_rng_state(state)
+    assert random.random() == a  # the other streams are restored
+    if not torch.cuda.is_available():
+        assert "holds the CUDA RNG states of 8 GPUs and this process sees 0" in caplog.text
+
+
 @pytest.mark.slow
 def test_resume_in_a_new_process_continues_exactly(tmp_path):
     """6 steps straight == 3 steps, then a NEW process resuming for 3 more (dropout on, the

@@ -134,3 +134,46 @@ def test_plain_backend_clips_at_global_norm():
     # clipped to norm 2, then an SGD step with the scheduled lr 0.5
     assert model.weight[0].tolist() == pytest.approx([-0.5 * 1.2, -0.5 * 1.6, 0.0], rel=1e-5)
     assert model.weight.grad is None
+
+
+@pytest.mark.parametrize("backend, device, expected", [
+    ("nccl", "cpu", "cuda"),          # ZeRO offload: CPU partitions, NCCL group
+    ("nccl", "cuda:1", "cuda:1"),
+    ("gloo", "cpu", "cpu"),
+    ("gloo", "cuda:0", "cpu"),
+    ("cpu:gloo,cuda:nccl", "cpu", "cpu"),
+    ("cpu:gloo,cuda:nccl", "cuda:0", "cuda:0"),
+    ("cuda:nccl", "cpu", "cuda"),
+])
+def test_trust_ratio_norms_are_reduced_on_the_communication_device(backend, device, expected):
+    from gptbert.optim import collective_device
+
+    assert collective_device(backend, torch.device(device)) == torch.device(expected)
+
+
+def test_sharded_lamb_reduces_through_a_real_process_group(tmp_path):
+    """ShardedLAMB under an initialised (gloo, one-rank) process group: its norms go through
+    all_reduce on the group's device and back, and the step is plain LAMB's."""
+    import torch.distributed as dist
+
+    from gptbert.optim import ShardedLAMB
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        mats = [torch.randn(5, 6, requires_grad=True), torch.randn(3, 5, requires_grad=True)]
+        flat = torch.cat([p.detach().reshape(-1) for p in mats]).requires_grad_()
+        seg = torch.cat([torch.full((p.numel(),), i) for i, p in enumerate(mats)])
+        lamb = LAMB([{"params": mats, "weight_decay": 0.1}], lr=0.05)
+        sharded = ShardedLAMB([{"params": [flat], "weight_decay": 0.1}], lr=0.05)
+        sharded.attach_partitions(flat, seg, len(mats), dist.group.WORLD)
+        for _ in range(2):
+            grads = [torch.randn_like(p) for p in mats]
+            for p, g in zip(mats, grads):
+                p.grad = g
+            flat.grad = torch.cat([g.reshape(-1) for g in grads])
+            lamb.step()
+            sharded.step()
+        assert torch.allclose(flat.detach(), torch.cat([p.detach().reshape(-1) for p in mats]), atol=1e-6, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()

@@ -41,7 +41,10 @@ class TrainConfig(ConfigBase):
     batch_tokens_start: int = 1_048_576
     batch_tokens_end: int = 4_194_304
     # At most this many tokens go through one forward/backward (gradient accumulation beyond it).
-    micro_batch_tokens: int = 8192
+    # "auto": on CUDA the largest micro-batch that fits the device, measured once at start-up by a
+    # short probe (gptbert.device.resolve_micro_batch_tokens); 8192 on a CPU. Not part of a run's
+    # identity: the loss is normalised over the whole global batch, so the split changes no maths.
+    micro_batch_tokens: Union[int, Literal["auto"]] = "auto"
     mask_rate_start: float = 0.30
     mask_rate_end: float = 0.15
     # Per masked span: replaced by <mask> / by a random non-special token / left unchanged.
@@ -83,7 +86,7 @@ class TrainConfig(ConfigBase):
 
     # Loop settings that may change between a run and its resumption (not part of its identity).
     RUNTIME_FIELDS = ("checkpoint_every", "keep_checkpoints", "validate_every", "device", "precision",
-                      "prefetch", "compile")
+                      "prefetch", "compile", "micro_batch_tokens")
 
     def seq_len_at(self, step: int) -> int:
         """Sequence length used at ``step`` (pure function of the step)."""
@@ -145,8 +148,8 @@ class TrainConfig(ConfigBase):
                   f"must equal the largest of seq_len_stages ({max(self.seq_len_stages)})")
         check(self.batch_tokens_start > 0 and self.batch_tokens_end > 0, "batch_tokens_start",
               "batch sizes must be positive")
-        check(self.micro_batch_tokens >= self.seq_len, "micro_batch_tokens",
-              f"must hold at least one sequence of seq_len ({self.seq_len})")
+        check(self.micro_batch_tokens == "auto" or self.micro_batch_tokens >= self.seq_len, "micro_batch_tokens",
+              f"must be auto or hold at least one sequence of seq_len ({self.seq_len})")
         for name in ("mask_rate_start", "mask_rate_end", "valid_mask_rate"):
             check(0.0 < getattr(self, name) < 1.0, name, "must be in (0, 1)")
         check(0.0 <= self.mask_token_prob and 0.0 <= self.random_token_prob
