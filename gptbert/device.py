@@ -69,8 +69,6 @@ def wants_cuda(spec: str) -> bool:
 
 # ----------------------------------------------------------------------------- micro-batch fitting
 
-# What ``micro_batch_tokens: auto`` means on a CPU (the value CPU runs were tuned with).
-CPU_MICRO_BATCH_TOKENS = 8192
 # Share of the device's memory the probe leaves unused: allocator fragmentation, cuBLAS/NCCL
 # workspaces, a ragged last micro-batch with one more causal example than the probe had.
 DEFAULT_HEADROOM = 0.12
@@ -151,11 +149,6 @@ def fit_micro_batch(max_sequences: int, budget_bytes: int, measure: Callable[[in
     return fit
 
 
-def cpu_micro_batch_tokens(seq_len: int) -> int:
-    """``auto`` on a CPU: ``CPU_MICRO_BATCH_TOKENS`` rounded down to whole sequences (at least one)."""
-    return max(seq_len, CPU_MICRO_BATCH_TOKENS // seq_len * seq_len)
-
-
 def max_micro_sequences(train_cfg, world_size: int = 1) -> int:
     """The most sequences of the run's longest length one rank ever puts in a micro-batch: its share
     of the largest global batch (a larger micro-batch would never be filled)."""
@@ -214,11 +207,11 @@ def cuda_probe(model_cfg, train_cfg, device: torch.device):
     """(measure, close): ``measure(n)`` is the peak CUDA memory of one training forward + backward of
     ``n`` sequences of the real model on ``device`` (``torch.cuda.max_memory_allocated``), plus the
     optimizer state and EMA the probe does not allocate; ``close()`` frees the probe's memory."""
-    from .model import GPTBERT
+    from .kernels import build_model
     from .optim import resolve_precision
 
     torch.manual_seed(train_cfg.seed)
-    model = GPTBERT(model_cfg).to(device).train()
+    model = build_model(model_cfg, device).train()  # the model as training builds it (kernels)
     state = STATE_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters())
     dtype = resolve_precision(train_cfg.precision, device)
 
@@ -294,11 +287,12 @@ def resolve_micro_batch_tokens(train_cfg, model_cfg, device, world_size: int = 1
         return int(value)
     device = torch.device(device)
     if device.type != "cuda" and "measure" not in search:
+        from .objective import cpu_micro_batch_tokens
+
         return cpu_micro_batch_tokens(train_cfg.max_seq_len)
     return fit_micro_batch_tokens(train_cfg, model_cfg, device, world_size, **search).tokens
 
 
-__all__ = ["CPU_MICRO_BATCH_TOKENS", "DEFAULT_HEADROOM", "DeviceError", "MicroBatchFit", "cpu_micro_batch_tokens",
-           "cuda_probe", "fit_micro_batch", "fit_micro_batch_tokens", "free_cuda", "is_out_of_memory",
+__all__ = ["DEFAULT_HEADROOM", "DeviceError", "MicroBatchFit", "cuda_probe", "fit_micro_batch", "fit_micro_batch_tokens", "free_cuda", "is_out_of_memory",
            "max_micro_sequences", "probe_batch", "probe_step", "resolve_device", "resolve_micro_batch_tokens",
            "wants_cuda"]

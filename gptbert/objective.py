@@ -368,11 +368,25 @@ def build_batch(
                  torch.from_numpy(segs[:, :-1].copy()), torch.from_numpy(causal.astype(bool)))
 
 
+# What ``micro_batch_tokens: auto`` means on a CPU (the value CPU runs were tuned with).
+CPU_MICRO_BATCH_TOKENS = 8192
+
+
+def cpu_micro_batch_tokens(seq_len: int) -> int:
+    """``auto`` on a CPU: ``CPU_MICRO_BATCH_TOKENS`` rounded down to whole sequences (at least one)."""
+    return max(seq_len, CPU_MICRO_BATCH_TOKENS // seq_len * seq_len)
+
+
 class TrainingStream:
     """The global batches of a training run; the cursor is the checkpointed data position."""
 
     def __init__(self, source, train_cfg, vocab_size: int):
         self.source = source
+        if train_cfg.micro_batch_tokens == "auto":
+            # No device here: split as on a CPU (the trainer resolves auto for its device first).
+            from common.config.base import replace
+
+            train_cfg = replace(train_cfg, micro_batch_tokens=cpu_micro_batch_tokens(train_cfg.max_seq_len))
         self.cfg = train_cfg
         self.vocab_size = vocab_size
         # Segments of the run's longest sequence (recipe §3), shuffled across documents.
@@ -535,7 +549,7 @@ def objective_value(sums: dict[str, float], norm: LossNorm, causal_fraction: flo
 
 
 __all__ = [
-    "BOS_ID", "IGNORE", "MASK_ID", "NUM_SPECIAL", "PAD_ID",
+    "CPU_MICRO_BATCH_TOKENS", "cpu_micro_batch_tokens", "BOS_ID", "IGNORE", "MASK_ID", "NUM_SPECIAL", "PAD_ID",
     "Batch", "Cursor", "LossNorm", "PackingPlanner", "StepPlan", "TrainingStream",
     "build_batch", "causal_flags", "causal_targets", "describe_example", "hybrid_loss", "layout",
     "num_micro_batches",

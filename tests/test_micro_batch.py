@@ -15,7 +15,8 @@ import torch
 
 from common.config import ConfigError, ModelConfig, TrainConfig
 from gptbert.data import ListDocumentSource
-from gptbert.device import (CPU_MICRO_BATCH_TOKENS, DeviceError, fit_micro_batch, fit_micro_batch_tokens,
+from gptbert.objective import CPU_MICRO_BATCH_TOKENS
+from gptbert.device import (DeviceError, fit_micro_batch, fit_micro_batch_tokens,
                             max_micro_sequences, probe_batch, probe_step, resolve_micro_batch_tokens)
 from gptbert.model import GPTBERT
 from gptbert.objective import IGNORE

@@ -160,9 +160,9 @@ def _train_worker(config: dict) -> None:
 
     from ..data import open_data
     from ..io import save_model_dir
-    from ..pretraining import MILESTONES_DIR, RankRun, train_rank
+    from ..pretraining import MILESTONES_DIR, RankRun, train_rank, with_micro_batch
     from .deepspeed_backend import build_deepspeed_backend
-    from .zero import check_zero3_validation
+    from .zero import check_zero3_steps, check_zero3_validation
 
     cfg = from_dict(PipelineConfig, config["cfg"])
     lc, tc = cfg.launch, cfg.train
@@ -174,6 +174,10 @@ def _train_worker(config: dict) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     device = worker_device(config["use_gpu"])
+    cfg = with_micro_batch(cfg, device, world)  # auto: measured on this worker's GPU, the smallest rank's
+    tc = cfg.train
+    if lc.zero_stage == 3:
+        check_zero3_steps(tc, world)
 
     data = open_data(config["data"], config.get("tokenizer"), remote=lc.remote_shards)
     backend = build_deepspeed_backend(cfg.model, tc, lc, device, rank, world)
@@ -307,8 +311,8 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
         started_ray = True
     try:
         use_gpu, workers = ray_workers(cfg.train.device, lc.num_workers, int(ray.cluster_resources().get("GPU", 0)))
-        if lc.zero_stage == 3:
-            check_zero3_steps(cfg.train, workers)
+        if lc.zero_stage == 3 and cfg.train.micro_batch_tokens != "auto":
+            check_zero3_steps(cfg.train, workers)  # before any worker starts; auto is checked in each
         resources = {"CPU": lc.cpus_per_worker}
         if use_gpu:
             resources["GPU"] = 1
