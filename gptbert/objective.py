@@ -255,10 +255,11 @@ def span_mask(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Span masking of one example (recipe §3). Returns (corrupted items, masked-position mask).
 
-    Each segment is cut into consecutive spans of length uniform in {1..max_span}; spans are
-    taken in random order until at least round_stochastic(rate * L) tokens are masked (L = real
-    tokens, at least one); each chosen span becomes all ``<mask>`` (80%), random non-special
-    tokens (10%) or stays unchanged (10%). Specials are never masked.
+    Each segment is cut into consecutive spans of length uniform in {1..max_span}; per segment, as
+    the paper's ``apply_mask``, spans are taken in random order until at least
+    round_stochastic(rate * L) of its L tokens are masked (at least one); each chosen span becomes
+    all ``<mask>`` (80%), random non-special tokens (10%) or stays unchanged (10%). Specials are
+    never masked.
     """
     corrupted, masked = span_mask_rows(items[None], segs[None], starts[None], rate, [rng], vocab_size,
                                        max_span, mask_prob, random_prob)
@@ -276,14 +277,15 @@ def span_mask_rows(items, segs, starts, rate, rngs, vocab_size, max_span=3, mask
     corrupted = items.copy()
     masked = np.zeros((R, L), dtype=bool)
     # One block of uniforms per row (a single RNG call): span lengths, span order keys, span modes,
-    # replacement tokens (all indexed by position) and the stochastic-rounding coin.
-    u = np.stack([rng.random(4 * L + 1) for rng in rngs]) if R else np.zeros((0, 4 * L + 1))
+    # replacement tokens and stochastic-rounding coins (a segment's at its first position), all
+    # indexed by position.
+    u = np.stack([rng.random(5 * L) for rng in rngs]) if R else np.zeros((0, 5 * L))
     draws = 1 + np.minimum((u[:, :L] * max_span).astype(np.int64), max_span - 1)
     keys = u[:, L:2 * L]
     modes = u[:, 2 * L:3 * L]
     replace = NUM_SPECIAL + np.minimum((u[:, 3 * L:4 * L] * (vocab_size - NUM_SPECIAL)).astype(np.int64),
                                        vocab_size - NUM_SPECIAL - 1)
-    coin = u[:, 4 * L]
+    coins = u[:, 4 * L:]
     real = (segs != 0) & ~starts
     # Segments as flat runs of real tokens (a False column keeps runs from crossing rows).
     padded = np.concatenate([real, np.zeros((R, 1), dtype=bool)], axis=1).reshape(-1)
@@ -307,19 +309,17 @@ def span_mask_rows(items, segs, starts, rate, rngs, vocab_size, max_span=3, mask
     span_seg = seg_of[keep]
     span_len = np.minimum(ends[keep], run_len[span_seg]) - begins[keep]
     span_pos = run_first[span_seg] + begins[keep]  # flat position of the span's first token
-    span_row = span_pos // L
-    # Per row: order spans by their key and take them until the goal is reached.
-    total = np.bincount(span_row, weights=span_len, minlength=R)
-    want = rate * total
-    goal = np.maximum(1, np.floor(want) + (coin < want - np.floor(want)))
-    order = np.lexsort((keys.reshape(-1)[span_pos], span_row))
+    # Per segment (the paper masks each packed segment on its own): order its spans by their key and
+    # take them until its goal is reached.
+    want = rate * run_len
+    goal = np.maximum(1, np.floor(want) + (coins.reshape(-1)[run_first] < want - np.floor(want)))
+    order = np.lexsort((keys.reshape(-1)[span_pos], span_seg))
     lens_sorted = span_len[order]
-    row_sorted = span_row[order]
+    seg_sorted = span_seg[order]
     cum_len = np.cumsum(lens_sorted)
-    row_begin = np.concatenate(([0], np.cumsum(np.bincount(row_sorted, minlength=R))))[:-1]
-    before = (cum_len - lens_sorted) - (cum_len - lens_sorted)[row_begin][row_sorted] \
-        if len(order) else cum_len
-    chosen = order[before < goal[row_sorted]]
+    seg_begin = np.concatenate(([0], np.cumsum(np.bincount(seg_sorted, minlength=len(run_len)))))[:-1]
+    before = (cum_len - lens_sorted) - (cum_len - lens_sorted)[seg_begin][seg_sorted]
+    chosen = order[before < goal[seg_sorted]]
     lens = span_len[chosen]
     pos = np.repeat(span_pos[chosen], lens) + (np.arange(int(lens.sum()))
                                                - np.repeat(np.cumsum(lens) - lens, lens))
@@ -490,6 +490,10 @@ def _unwrap(module):
     return getattr(module, "module", module)
 
 
+# The detached per-micro-batch sums ``hybrid_loss`` returns, in the order a loop all-reduces them.
+SUM_KEYS = ("ce_masked", "ce_causal", "z_masked", "z_causal")
+
+
 def hybrid_loss(
     model,
     batch: Batch,
@@ -500,10 +504,13 @@ def hybrid_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch, scaled so that the sum over micro-batches, averaged over ranks, is
 
-        (1 - r) * mean CE(masked targets) + r * mean CE(causal targets) + z * mean(lse^2)
+        (1 - r) * [mean CE(masked) + z * mean lse^2(masked)] + r * [mean CE(causal) + z * mean lse^2(causal)]
 
-    with every mean over the global batch. Returns (loss, sums) where ``sums`` holds detached
-    summed CE of each kind and the summed lse^2 (for logging).
+    with every mean over that kind's targets in the global batch: the paper's objective, where each
+    GPU trains one kind with ``loss + z * z_loss`` (both means over its targets) and the gradients
+    are averaged over GPUs, a fraction r of them causal. A kind without targets in the global batch
+    contributes nothing. Returns (loss, sums) where ``sums`` holds the detached sums ``SUM_KEYS``:
+    summed CE and summed lse^2 of each kind (for logging).
     """
     if build_mask is None:
         from .model import build_blocked_mask as build_mask
@@ -518,34 +525,31 @@ def hybrid_loss(
     logits = _unwrap(model).lm_logits(h).float()
     lse = torch.logsumexp(logits, dim=-1)
     ce = lse - logits.gather(1, targets[:, None]).squeeze(1)
-    sum_causal = ce[is_causal].sum()
-    sum_masked = ce[~is_causal].sum()
-    sum_z = (lse * lse).sum()
+    z = lse * lse
+    sums = {"ce_masked": ce[~is_causal].sum(), "ce_causal": ce[is_causal].sum(),
+            "z_masked": z[~is_causal].sum(), "z_causal": z[is_causal].sum()}
     loss = hidden.new_zeros((), dtype=torch.float32)
-    if norm.masked > 0:
-        loss = loss + (1.0 - causal_fraction) * sum_masked / norm.masked
-    if norm.causal > 0:
-        loss = loss + causal_fraction * sum_causal / norm.causal
-    if norm.total > 0 and z_loss > 0:
-        loss = loss + z_loss * sum_z / norm.total
+    for kind, weight, count in (("masked", 1.0 - causal_fraction, norm.masked),
+                                ("causal", causal_fraction, norm.causal)):
+        if count > 0:
+            loss = loss + weight * (sums[f"ce_{kind}"] + z_loss * sums[f"z_{kind}"]) / count
     # Gradient averaging over ranks divides by world_size; undo it so the global sum is kept.
     loss = loss * norm.world_size
-    sums = {"ce_masked": sum_masked.detach(), "ce_causal": sum_causal.detach(), "z": sum_z.detach()}
-    return loss, sums
+    return loss, {k: v.detach() for k, v in sums.items()}
 
 
 def objective_value(sums: dict[str, float], norm: LossNorm, causal_fraction: float, z_loss: float) -> dict[str, float]:
-    """Global loss numbers from globally summed ``sums`` (for logging)."""
-    masked = sums["ce_masked"] / norm.masked if norm.masked else float("nan")
-    causal = sums["ce_causal"] / norm.causal if norm.causal else float("nan")
-    total = 0.0
-    if norm.masked:
-        total += (1.0 - causal_fraction) * masked
-    if norm.causal:
-        total += causal_fraction * causal
-    if norm.total:
-        total += z_loss * sums["z"] / norm.total
-    return {"loss": total, "loss_masked": masked, "loss_causal": causal}
+    """Global loss numbers from globally summed ``sums`` (``SUM_KEYS``; for logging): the objective
+    ``loss``, each kind's mean CE, and ``z_loss``, the mix's mean lse^2 (the paper's train/z_loss)."""
+    out: dict[str, float] = {}
+    total = z_mix = 0.0
+    for kind, weight, count in (("masked", 1.0 - causal_fraction, norm.masked),
+                                ("causal", causal_fraction, norm.causal)):
+        out[f"loss_{kind}"] = sums[f"ce_{kind}"] / count if count else float("nan")
+        if count:
+            total += weight * (sums[f"ce_{kind}"] + z_loss * sums[f"z_{kind}"]) / count
+            z_mix += weight * sums[f"z_{kind}"] / count
+    return {"loss": total, **out, "z_loss": z_mix}
 
 
 __all__ = [
@@ -553,5 +557,5 @@ __all__ = [
     "Batch", "Cursor", "LossNorm", "PackingPlanner", "StepPlan", "TrainingStream",
     "build_batch", "causal_flags", "causal_targets", "describe_example", "hybrid_loss", "layout",
     "num_micro_batches",
-    "objective_value", "rank_slice", "segment_pieces", "span_mask", "validation_batches",
+    "SUM_KEYS", "objective_value", "rank_slice", "segment_pieces", "span_mask", "validation_batches",
 ]

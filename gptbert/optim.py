@@ -2,9 +2,11 @@
 
 LAMB as the reference used it: Adam moments with bias correction, eps added after the square root,
 weight decay added to the update, then (only for groups with weight decay) a layer-wise trust ratio
-||w|| / ||update||. No-decay parameters (biases, LayerNorm parameters, layer-weighting scalars: every
-parameter with fewer than 2 dimensions) take plain Adam steps. It is a ``torch.optim.Optimizer``,
-so DeepSpeed accepts it as a client optimizer (DeepSpeed's own LAMB does not run on CPU).
+||w|| / ||update||. No-decay parameters are chosen by name as the paper's code does (biases and
+LayerNorm parameters) and take plain Adam steps; everything else, the layer-weighting scalars
+included, is decayed with the trust ratio. It is a ``torch.optim.Optimizer``, so DeepSpeed accepts
+it as a client optimizer (DeepSpeed's own LAMB does not run on CPU). Training parity with the
+paper's code, step by step: tests/test_training_parity.py.
 """
 
 from __future__ import annotations
@@ -176,13 +178,27 @@ class ShardedLAMB(LAMB):
         return ratios
 
 
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters trained without weight decay: the paper's rule (``train_10m.py``: no
+    decay where the name holds ``bias`` or ``layer_norm``), i.e. every bias (``head_bias`` too) and the
+    parameters of LayerNorm modules (ours are not named ``layer_norm``: the module type decides). The
+    layer-weighting scalars are decayed, as the paper's ``dwa_modules.alphas`` are."""
+    names = {n for n, _ in model.named_parameters() if "bias" in n}
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm):
+            names.update(f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False))
+    return names
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """[decay group (matrices, embeddings), no-decay group (ndim < 2: biases, LN, layer weights)]."""
+    """[decay group (matrices, embeddings, layer-weighting scalars), no-decay group (``no_decay_names``:
+    biases, LayerNorm parameters)]."""
+    skip = no_decay_names(model)
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (no_decay if name in skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -202,22 +218,26 @@ def build_optimizer(model: nn.Module, train_cfg) -> torch.optim.Optimizer:
 
 def lr_at(step: int, total_steps: int, peak: float, warmup_fraction: float = 0.016,
           cooldown_fraction: float = 0.016, min_ratio: float = 0.1) -> float:
-    """Learning rate of step ``step`` (0-based) as a pure function.
+    """Learning rate of step ``step`` (0-based) as a pure function: the paper's schedule
+    (``utils.cosine_schedule_with_warmup_cooldown``, a ``LambdaLR`` stepped after every optimizer step).
 
-    Linear warmup over round(warmup_fraction * total) steps (reaching ``peak`` at its last step),
-    cosine from ``peak`` to ``min_ratio * peak``, then a linear cooldown to 0 over the last
-    round(cooldown_fraction * total) steps (its first step at ``min_ratio * peak``).
+    With warmup = int(warmup_fraction * total) and cooldown = int(cooldown_fraction * total) steps
+    (truncated, as the paper's ``int()``): a linear warmup ``peak * step / warmup``, so the first step
+    runs at 0 (it still moves LAMB's moments); then ``min_ratio`` + cosine with progress
+    (step - warmup) / (total - warmup), which ends above the floor where the cooldown starts; then a
+    linear cooldown from ``min_ratio * peak`` to 0 over the last ``cooldown`` steps.
     """
-    warmup = int(round(warmup_fraction * total_steps))
-    cooldown = int(round(cooldown_fraction * total_steps))
-    floor = min_ratio * peak
+    warmup = int(warmup_fraction * total_steps)
+    cooldown = int(cooldown_fraction * total_steps)
+    # The factor LambdaLR multiplies the peak by, computed in the paper's order (equal to the last bit).
     if step < warmup:
-        return peak * (step + 1) / warmup
-    decay_end = total_steps - cooldown
-    if step >= decay_end:
-        return floor * (total_steps - step) / cooldown if cooldown else floor
-    progress = (step - warmup) / max(decay_end - warmup, 1)
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        factor = float(step) / float(max(1, warmup))
+    elif step >= total_steps - cooldown:
+        factor = min_ratio * float(total_steps - step) / float(max(1, cooldown))
+    else:
+        progress = float(step - warmup) / float(max(1, total_steps - warmup))
+        factor = max(min_ratio, min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return peak * factor
 
 
 def schedule_lr(step: int, train_cfg) -> float:
@@ -312,4 +332,4 @@ def precision_name(dtype: torch.dtype | None) -> str:
 
 
 __all__ = ["AUTO_PRECISION_ENV", "EMA", "LAMB", "ShardedLAMB", "build_optimizer", "cpu_supports_bf16", "lr_at",
-           "param_groups", "precision_name", "resolve_precision", "schedule_lr", "trust_ratio"]
+           "no_decay_names", "param_groups", "precision_name", "resolve_precision", "schedule_lr", "trust_ratio"]

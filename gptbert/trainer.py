@@ -27,7 +27,7 @@ from common.config.base import replace
 
 from .checkpoint import CheckpointError, load_checkpoint, safetensors_load, save_checkpoint, torch_load
 from .data import WordCounter, document_words
-from .objective import (Cursor, LossNorm, TrainingStream, hybrid_loss, objective_value, rank_slice,
+from .objective import (SUM_KEYS, Cursor, LossNorm, TrainingStream, hybrid_loss, objective_value, rank_slice,
                         segment_pieces, validation_batches)
 from .device import resolve_micro_batch_tokens
 from .optim import EMA, resolve_precision, schedule_lr
@@ -242,7 +242,7 @@ class Trainer:
         gradients over the micro-batches (a rank without examples in one backpropagates a zero loss to
         keep the collectives in step), steps the backend at the scheduled learning rate with clipping
         (recipe §5), updates the EMA and advances the step, data cursor and token count. The metrics:
-        loss, loss_masked, loss_causal, lr, mask_rate, grad_norm (before clipping), seq_len, batch_size,
+        loss, loss_masked, loss_causal, z_loss, lr, mask_rate, grad_norm (before clipping), seq_len, batch_size,
         micro_batches, tokens, tokens_per_s, data_time_s, step_time_s and, where the data has a word
         count, words_per_s.
         """
@@ -270,22 +270,21 @@ class Trainer:
         norm = LossNorm(int(n_masked), int(n_causal), self.world_size)
 
         module.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # summed on device: no sync per micro-batch
+        sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=self.device)  # on device: no sync per micro-batch
         for i, b in enumerate(batches):
             if b is None:
                 loss = _zero_loss(module)
             else:
                 with self._autocast():
                     loss, s = hybrid_loss(module, b.to(self.device), norm, tc.causal_fraction, tc.z_loss)
-                sums += torch.stack([s["ce_masked"], s["ce_causal"], s["z"]]).double()
+                sums += torch.stack([s[k] for k in SUM_KEYS]).double()
             self.backend.backward(loss, boundary=i == len(batches) - 1)
         lr = schedule_lr(self.step, tc)
         grad_norm = self.backend.step(lr)
         self.ema.update(unwrap(module))
 
         g = _all_reduce(sums.tolist(), self.device)
-        values = objective_value({"ce_masked": g[0], "ce_causal": g[1], "z": g[2]}, norm,
-                                 tc.causal_fraction, tc.z_loss)
+        values = objective_value(dict(zip(SUM_KEYS, g)), norm, tc.causal_fraction, tc.z_loss)
         if not math.isfinite(values["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
             kept = f" (the latest is step-{self.last_checkpoint_step})" if self.last_checkpoint_step else ""
             raise NonFiniteLossError(f"step {self.step + 1}: the loss ({values['loss']:.4g}) or the gradient norm "

@@ -52,6 +52,8 @@ def test_lamb_second_step_uses_bias_correction():
 
 
 def test_param_groups_split_decay_and_no_decay():
+    """The paper's groups (by name): biases and LayerNorm parameters without decay; matrices,
+    embeddings and the layer-weighting scalars with decay and LAMB's trust ratio."""
     from gptbert.model import GPTBERT
 
     model = GPTBERT(ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2,
@@ -61,28 +63,70 @@ def test_param_groups_split_decay_and_no_decay():
     names = {id(p): n for n, p in model.named_parameters()}
     decay_names = {names[id(p)] for p in decay["params"]}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    assert all(n.endswith("bias") or "norm" in n or "layer_weights" in n for n in no_decay_names)
-    assert any("layer_weights" in n for n in no_decay_names)
-    assert "relative_norm.weight" in no_decay_names and "head_bias" in no_decay_names
+    assert no_decay_names == {n for n in names.values() if n.endswith("bias")} | {"relative_norm.weight"}
+    assert "head_bias" in no_decay_names and "relative_norm.bias" in no_decay_names
+    assert {f"layer_weights.{k}" for k in range(4)} <= decay_names  # 1-D, decayed as the paper's alphas
     assert "word_embedding.weight" in decay_names and "relative_embedding" in decay_names
-    assert all(p.ndim == 2 for p in decay["params"])
     assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
 
 
+def test_sharded_lamb_on_flat_groups_equals_lamb_with_the_papers_groups():
+    """ZeRO hands LAMB one flat tensor per parameter group; with the paper's groups the decay group
+    now holds the 1-D layer-weighting vectors too. ShardedLAMB with the element layout attached must
+    step exactly as LAMB on the separate parameters (per-parameter trust ratios)."""
+    from gptbert.model import GPTBERT
+    from gptbert.optim import ShardedLAMB
+
+    torch.manual_seed(0)
+    model = GPTBERT(ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=24))
+    groups = param_groups(model, 0.1)
+    real = [[p.detach().clone().requires_grad_() for p in g["params"]] for g in groups]
+    flats, layouts = [], []
+    for params in real:
+        flats.append(torch.cat([p.detach().reshape(-1) for p in params] + [torch.zeros(3)]).requires_grad_())
+        layouts.append(torch.cat([torch.full((p.numel(),), i) for i, p in enumerate(params)]
+                                 + [torch.full((3,), len(params))]))
+    wd = [g["weight_decay"] for g in groups]
+    lamb = LAMB([{"params": ps, "weight_decay": w} for ps, w in zip(real, wd)], lr=0.05)
+    sharded = ShardedLAMB([{"params": [f], "weight_decay": w} for f, w in zip(flats, wd)], lr=0.05)
+    for f, seg, params in zip(flats, layouts, real):
+        sharded.attach_partitions(f, seg, len(params))
+    for _ in range(3):
+        for params, f in zip(real, flats):
+            grads = [torch.randn_like(p) for p in params]
+            for p, g in zip(params, grads):
+                p.grad = g
+            f.grad = torch.cat([g.reshape(-1) for g in grads] + [torch.zeros(3)])
+        lamb.step()
+        sharded.step()
+    for params, f in zip(real, flats):
+        expect = torch.cat([p.detach().reshape(-1) for p in params])
+        assert torch.allclose(f.detach()[:-3], expect, atol=1e-6, rtol=1e-5)
+
+
 def test_lr_schedule_key_steps():
-    total, peak = 1000, 1e-2  # warmup 16 steps, cooldown 16 steps, cosine in between
-    assert lr_at(0, total, peak) == pytest.approx(peak / 16)
-    assert lr_at(15, total, peak) == pytest.approx(peak)
+    """The paper's LambdaLR (utils.cosine_schedule_with_warmup_cooldown); the step-by-step comparison
+    with the paper's own scheduler is in test_training_parity."""
+    total, peak = 1000, 1e-2  # warmup int(16.0) = 16 steps, cooldown 16 steps, cosine in between
+    assert lr_at(0, total, peak) == 0.0  # the first step runs at lr 0
+    assert lr_at(1, total, peak) == pytest.approx(peak / 16)
+    assert lr_at(15, total, peak) == pytest.approx(15 * peak / 16)
     assert lr_at(16, total, peak) == pytest.approx(peak)  # cosine starts at the peak
-    assert lr_at(500, total, peak) == pytest.approx(0.55 * peak)  # cosine midpoint
-    assert lr_at(984, total, peak) == pytest.approx(0.1 * peak)  # cooldown starts at 0.1x
+    assert lr_at(16 + 492, total, peak) == pytest.approx(0.55 * peak)  # progress 1/2 of total - warmup
+    # The cosine's progress runs over total - warmup, so it stops above the floor at the cooldown...
+    end_of_cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (983 - 16) / 984))
+    assert lr_at(983, total, peak) == pytest.approx(end_of_cosine * peak)
+    assert end_of_cosine > 0.1
+    assert lr_at(984, total, peak) == pytest.approx(0.1 * peak)  # ...which starts at 0.1x
     assert lr_at(992, total, peak) == pytest.approx(0.05 * peak)
     assert lr_at(999, total, peak) == pytest.approx(0.1 * peak / 16)
     assert lr_at(1000, total, peak) == pytest.approx(0.0)
-    values = [lr_at(s, total, peak) for s in range(16, 985)]
+    values = [lr_at(s, total, peak) for s in range(16, 1000)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
     cfg = TrainConfig(steps=7812, lr=1.41e-2)
-    assert schedule_lr(int(round(0.016 * 7812)) - 1, cfg) == pytest.approx(1.41e-2)
+    assert int(0.016 * 7812) == 124  # truncated, as the paper's int(): 124.99 -> 124
+    assert schedule_lr(123, cfg) == pytest.approx(1.41e-2 * 123 / 124)
+    assert schedule_lr(124, cfg) == pytest.approx(1.41e-2)
 
 
 def test_ema_update_and_copy():
