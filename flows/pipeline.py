@@ -140,10 +140,9 @@ def _log_stage(tracker, run_id: str, stage: str, artifact: Artifact, duration: f
     if milestones:  # the BabyLM word milestones reached (pretrain) or exported (export)
         tags["gptbert.milestones"] = ",".join(milestones)
     tracker.set_tags(run_id, tags)
-    metrics = {f"stage.{k}": v for k, v in _scalars(rec.get("stats", {})).items()}
-    metrics["stage.cached"] = float(artifact.cached)
-    metrics["stage.duration_s"] = 0.0 if artifact.cached else duration
-    tracker.log_metrics(run_id, metrics)
+    from .tracking import stage_metrics
+
+    tracker.log_metrics(run_id, stage_metrics(stage, rec.get("stats", {}), artifact.cached, duration))
     # Only the files logged here are fetched of a remote folder (not its shards or checkpoints).
     folder = artifact.local(STAGE_FILES[stage]) if STAGE_FILES[stage] else None
     for name in STAGE_FILES[stage]:
@@ -291,13 +290,9 @@ def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Option
 
         artifact = stages.evaluate(config, model, after=evaluation_figures)
         if child is not None:
-            tracker = tracker_for(config)
-            tracker.log_metrics(child, artifact.record.get("stats", {}))
-            # Each word milestone's scores with its words as the step: MLflow draws learning curves.
+            # The scores, and each word milestone's with its words as the step (learning curves).
             results = json.loads(Path(artifact.file("results.json")).read_text())
-            for milestone in results.get("milestones") or []:
-                tracker.log_metrics(child, {f"milestone.{k}": v for k, v in milestone["metrics"].items()},
-                                    step=int(milestone["words"]))
+            tracker_for(config).log_evaluation(child, artifact.record, results)
         return artifact
 
     return _run_stage_tracked("evaluate", config, parent_run_id, run)
@@ -439,6 +434,10 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
     logger = get_run_logger()
     start = time.time()
     want = STAGES[: STAGES.index(until) + 1]
+    if "evaluate" in want:  # unknown tasks, eval.device's CUDA missing: one line before the first stage
+        from gptbert.evaluation import preflight
+
+        preflight(config.eval)
     tracker = tracker_for(config)
     parent = None
     if tracker is not None:
@@ -491,6 +490,8 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
             lineage[NOTE_TAG] = _description(config, summary)
             tracker.set_tags(parent, lineage)
             tracker.log_metrics(parent, _headline_metrics(summary))
+            if "evaluate" in arts:
+                tracker.log_evaluation(parent, arts["evaluate"].record)
             tracker.log_text(parent, json.dumps(summary, indent=2, default=str), "summary.json")
             tracker.end_run(parent)
         logger.info("pipeline done in %.1f s: ran %s; cached %s", summary["duration_s"],
@@ -539,11 +540,11 @@ def dataset_inputs(config: PipelineConfig, arts: dict[str, Artifact]) -> list[di
 
 
 def _headline_metrics(summary: dict[str, Any]) -> dict[str, Any]:
-    """The parent run's metrics: duration, the final training numbers and every evaluation score."""
+    """The parent run's own metrics: duration and the final training numbers (its evaluation scores
+    go through ``Tracker.log_evaluation``)."""
     training = summary.get("training") or {}
     out: dict[str, Any] = {"pipeline.duration_s": summary["duration_s"]}
     out.update({f"train.{k}": training[k] for k in HEADLINE_TRAINING if k in training})
-    out.update(summary.get("evaluation") or {})
     return out
 
 
@@ -582,7 +583,9 @@ def _summary(config, arts, parent, tracker, registered, duration) -> dict[str, A
                             "duration_s": a.record.get("duration_s"), "mlflow_run_id": a.record.get("mlflow_run_id"),
                             "stats": _scalars(a.record.get("stats", {}))}
     if "evaluate" in arts:
-        out["evaluation"] = _scalars(arts["evaluate"].record.get("stats", {}))
+        from .tracking import evaluation_metrics
+
+        out["evaluation"] = evaluation_metrics(arts["evaluate"].record)
     if "pretrain" in arts:
         out["training"] = _scalars(arts["pretrain"].record.get("stats", {}))
     return out
