@@ -32,6 +32,7 @@ from common.config import PipelineConfig, dump_yaml, flatten, load_config
 
 from . import events, stages
 from .stages import Artifact
+from .tracking import evaluation_metrics, stage_metrics
 # The config sections that parameterise each stage (logged as the child run's params).
 STAGE_SECTIONS = {
     "clean": ("clean",),
@@ -140,8 +141,6 @@ def _log_stage(tracker, run_id: str, stage: str, artifact: Artifact, duration: f
     if milestones:  # the BabyLM word milestones reached (pretrain) or exported (export)
         tags["gptbert.milestones"] = ",".join(milestones)
     tracker.set_tags(run_id, tags)
-    from .tracking import stage_metrics
-
     tracker.log_metrics(run_id, stage_metrics(stage, rec.get("stats", {}), artifact.cached, duration))
     # Only the files logged here are fetched of a remote folder (not its shards or checkpoints).
     folder = artifact.local(STAGE_FILES[stage]) if STAGE_FILES[stage] else None
@@ -583,8 +582,6 @@ def _summary(config, arts, parent, tracker, registered, duration) -> dict[str, A
                             "duration_s": a.record.get("duration_s"), "mlflow_run_id": a.record.get("mlflow_run_id"),
                             "stats": _scalars(a.record.get("stats", {}))}
     if "evaluate" in arts:
-        from .tracking import evaluation_metrics
-
         out["evaluation"] = evaluation_metrics(arts["evaluate"].record)
     if "pretrain" in arts:
         out["training"] = _scalars(arts["pretrain"].record.get("stats", {}))
