@@ -106,13 +106,13 @@ def pipeline_strategy(model, tokenizer, items, batch_size: int = 64, non_causal_
 def _model(args, tokenizer):
     from common.config import preset
     from gptbert.io import load_model_dir
-    from gptbert.model import GPTBERT
+    from gptbert.kernels import build_model
 
     if args.model:
         return load_model_dir(args.model)[0].eval()
     cfg = preset(args.preset).model
     torch.manual_seed(0)
-    return GPTBERT(cfg).eval()
+    return build_model(cfg).eval()
 
 
 def _tokenizer(args, items):

@@ -27,11 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import load_config  # noqa: E402
 from gptbert.evaluation.minimal_pairs import blimp_accuracy, load_blimp  # noqa: E402
-from gptbert.model import GPTBERT  # noqa: E402
+from gptbert.kernels import build_model  # noqa: E402
 from gptbert.scoring import score_sentences  # noqa: E402
 from gptbert.data import open_data  # noqa: E402
 from gptbert.objective import PackingPlanner  # noqa: E402
-from gptbert.trainer import Trainer, build_local_backend, unwrap  # noqa: E402
+from gptbert.pretraining import build_local_backend  # noqa: E402
+from gptbert.trainer import Trainer, unwrap  # noqa: E402
 
 
 def blimp_t1(model, tokenizer, pairs, modes=("causal", "mntp")) -> dict[str, float]:
@@ -103,7 +104,7 @@ def main() -> int:
     trainer = Trainer(cfg.model, cfg.train, source, backend, valid)
     if args.order == "documents":
         trainer.stream.planner = PackingPlanner(source.lengths, cfg.train.seed)
-    eval_model = GPTBERT(cfg.model).eval()
+    eval_model = build_model(cfg.model).eval()
     words_per_token = trainer.words_per_token or 1.0
     next_eval = args.every_words
     started = time.time()

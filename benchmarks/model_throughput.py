@@ -7,6 +7,7 @@ Variants, all built from the same ModelConfig and fed the same batch:
 
 * ``fused``: our model (``attention_impl: fused``), the training path;
 * ``reference-attn``: our model with the explicit attention that mirrors the paper's;
+* ``plain``: our model without ``gptbert.kernels`` (``model.kernels: false``), what the kernels buy;
 * ``paper``: the paper's ``pretraining/model_extra.py`` imported from a local snapshot of
   github.com/ltgoslo/gpt-bert (``--against-reference PATH``, the repository folder or the file), so
   the ratio to the paper's code is measured in this run, not quoted.
@@ -46,10 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import ModelConfig, preset  # noqa: E402
 from gptbert.flops import flops_per_token  # noqa: E402
-from gptbert.model import GPTBERT, build_blocked_mask  # noqa: E402
+from gptbert.kernels import build_model  # noqa: E402
+from gptbert.model import build_blocked_mask  # noqa: E402
 from gptbert.optim import cpu_supports_bf16  # noqa: E402
 
-OURS = {"fused": "fused", "reference-attn": "reference"}
+# variant -> (attention_impl, kernels): "plain" is the model without gptbert.kernels.
+OURS = {"fused": ("fused", True), "reference-attn": ("reference", True), "plain": ("fused", False)}
 
 
 def make_batch(cfg: ModelConfig, batch: int, seq: int, target_fraction: float, seed: int = 0):
@@ -102,7 +105,8 @@ class Runner:
             self.ids_t = self.ids.t().contiguous()
             self.labels_t = torch.where(self.targets, self.ids, -100).t().contiguous()
         else:
-            self.model = GPTBERT(ModelConfig(**{**cfg.__dict__, "attention_impl": OURS[variant]})).train()
+            impl, kernels = OURS[variant]
+            self.model = build_model(ModelConfig(**{**cfg.__dict__, "attention_impl": impl, "kernels": kernels})).train()
         # The same optimiser for every variant: "foreach" (the multi-tensor kernels) or "fused"
         # (one kernel per parameter group, on devices torch has it for).
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, **{adamw: True})
@@ -211,7 +215,7 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--adamw", choices=["foreach", "fused"], default="foreach",
                    help="torch AdamW implementation, the same for every variant (default: foreach)")
-    p.add_argument("--variants", nargs="+", choices=list(OURS), default=list(OURS),
+    p.add_argument("--variants", nargs="+", choices=list(OURS), default=["fused", "reference-attn"],
                    help="our variants to time (the paper's code is added with --against-reference)")
     p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fused", help=argparse.SUPPRESS)

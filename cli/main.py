@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from common.errors import error_line
+
 from . import data, evaluate, export, model, pipeline, train
 
 # Subcommand groups, in the order `gptbert --help` lists them.
@@ -32,22 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     for group in COMMAND_GROUPS:
         group.register(sub)
     return parser
-
-
-def error_line(exc: BaseException) -> str:
-    """One line saying what went wrong: the exception's message (the library's messages name the
-    file or config field), its last line when a library wrapped a traceback into it."""
-    text = str(exc).strip()
-    if isinstance(exc, KeyError):
-        text = f"missing key {text}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    if len(lines) > 1:
-        # A wrapped remote traceback ends with "SomeError: message".
-        named = [line for line in lines if ": " in line and line.split(": ", 1)[0].replace(".", "").isidentifier()]
-        return named[-1] if named else lines[-1]
-    return lines[0]
 
 
 def main(argv: list[str] | None = None) -> int:

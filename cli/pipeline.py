@@ -64,8 +64,11 @@ def _quiet_env() -> None:
 def _run_flow(flow_fn, cfg, command: str, args: argparse.Namespace) -> int:
     """Run a pipeline flow under the console: stages and progress on the terminal, library output in
     ``<workdir>/logs``, then the summary (or JSON) on stdout."""
+    from gptbert.distributed import check_launch
+
     from .console import Console, log_path_for
 
+    check_launch(cfg)  # a missing GPU or an unknown launcher: one line before any stage runs
     start = time.time()
     workdir = storage.normalize(cfg.workdir)
     console = Console(log_path_for(storage.local_home(workdir), command), verbose=args.verbose,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 from common import storage
+from common.errors import error_line
 
 from .options import add_config_args, config_from_args
 
@@ -36,13 +37,14 @@ def register(subparsers) -> None:
 
 def pretrain_command(args) -> int:
     """Pretrain with the configured launcher, then print the model folder and its final losses."""
-    from gptbert.distributed import run_pretraining
+    from gptbert.distributed import check_launch, run_pretraining
     from gptbert.metrics import ProgressFile
-    from gptbert.trainer import PROGRESS_FILE, check_run_folder
+    from gptbert.pretraining import PROGRESS_FILE, check_run_folder
 
     from .console import Console, log_path_for
 
     cfg = config_from_args(args)
+    check_launch(cfg)  # an unknown launcher or a missing GPU: one line, nothing written
     out = storage.normalize(args.out)
     # A run folder on an object store trains in its local home and is published at the end.
     local = storage.local_home(out)
@@ -61,8 +63,6 @@ def pretrain_command(args) -> int:
             result = run_pretraining(cfg, args.data, out, tokenizer=args.tokenizer, callback=callback,
                                      stop_after=args.stop_after)
         except BaseException as exc:
-            from .main import error_line
-
             console.event("stage_failed", {"stage": "pretrain", "error": error_line(exc)})
             raise
         console.event("stage_finished", {"stage": "pretrain", "cached": False, "path": str(result)})

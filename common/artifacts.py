@@ -35,19 +35,13 @@ from typing import Any, Iterable, Iterator
 
 from . import storage
 from .config.base import digest
+from .errors import DataError, DigestMismatchError
+from .storage import atomic_write_bytes
 
 RECORD_FILE = "stage.json"
 # The pipeline's stages, in order (each stage's record names one of them).
 STAGES = ("clean", "tokenizer", "shard", "pretrain", "export", "evaluate")
 _BLOCK = 1 << 20
-
-
-class DataError(ValueError):
-    """Bad input data or artifact; the message names the file (and line or record where it applies)."""
-
-
-class DigestMismatchError(DataError):
-    """An artifact was made from something other than what it is being used with."""
 
 
 # ----------------------------------------------------------------------------- digests
@@ -86,21 +80,6 @@ def stage_identity(stage: str, inputs: dict[str, str | None], config: dict[str, 
 
 
 # ----------------------------------------------------------------------------- atomic writes
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a hidden temporary file beside ``path``, flush it, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` as UTF-8 to ``path`` atomically (``atomic_write_bytes``)."""
@@ -355,7 +334,7 @@ def resolve_file(path: str | Path, default_name: str, what: str) -> Path:
     return p
 
 
-__all__ = ["DataError", "DigestMismatchError", "RECORD_FILE", "STAGES", "atomic_write_bytes",
+__all__ = ["DataError", "DigestMismatchError", "RECORD_FILE", "STAGES",
            "atomic_write_json", "atomic_write_text", "check_output_folder", "check_outside_inputs", "check_writable", "file_digest", "local_stage_copy",
            "make_record", "read_json", "read_record", "remove_stale_siblings", "replace_dir", "resolve_file",
            "stage_identity", "staging_dir", "temporary_sibling", "tree_digest", "update_record", "write_record"]

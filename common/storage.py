@@ -34,6 +34,8 @@ import time
 import uuid
 from pathlib import Path
 
+from .errors import DigestMismatchError, error_line
+
 # The URI schemes pyarrow.fs resolves (``file`` is a local path written as a URI).
 SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 PENDING_FILE = ".pending.json"
@@ -110,7 +112,8 @@ def filesystem(location: str | Path):
 
 
 def _short(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    # pyarrow's first line names the operation and the store's answer.
+    return error_line(exc, first=True, limit=300)
 
 
 def _info(location: str | Path):
@@ -197,12 +200,25 @@ def read_ranged(location: str | Path, size: int | None = None, workers: int = 4)
         return bytes(out)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a hidden temporary file beside ``path``, flush it, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_bytes(location: str | Path, data: bytes) -> None:
     """Write a whole file: atomically (temporary file + rename) locally, one PUT on object stores
     (an object is never seen half-written)."""
     if not is_remote(location):
-        from .artifacts import atomic_write_bytes
-
         Path(normalize(location)).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(normalize(location), data)
         return
@@ -357,8 +373,6 @@ class LocalCache:
         data = read_ranged(location)
         actual = _sha256_bytes(data)
         if actual != sha256:
-            from .artifacts import DigestMismatchError
-
             raise DigestMismatchError(f"{location}: sha256 {actual[:16]}... differs from the expected "
                                       f"{sha256[:16]}...; the object was changed after it was written")
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -469,7 +483,7 @@ def _parent(location: str | Path) -> str:
     return str(location).rstrip("/").rsplit("/", 1)[0]
 
 
-__all__ = ["LocalCache", "PENDING_FILE", "SCHEMES", "StorageError", "cache_root", "delete", "download_tree",
+__all__ = ["LocalCache", "PENDING_FILE", "SCHEMES", "StorageError", "atomic_write_bytes", "cache_root", "delete", "download_tree",
            "exists", "filesystem", "is_dir", "is_file", "is_remote", "join", "list_files",
            "local_input", "local_home", "name_of", "normalize", "owned_by", "publish", "read_bytes", "read_json",
            "read_ranged", "scheme_of", "upload_file", "write_bytes"]

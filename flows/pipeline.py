@@ -29,29 +29,12 @@ from prefect.cache_policies import NO_CACHE
 from common import storage
 from common.artifacts import STAGES, update_record
 from common.config import PipelineConfig, dump_yaml, flatten, load_config
+from common.errors import error_line
 
 from . import events, stages
 from .stages import Artifact
-from .tracking import evaluation_metrics, stage_metrics
-# The config sections that parameterise each stage (logged as the child run's params).
-STAGE_SECTIONS = {
-    "clean": ("clean",),
-    "tokenizer": ("tokenizer",),
-    "shard": ("shard",),
-    "pretrain": ("model", "train", "launch"),
-    "export": ("export",),
-    "evaluate": ("eval",),
-}
-# Small files of each stage folder logged as MLflow artifacts.
-STAGE_FILES = {
-    "clean": (),
-    "tokenizer": ("tokenizer.json",),
-    "shard": ("manifest.json",),
-    "pretrain": ("model/training.json", "model/config.json"),
-    "export": ("config.json",),
-    "evaluate": ("results.json", "report.md", "by_phenomenon.png", "milestones.png"),
-}
-
+from .summary import CURVES, NOTE_TAG, dataset_inputs, description, headline_metrics, run_summary, scalars, source_tags
+from .tracking import stage_metrics
 
 def prefect_ids() -> dict[str, str]:
     """Tags naming the current Prefect flow run and task run (for the MLflow runs they create)."""
@@ -83,11 +66,6 @@ def _child_name(tracker, stage: str, parent_run_id: Optional[str]) -> str:
     return child_name(stage, tracker.run_name_of(parent_run_id) if parent_run_id else None)
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
-
-
 def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Optional[str], run) -> Artifact:
     """Open the stage's child run, run ``run(child_run_id)``, log what the stage produced."""
     logger = get_run_logger()
@@ -98,7 +76,7 @@ def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Option
         child = tracker.start_run(_child_name(tracker, stage, parent_run_id), parent_run_id,
                                   tags={"gptbert.stage": stage, **prefect_ids()})
         params = {}
-        for section in STAGE_SECTIONS[stage]:
+        for section in stages.REGISTRY[stage].sections:
             params.update(flatten(getattr(config, section), f"{section}."))
         tracker.log_params(child, params)
     try:
@@ -120,7 +98,7 @@ def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Option
                     duration_s=0.0 if artifact.cached else duration)
         return artifact
     except BaseException as exc:
-        events.emit("stage_failed", stage=stage, error=_one_line(exc))
+        events.emit("stage_failed", stage=stage, error=error_line(exc))
         if tracker is not None and child is not None:
             tracker.end_run(child, "FAILED")
         raise
@@ -143,24 +121,15 @@ def _log_stage(tracker, run_id: str, stage: str, artifact: Artifact, duration: f
     tracker.set_tags(run_id, tags)
     tracker.log_metrics(run_id, stage_metrics(stage, rec.get("stats", {}), artifact.cached, duration))
     # Only the files logged here are fetched of a remote folder (not its shards or checkpoints).
-    folder = artifact.local(STAGE_FILES[stage]) if STAGE_FILES[stage] else None
-    for name in STAGE_FILES[stage]:
+    files = stages.REGISTRY[stage].files
+    folder = artifact.local(files) if files else None
+    for name in files:
         path = folder / name
         if path.exists():
             tracker.log_artifact(run_id, path, stage)
     tracker.log_text(run_id, json.dumps(rec, indent=2, sort_keys=True, default=str), f"{stage}/stage.json")
 
 
-def _scalars(d: dict[str, Any]) -> dict[str, Any]:
-    """Numeric stats as flat names; a stage's echo of its own config is left to the params."""
-    from .tracking import flat_metrics
-
-    return {k: v for k, v in flat_metrics(d).items() if not k.startswith("config.")}
-
-
-# --- tasks -----------------------------------------------------------------------------------------
-
-# Errors that a retry would only repeat: bad input, bad config, missing or unwritable files.
 PERMANENT_ERRORS = (ValueError, LookupError, FileNotFoundError, PermissionError, IsADirectoryError,
                     NotADirectoryError, FileExistsError)
 
@@ -330,10 +299,10 @@ def register_task(config: PipelineConfig, model: Artifact, evaluation: Artifact,
     metric = config.tracking.champion_metric
     score = evaluation.record.get("stats", {}).get(metric)
     if score is None:
-        score = _scalars(evaluation.record.get("stats", {})).get(metric)
+        score = scalars(evaluation.record.get("stats", {})).get(metric)
     if score is None:
         logger.warning("champion metric %r not in the evaluation (%s); registering without a score", metric,
-                       ", ".join(sorted(_scalars(evaluation.record.get("stats", {})))))
+                       ", ".join(sorted(scalars(evaluation.record.get("stats", {})))))
     tags = {"model_digest": model.digest, "evaluation_digest": evaluation.digest,
             "data_digest": model.record.get("inputs", {}).get("data", ""),
             "pipeline_run_id": parent_run_id or ""}
@@ -471,7 +440,7 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
         registered = None
         if register and "evaluate" in want:
             registered = register_task(config, arts["pretrain"], arts["evaluate"], parent)
-        summary = _summary(config, arts, parent, tracker, registered, time.time() - start)
+        summary = run_summary(config, arts, parent, tracker, registered, time.time() - start)
         if tracker is not None:
             from .tracking import run_name
 
@@ -486,9 +455,9 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
             if registered:
                 lineage["gptbert.registered_version"] = str(registered["version"])
                 lineage["gptbert.registered_alias"] = str(registered["alias"])
-            lineage[NOTE_TAG] = _description(config, summary)
+            lineage[NOTE_TAG] = description(config, summary)
             tracker.set_tags(parent, lineage)
-            tracker.log_metrics(parent, _headline_metrics(summary))
+            tracker.log_metrics(parent, headline_metrics(summary))
             if "evaluate" in arts:
                 tracker.log_evaluation(parent, arts["evaluate"].record)
             tracker.log_text(parent, json.dumps(summary, indent=2, default=str), "summary.json")
@@ -500,92 +469,6 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
         if tracker is not None and parent is not None:
             tracker.end_run(parent, "FAILED")
         raise
-
-
-# MLflow shows this tag as the run's description (markdown).
-NOTE_TAG = "mlflow.note.content"
-# Step curves copied from the pretrain run onto the parent run (the runs compared are parents).
-CURVES = ("loss", "loss_masked", "loss_causal", "valid_loss_masked", "valid_loss_causal",
-          "valid_loss_masked_ema", "valid_loss_causal_ema", "tokens_per_s", "words")
-# The training numbers worth a column in the runs table (the rest stay on the pretrain child run).
-HEADLINE_TRAINING = ("final.loss", "final.loss_masked", "final.loss_causal", "final.valid_loss_masked",
-                     "final.valid_loss_causal", "words", "tokens", "steps")
-
-
-def source_tags() -> dict[str, str]:
-    """What the runs table's source column shows: the Prefect flow that ran the pipeline."""
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    name = ctx.flow.name if ctx and ctx.flow else "gptbert-pipeline"
-    return {"mlflow.source.type": "JOB", "mlflow.source.name": f"prefect flow {name}"}
-
-
-def dataset_inputs(config: PipelineConfig, arts: dict[str, Artifact]) -> list[dict[str, Any]]:
-    """The corpus and the shard set as MLflow dataset inputs (digest, where, how big)."""
-    out = []
-    clean = arts.get("clean")
-    if clean is not None:
-        totals = clean.record.get("stats", {}).get("totals", {})
-        out.append({"name": "corpus", "digest": clean.digest, "source": ", ".join(config.clean.inputs),
-                    "profile": {k: totals[k] for k in ("documents_out", "words_in", "bytes_in") if k in totals}})
-    shard = arts.get("shard")
-    if shard is not None:
-        splits = shard.record.get("stats", {}).get("splits", {})
-        profile = {f"{split}.{k}": v for split, d in splits.items() for k, v in d.items()
-                   if isinstance(v, (int, float))}
-        out.append({"name": "shards", "digest": shard.digest, "source": shard.path, "profile": profile})
-    return out
-
-
-def _headline_metrics(summary: dict[str, Any]) -> dict[str, Any]:
-    """The parent run's own metrics: duration and the final training numbers (its evaluation scores
-    go through ``Tracker.log_evaluation``)."""
-    training = summary.get("training") or {}
-    out: dict[str, Any] = {"pipeline.duration_s": summary["duration_s"]}
-    out.update({f"train.{k}": training[k] for k in HEADLINE_TRAINING if k in training})
-    return out
-
-
-def _description(config: PipelineConfig, summary: dict[str, Any]) -> str:
-    """The parent run's markdown description: what ran, from what, where the outputs are."""
-    lines = [f"**{summary['run_name']}**: GPT-BERT pipeline run ({', '.join(summary['ran']) or 'nothing'} ran; "
-             f"{', '.join(summary['cached']) or 'nothing'} reused from the cache).", "",
-             f"Corpus: `{', '.join(config.clean.inputs)}`", "", "| stage | digest | cached | folder |",
-             "|---|---|---|---|"]
-    for stage, info in summary["stages"].items():
-        lines.append(f"| {stage} | `{info['digest'][:12]}` | {'yes' if info['cached'] else 'no'} | `{info['path']}` |")
-    reg = summary.get("registered")
-    if reg:
-        lines += ["", f"Registered model: `{reg['name']}` version {reg['version']} ({reg['alias'] or 'no alias'})."]
-    return "\n".join(lines)
-
-
-def _summary(config, arts, parent, tracker, registered, duration) -> dict[str, Any]:
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    out: dict[str, Any] = {
-        "flow_run_id": str(ctx.flow_run.id) if ctx and ctx.flow_run else None,
-        "mlflow_run_id": parent,
-        "tracking_uri": tracker.uri if tracker else None,
-        "experiment_id": tracker.experiment_id if tracker else None,
-        "workdir": storage.normalize(config.workdir),
-        "stages": {},
-        "cached": [k for k, a in arts.items() if a.cached],
-        "ran": [k for k, a in arts.items() if not a.cached],
-        "duration_s": round(duration, 2),
-        "registered": registered,
-    }
-    for k, a in arts.items():
-        out["stages"][k] = {"path": a.path, "identity": a.identity, "digest": a.digest, "cached": a.cached,
-                            "duration_s": a.record.get("duration_s"), "mlflow_run_id": a.record.get("mlflow_run_id"),
-                            "stats": _scalars(a.record.get("stats", {}))}
-    if "evaluate" in arts:
-        out["evaluation"] = evaluation_metrics(arts["evaluate"].record)
-    if "pretrain" in arts:
-        out["training"] = _scalars(arts["pretrain"].record.get("stats", {}))
-    return out
 
 
 def _flow(name: str, until: str, description: str):

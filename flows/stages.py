@@ -102,20 +102,19 @@ def clean(cfg: PipelineConfig) -> Artifact:
 def train_tokenizer(cfg: PipelineConfig, corpus: Artifact) -> Artifact:
     """The tokenizer stage: train the recipe §4 tokenizer on the cleaned corpus, reused when cached."""
     from tokenization.clean import DOCUMENTS_FILE
-    from tokenization.tokenizer import train_tokenizer as train
+    from tokenization.tokenizer import tokenizer_inputs, train_tokenizer as train
 
-    return _cached_or_run(cfg, "tokenizer", {"corpus": corpus.digest}, cfg.tokenizer.identity_dict(),
+    return _cached_or_run(cfg, "tokenizer", tokenizer_inputs(corpus.digest), cfg.tokenizer.identity_dict(),
                           lambda out: train(corpus.file(DOCUMENTS_FILE), cfg.tokenizer, out, progress_bar=False))
 
 
 def shard(cfg: PipelineConfig, corpus: Artifact, tokenizer: Artifact) -> Artifact:
     """The shard stage: encode the cleaned corpus with the tokenizer into Arrow shards, reused when cached."""
     from tokenization.clean import DOCUMENTS_FILE
-    from tokenization.shards import write_shards
+    from tokenization.shards import shard_inputs, write_shards
     from tokenization.tokenizer import TOKENIZER_FILE
 
-    inputs = {"corpus": corpus.digest, "tokenizer": tokenizer.digest}
-    return _cached_or_run(cfg, "shard", inputs, cfg.shard.identity_dict(),
+    return _cached_or_run(cfg, "shard", shard_inputs(corpus.digest, tokenizer.digest), cfg.shard.identity_dict(),
                           lambda out: write_shards(corpus.file(DOCUMENTS_FILE), tokenizer.file(TOKENIZER_FILE),
                                                    cfg.shard, out, progress_bar=False))
 
@@ -125,10 +124,9 @@ def pretrain(cfg: PipelineConfig, shards: Artifact, tokenizer: Artifact, callbac
     or restarted run continues. How the run is launched is not part of its identity (recipe §2: the
     objective is independent of the worker count)."""
     from gptbert.distributed import run_pretraining
-    from gptbert.trainer import pretrain_config
-
     from gptbert.metrics import Chain, ProgressFile
-    from gptbert.trainer import PROGRESS_FILE
+    from gptbert.pretraining import PROGRESS_FILE, pretrain_inputs
+    from gptbert.trainer import pretrain_config
 
     from . import events
 
@@ -139,8 +137,8 @@ def pretrain(cfg: PipelineConfig, shards: Artifact, tokenizer: Artifact, callbac
         events.emit("progress_file", stage="pretrain", path=progress.path, total_steps=cfg.train.steps)
         return run_pretraining(cfg, shards.path, out, callback=Chain(progress, callback))
 
-    inputs = {"data": shards.digest, "tokenizer": tokenizer.digest}
-    return _cached_or_run(cfg, "pretrain", inputs, pretrain_config(cfg.model, cfg.train), run)
+    return _cached_or_run(cfg, "pretrain", pretrain_inputs(shards.digest, tokenizer.digest),
+                          pretrain_config(cfg.model, cfg.train), run)
 
 
 def export(cfg: PipelineConfig, model: Artifact) -> Artifact:
@@ -162,4 +160,26 @@ def evaluate(cfg: PipelineConfig, model: Artifact, after: Callable | None = None
                           lambda out: evaluate_model_dir(model_dir, cfg.eval, out, after=after))
 
 
-__all__ = ["Artifact", "STAGES", "clean", "evaluate", "export", "pretrain", "shard", "stage_dir", "train_tokenizer"]
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage as the flows see it: its cached runner above, the config sections that
+    parameterise it (its MLflow child run's params) and the small files of its folder logged as
+    MLflow artifacts. Its identity is spelled by its library (``*_inputs`` beside each stage)."""
+
+    name: str
+    run: Callable[..., Artifact]
+    sections: tuple[str, ...]
+    files: tuple[str, ...] = ()
+
+
+# In pipeline order (common.artifacts.STAGES, which stage records are checked against).
+REGISTRY: dict[str, Stage] = {s.name: s for s in (
+    Stage("clean", clean, ("clean",)),
+    Stage("tokenizer", train_tokenizer, ("tokenizer",), ("tokenizer.json",)),
+    Stage("shard", shard, ("shard",), ("manifest.json",)),
+    Stage("pretrain", pretrain, ("model", "train", "launch"), ("model/training.json", "model/config.json")),
+    Stage("export", export, ("export",), ("config.json",)),
+    Stage("evaluate", evaluate, ("eval",), ("results.json", "report.md", "by_phenomenon.png", "milestones.png")),
+)}
+
+__all__ = ["Artifact", "REGISTRY", "STAGES", "Stage", "clean", "evaluate", "export", "pretrain", "shard", "stage_dir", "train_tokenizer"]

@@ -26,9 +26,10 @@ from common.artifacts import atomic_write_text
 from common.config import PipelineConfig, dump_yaml, flatten, from_dict, to_dict
 
 from . import stages
-from .pipeline import (dataset_inputs, link_prefect, prefect_ids, resolve_config, source_tags, tracker_for, clean_task,
-                       evaluate_task, pretrain_task, shard_task, tokenizer_task)
+from .pipeline import (link_prefect, prefect_ids, resolve_config, tracker_for, clean_task, evaluate_task, pretrain_task,
+                       shard_task, tokenizer_task)
 from .stages import Artifact
+from .summary import dataset_inputs, source_tags
 from .tracking import fraction_label
 
 SWEEP_DIR = "sweeps"

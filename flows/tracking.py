@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common import storage
-from common.config import PipelineConfig, flatten
+from common.config import PipelineConfig
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
@@ -303,10 +303,6 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """Log ``text`` as the run's artifact file ``artifact_file``."""
         self.client.log_text(run_id, text, artifact_file)
-
-    def params_of(self, cfg: PipelineConfig) -> dict[str, Any]:
-        """The config as flat dotted params (``train.lr``)."""
-        return flatten(cfg)
 
 
 class StepMetricsLogger:

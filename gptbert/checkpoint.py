@@ -23,14 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.artifacts import DataError, replace_dir
+from common.errors import error_line
 
 PREFIX = "step-"
 
 
 def _reason(exc: BaseException) -> str:
-    """The first line of an exception's message (libraries wrap long tracebacks into theirs)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    # The first line: torch and safetensors put their summary there, then long advice.
+    return error_line(exc, first=True)
 
 
 class CheckpointError(DataError):

@@ -61,6 +61,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
     from tokenization.tokenizer import load_tokenizer
 
     from .device import resolve_device
+    from .kernels import apply_kernels
     from .model import GPTBERT
 
     if not isinstance(device, torch.device):
@@ -83,7 +84,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
     except RuntimeError as exc:
         detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:3] if line.strip())
         raise DataError(f"{p / MODEL_FILE}: the weights do not fit {CONFIG_FILE} ({detail})") from None
-    model.to(device).eval()
+    apply_kernels(model.to(device)).eval()
     tokenizer = None
     if (p / TOKENIZER_FILE).is_file():
         expected = read_json(p / SUMMARY_FILE).get("tokenizer_sha256") if (p / SUMMARY_FILE).is_file() else None

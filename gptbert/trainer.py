@@ -3,7 +3,8 @@
 The loop knows nothing about distribution beyond a **step backend** (``StepBackend`` below):
 ``LocalBackend`` runs one process of plain torch; ``gptbert.distributed`` provides a DeepSpeed
 backend that the Ray launcher uses. Metrics leave through ``callback(metrics: dict, step: int)``
-on rank 0; the library logs nowhere.
+on rank 0; the library logs nowhere. The run around the loop (data, resume, milestones, the final
+model and record) is ``gptbert.pretraining``, shared by every launcher.
 """
 
 from __future__ import annotations
@@ -20,33 +21,18 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from common.artifacts import (DataError, check_outside_inputs, check_writable, file_digest, make_record,
-                              read_record, write_record)
-from common.config import ModelConfig, PipelineConfig, TrainConfig, digest
+from common.artifacts import DataError
+from common.config import ModelConfig, TrainConfig, digest
 
-from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
-                         safetensors_load, save_checkpoint, torch_load)
-from .data import TrainingData, WordCounter, document_words, open_data
+from .checkpoint import CheckpointError, load_checkpoint, safetensors_load, save_checkpoint, torch_load
+from .data import WordCounter, document_words
 from .objective import (Cursor, LossNorm, TrainingStream, hybrid_loss, objective_value, rank_slice,
                         segment_pieces, validation_batches)
-from .device import resolve_device
-from .optim import EMA, build_optimizer, precision_name, resolve_precision, schedule_lr
+from .optim import EMA, resolve_precision, schedule_lr
 
 log = logging.getLogger("gptbert")
 
-STAGE = "pretrain"
-MODEL_DIR = "model"
-CHECKPOINT_DIR = "checkpoints"
-MILESTONES_DIR = "milestones"  # milestones/chck_{N}M/: a model folder per word milestone reached
-PROGRESS_FILE = "progress.json"  # the latest step, for a progress bar in another process (metrics.ProgressFile)
-LOGS_DIR = "logs"  # the CLI's log files of the commands that wrote into this folder
-
 Callback = Callable[[dict, int], None]
-
-
-def milestone_name(words: int) -> str:
-    """The BabyLM checkpoint name of a word milestone: 1_000_000 -> ``chck_1M``, 2_000 -> ``chck_0.002M``."""
-    return f"chck_{words / 1e6:g}M"
 
 
 def _dist() -> bool:
@@ -468,7 +454,7 @@ class Trainer:
             on_checkpoint(folder)
 
 
-# ----------------------------------------------------------------------------- a local run
+# ----------------------------------------------------------------------------- a run's identity
 
 def run_digest(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
     """What a run is: its model and the result-deciding training fields (loop cadence, device and
@@ -486,175 +472,5 @@ def pretrain_config(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str,
     return {"model": model_cfg.identity_dict(), "train": train_cfg.identity_dict(), "data_order": DATA_ORDER}
 
 
-def pretrain_inputs(data: TrainingData) -> dict[str, str | None]:
-    """The inputs part of a pretraining run's identity: the data's and the tokenizer's digests."""
-    return {"data": data.digest, "tokenizer": file_digest(data.tokenizer) if data.tokenizer else None}
-
-
-def check_run_folder(out: Path) -> None:
-    """A run folder is empty, or holds this stage's checkpoints, model or record, nothing else; and it
-    can be written (checked before any work)."""
-    check_writable(out)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise DataError(f"{out}: output path exists and is not a folder")
-    other = read_record(out)
-    if other is not None and other.get("stage") != STAGE:
-        raise DataError(f"{out}: holds the output of stage '{other.get('stage')}'; refusing to train into it")
-    if other is None:
-        foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")
-                   and p.name not in (CHECKPOINT_DIR, MODEL_DIR, MILESTONES_DIR, PROGRESS_FILE, LOGS_DIR, "ray")]
-        if foreign:
-            raise DataError(f"{out}: output folder holds {', '.join(sorted(foreign)[:3])}, which no "
-                            "pretraining run wrote; choose an empty folder or an earlier run's folder")
-
-
-def check_data_fits(cfg: PipelineConfig, data: TrainingData) -> None:
-    """Refuse a config whose model cannot read this data (sequence length, vocabulary)."""
-    max_len = cfg.train.max_seq_len
-    if max_len > cfg.model.max_position_embeddings:
-        raise DataError(f"config field 'train.seq_len': {max_len} exceeds model.max_position_embeddings "
-                        f"({cfg.model.max_position_embeddings})")
-    if data.vocab_size is not None and data.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"config field 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
-                        f"shards' tokenizer vocabulary ({data.vocab_size})")
-
-
-def build_local_backend(model_cfg: ModelConfig, train_cfg: TrainConfig) -> LocalBackend:
-    """A fresh model (seeded by ``train.seed``) and its optimizer on ``train.device``."""
-    from .model import GPTBERT
-
-    torch.manual_seed(train_cfg.seed)
-    device = resolve_device(train_cfg.device)
-    model = GPTBERT(model_cfg).to(device)
-    return LocalBackend(model, build_optimizer(model, train_cfg), train_cfg.grad_clip)
-
-
-def pretrain(cfg: PipelineConfig, data, out_dir: str | Path, callback: Callback | None = None,
-             backend: StepBackend | None = None, tokenizer: str | Path | None = None, valid_data=None,
-             progress: bool = False, stop_after: int | None = None) -> Path:
-    """Train in this process (resuming from the latest checkpoint in ``out_dir/checkpoints``), write
-    ``out_dir/model`` with the EMA weights and the stage record. ``data``: a DocumentSource, a shard
-    folder or a token file (``gptbert.data.open_data``). Returns the model folder; with
-    ``stop_after`` < steps, stops early and returns the checkpoint written there instead."""
-    from .io import save_model_dir
-
-    out = Path(out_dir)
-    check_run_folder(out)
-    check_outside_inputs(out, [data if isinstance(data, (str, Path)) else None, tokenizer])
-    opened = open_data(data, tokenizer, valid_data, remote=cfg.launch.remote_shards)
-    check_data_fits(cfg, opened)
-    if backend is None:
-        backend = build_local_backend(cfg.model, cfg.train)
-    trainer = Trainer(cfg.model, cfg.train, opened.train, backend, opened.valid, callback, progress)
-    ckpt_root = out / CHECKPOINT_DIR
-    trainer.resume(list_checkpoints(ckpt_root))
-    started, start_step = time.time(), trainer.step
-    milestones = out / MILESTONES_DIR
-    trainer.fit(ckpt_root, stop_after, on_milestone=lambda passed: save_milestone_models(
-        trainer, cfg.model, passed, milestones, opened.tokenizer))
-    if trainer.step < cfg.train.steps:
-        return latest_checkpoint(ckpt_root)
-
-    model = unwrap(backend.module)
-    summary = training_summary(trainer, cfg, started, opened, start_step=start_step)
-    trainer.ema.copy_to(model)  # the final model is the EMA of the weights
-    model_dir = out / MODEL_DIR
-    if trainer.rank == 0:
-        save_model_dir(model_dir, model, cfg.model, opened.tokenizer, summary)
-        write_pretrain_record(out, cfg, opened, summary)
-    if _dist():
-        torch.distributed.barrier()
-    return model_dir
-
-
-def ema_model(trainer: "Trainer", model_cfg: ModelConfig) -> torch.nn.Module | None:
-    """The EMA weights in a fresh fp32 CPU model on rank 0 (independent of device, precision and
-    sharding); None on other ranks. Every rank must call it: under ZeRO-3 the EMA is gathered."""
-    from .model import GPTBERT
-
-    state = trainer.ema.state_dict()
-    if trainer.rank != 0:
-        return None
-    model = GPTBERT(model_cfg)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(state[name])
-    return model.eval()
-
-
-def save_milestone_models(trainer: "Trainer", model_cfg: ModelConfig, milestones: list[int], root: str | Path,
-                          tokenizer: str | Path | None) -> list[Path]:
-    """Write the current EMA model as ``root/chck_{N}M`` for each milestone passed (rank 0 writes;
-    every rank calls). A step passing several milestones writes each (same weights)."""
-    from .io import save_model_dir
-
-    model = ema_model(trainer, model_cfg)
-    if model is None:
-        return []
-    written = []
-    for words in milestones:
-        summary = {"milestone": milestone_name(words), "milestone_words": words, "words": trainer.words_seen,
-                   "steps": trainer.step, "tokens": trainer.tokens_seen, "run_digest": trainer.run_digest(),
-                   "precision": precision_name(trainer.autocast_dtype)}
-        written.append(save_model_dir(Path(root) / milestone_name(words), model, model_cfg, tokenizer, summary))
-        log.info("word milestone %s reached at step %d (%d words): saved %s", milestone_name(words),
-                 trainer.step, trainer.words_seen, written[-1])
-    return written
-
-
-def milestones_reached(run_dir: str | Path) -> list[str]:
-    """Names of the milestone model folders of a run folder, by words (``chck_1M``, ``chck_2M``, ...)."""
-    root = Path(run_dir) / MILESTONES_DIR
-    if not root.is_dir():
-        return []
-    names = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("chck_")
-             and (p / "training.json").is_file()]
-    return sorted(names, key=lambda n: float(n[len("chck_"):-1]))
-
-
-def write_pretrain_record(out: Path, cfg: PipelineConfig, data: TrainingData, summary: dict) -> dict:
-    """The pretraining stage's record (written once the model folder is complete)."""
-    stats = {k: summary[k] for k in ("steps", "steps_this_session", "tokens", "words", "final", "precision",
-                                     "milestones", "first_batch_sha256") if k in summary}
-    record = make_record(STAGE, pretrain_inputs(data), pretrain_config(cfg.model, cfg.train), out, MODEL_DIR,
-                         stats)
-    write_record(out, record)
-    return record
-
-
-def training_summary(trainer: "Trainer", cfg: PipelineConfig, started: float, data: TrainingData,
-                     start_step: int | None = None) -> dict:
-    """The ``training.json`` summary: final train/valid losses (training and EMA weights), counts,
-    and the digests of what the model was made from. Runs validation (a collective when distributed)."""
-    final = dict(trainer.last_metrics)
-    final.update(trainer.validate())
-    final.update(trainer.validate_ema())
-    summary = {
-        "steps": trainer.step,
-        "tokens": trainer.tokens_seen,
-        "words": trainer.words_seen if trainer.word_counter is not None else None,
-        "milestones": [milestone_name(m) for m in trainer.milestones if m <= trainer.words_seen],
-        "train_seconds_this_session": round(time.time() - started, 3),
-        # NaN (no example of that kind, e.g. loss_masked of a causal-only run) becomes null: strict JSON.
-        "final": {k: (v if math.isfinite(v) else None) for k, v in final.items() if isinstance(v, (int, float))},
-        "model_config_digest": digest(cfg.model),
-        "train_config_digest": digest(cfg.train),
-        "run_digest": trainer.run_digest(),
-        "first_batch_sha256": trainer.first_batch_sha256,
-        "data": data.name,
-        "data_digest": data.digest,
-        "tokenizer": str(data.tokenizer) if data.tokenizer else None,
-        "ema_decay": cfg.train.ema_decay,
-        "precision": precision_name(trainer.autocast_dtype),
-    }
-    if start_step is not None:
-        summary["steps_this_session"] = trainer.step - start_step
-    return summary
-
-
-__all__ = ["MILESTONES_DIR", "ema_model", "milestone_name", "milestones_reached", "save_milestone_models",
-           "AveragedWeights", "LocalBackend", "NonFiniteLossError", "StepBackend", "Trainer", "build_local_backend", "check_data_fits",
-           "check_run_folder", "pretrain", "pretrain_config", "pretrain_inputs", "run_digest", "training_summary",
-           "unwrap", "write_pretrain_record"]
+__all__ = ["DATA_ORDER", "AveragedWeights", "LocalBackend", "NonFiniteLossError", "StepBackend", "Trainer",
+           "pretrain_config", "run_digest", "unwrap"]

@@ -37,7 +37,7 @@ def make_corpus(path: Path) -> Path:
 
 
 def run_pretrain(data: Path, out: Path, stop_after=None, extra=()):
-    from gptbert.trainer import pretrain
+    from gptbert.pretraining import pretrain
 
     cfg = load_config(preset="tiny", overrides=OVERRIDES + list(extra))
     return pretrain(cfg, data, out, stop_after=stop_after)

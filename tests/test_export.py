@@ -283,7 +283,7 @@ def test_word_milestones_export_as_folders_and_hub_branches(tmp_path):
     from cli.main import main
     from common.config import load_config
     from gptbert.data import ListDocumentSource
-    from gptbert.trainer import pretrain
+    from gptbert.pretraining import pretrain
 
     tokenizer = make_tokenizer()
     tokenizer.save(str(tmp_path / "tokenizer.json"))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import gptbert.model as model_module
+import gptbert.kernels.flex as flex_module
 from common.config import ConfigError, ModelConfig
+from gptbert.kernels import apply_kernels
 from gptbert.model import GPTBERT, build_blocked_mask
 
 TINY = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96,
@@ -26,7 +27,7 @@ CAUSAL = [False, True, False, True, False]
 
 def make_model(impl: str, seed: int = 0) -> GPTBERT:
     torch.manual_seed(seed)
-    model = GPTBERT(ModelConfig(**TINY, attention_impl=impl))
+    model = apply_kernels(GPTBERT(ModelConfig(**TINY, attention_impl=impl)))
     with torch.no_grad():  # perturb zero/one-initialised parameters so every path matters
         for name, p in model.named_parameters():
             if "bias" in name or "layer_weights" in name or "relative_norm" in name:
@@ -60,14 +61,14 @@ def test_flex_needs_attention_dropout_zero():
 
 def test_flex_mask_and_score_mod_equal_fused_in_values_and_gradients(monkeypatch):
     # Let the CPU take the flex route with gradients, through the dense evaluator above.
-    monkeypatch.setattr(model_module, "FLEX_BACKWARD_DEVICES", {"cpu"})
+    monkeypatch.setattr(flex_module, "FLEX_BACKWARD_DEVICES", {"cpu"})
     calls = []
 
     def fake_flex(q, k, v, score_mod, block_mask, scale):
         calls.append(block_mask)
         return dense_flex(q, k, v, score_mod, block_mask, scale)
 
-    monkeypatch.setattr(model_module, "_flex_attention", fake_flex)
+    monkeypatch.setattr(flex_module, "flex_attention", fake_flex)
     ids, blocked = batch()
     grads, outs = {}, {}
     for impl in ("fused", "flex"):
@@ -87,7 +88,7 @@ def test_block_mask_skips_blocked_tiles():
     # tiles are empty, so a bidirectional row keeps 2 of 4 tiles and a causal one keeps 2 of 3.
     seg = torch.tensor([[1] * 128 + [2] * 128] * 2)
     blocked = build_blocked_mask(seg, torch.tensor([False, True]))
-    mask = model_module.flex_block_mask(blocked)
+    mask = flex_module.block_mask(blocked)
     dense = mask.to_dense()  # (B, 1, 2, 2): 1 where a tile has any allowed pair
     assert dense[0, 0].tolist() == [[1, 0], [0, 1]]
     assert dense[1, 0].tolist() == [[1, 0], [0, 1]]

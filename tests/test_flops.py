@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common.config import ModelConfig
 from gptbert.flops import flops_per_token, forward_flops_breakdown, parameter_count
+from gptbert.kernels import apply_kernels
 from gptbert.model import GPTBERT, build_blocked_mask
 
 
@@ -16,16 +17,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only
 
 @pytest.mark.parametrize("gate, causal", [(True, False), (True, True), (False, False)])
 def test_formula_matches_flop_counter(gate, causal, monkeypatch):
-    import gptbert.model
+    import gptbert.kernels.geglu
 
     # The counter is a dispatch mode: dynamo skips a frame called under it and never compiles that
     # code again in this process, which would leave later tests without the compiled CPU kernel.
     # Its eager ops hold the same matmuls (none).
-    monkeypatch.setattr(gptbert.model.geglu_norm, "compiled", False)
+    monkeypatch.setattr(gptbert.kernels.geglu.geglu_norm, "compiled", False)
     cfg = ModelConfig(vocab_size=300, hidden_size=48, num_layers=2, num_heads=3, intermediate_size=80,
                       gate=gate, attention_impl="fused")
     torch.manual_seed(0)
-    model = GPTBERT(cfg).train()
+    model = apply_kernels(GPTBERT(cfg)).train()  # the step as training builds it
     B, T = 3, 24
     ids = torch.randint(0, 300, (B, T))
     blocked = build_blocked_mask(torch.ones(B, T, dtype=torch.long), torch.full((B,), causal))

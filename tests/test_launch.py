@@ -113,7 +113,7 @@ def test_launch_config_validation_and_launcher_registry(tmp_path):
     with pytest.raises(ConfigError, match="offload"):
         LaunchConfig(zero_stage=0, offload=True)
     with pytest.raises(ConfigError, match="num_workers"):
-        LaunchConfig(num_workers=0)
+        LaunchConfig(num_workers=-1)
     with pytest.raises(ConfigError, match="run_name"):
         LaunchConfig(run_name="a/b")
     with pytest.raises(ConfigError, match="worker_niceness"):
@@ -282,7 +282,7 @@ def cluster(tmp_path_factory, request):
         pass  # no S3 server here: the bucket test skips, the others run
 
     from gptbert.metrics import JsonlCallback
-    from gptbert.trainer import pretrain
+    from gptbert.pretraining import pretrain
 
     root = tmp_path_factory.mktemp("launch")
     data = _corpus(root / "corpus.npz")
@@ -386,7 +386,7 @@ def _assert_same_milestones(run_dir: Path, plain_dir: Path) -> None:
     count (summed over workers' examples), with the same EMA weights (up to float summation order)."""
     from safetensors.torch import load_file
 
-    from gptbert.trainer import milestones_reached
+    from gptbert.pretraining import milestones_reached
 
     names = milestones_reached(plain_dir)
     assert names == ["chck_0.001M", "chck_0.002M"] == milestones_reached(run_dir)
@@ -618,7 +618,7 @@ def test_two_nodes_train_from_a_bucket_and_resume_from_its_checkpoints_after_a_f
     from common.artifacts import read_record, tree_digest
     from gptbert.distributed import run_pretraining
     from gptbert.metrics import JsonlCallback
-    from gptbert.trainer import pretrain
+    from gptbert.pretraining import pretrain
     from test_storage import _tiny_remote_stages
 
     base = s3.bucket("cluster")

@@ -65,3 +65,79 @@ def test_no_module_imports_another_modules_private_names():
                 if isinstance(node, ast.ImportFrom):
                     private = [a.name for a in node.names if a.name.startswith("_")]
                     assert not private, (path.relative_to(REPO).as_posix(), node.module, private)
+
+
+PACKAGES = ("common", "cli", "gptbert", "tokenization", "flows")
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """{module: project modules it imports}, every import statement counted (inside functions too);
+    ``from pkg import name`` points at ``pkg.name`` when that is a module, else at ``pkg``."""
+    files = {}
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            if "export/hf" in path.as_posix():
+                continue  # copied into export folders, never imported by gptbert
+            parts = path.relative_to(REPO).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name in files}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                for alias in node.names:
+                    target = f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base
+                    if target in files and target != name:
+                        targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_graph_builder_sees_a_cycle_and_relative_imports():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    graph = _module_graph()
+    assert "gptbert.model" in graph["gptbert.kernels.dropout"] or "gptbert.model" in graph["gptbert.kernels.flex"]
+    assert "common.config.base" in graph["common.config.train"]
+
+
+def test_no_import_cycles_among_the_project_modules():
+    assert _cycles(_module_graph()) == []

@@ -9,17 +9,9 @@ import torch
 
 from common.config import ModelConfig, preset
 from gptbert.flops import parameter_count
-from gptbert.model import (
-    GPTBERT,
-    _History,
-    _LayerMix,
-    build_blocked_mask,
-    export_reference_state_dict,
-    load_reference_state_dict,
-    num_parameters,
-    position_index_table,
-    relative_position_buckets,
-)
+from gptbert.export.paper import export_reference_state_dict, load_reference_state_dict
+from gptbert.kernels import apply_kernels
+from gptbert.model import GPTBERT, build_blocked_mask, num_parameters, position_index_table, relative_position_buckets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
 
@@ -32,8 +24,9 @@ def tiny_config(**changes) -> ModelConfig:
 
 
 def make_model(seed: int = 0, **changes) -> GPTBERT:
+    # With the kernels, as training and evaluation build it (tests/test_kernels.py: equal to plain).
     torch.manual_seed(seed)
-    model = GPTBERT(tiny_config(**changes))
+    model = apply_kernels(GPTBERT(tiny_config(**changes)))
     # Perturb the zero/one-initialised parameters so every path matters.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -175,7 +168,7 @@ def test_fully_blocked_rows_attend_to_nothing():
         seg = torch.tensor([[1, 1, 1, 0]])
         blocked = blocked_for(seg, [False])
         x = torch.randn(1, 4, 64)
-        masks = model._attention_masks(blocked, x.dtype)
+        masks = model.attention_masks(blocked, x.dtype)
         rel = model.relative_norm(model.relative_embedding)
         with torch.no_grad():
             out = attn(x, rel, model.position_index(4, x.device), masks)
@@ -218,41 +211,6 @@ def test_eval_paths_agree_without_grad():
 
 
 # -- layer weighting ------------------------------------------------------------------------------
-
-
-def test_layer_mix_matches_naive_weighted_sums_in_values_and_gradients():
-    torch.manual_seed(0)
-    n_blocks, shape = 5, (2, 3, 4)
-    weights = [torch.nn.Parameter(torch.linspace(-1, 1, 4 * 4).view(4, 4) * (0.3 + 0.1 * k)) for k in range(n_blocks)]
-    alphas = [torch.nn.Parameter(torch.randn(k + 2)) for k in range(n_blocks)]
-    x0 = torch.randn(shape, requires_grad=True)
-
-    def run(custom: bool):
-        history = _History(x0, alphas) if custom else None
-        outs, x = [x0], x0
-        for k in range(n_blocks):
-            delta = torch.tanh(x @ weights[k])
-            if custom:
-                x = _LayerMix.apply(x, delta, x0, history, k, *(alphas if k == 0 else ()))
-            else:
-                x = x + delta
-                outs.append(x)
-                x = sum(a * h for a, h in zip(alphas[k], outs))
-        return x
-
-    params = [x0, *weights, *alphas]
-    out_naive = run(False)
-    grads_naive = torch.autograd.grad(out_naive.square().sum(), params)
-    out_custom = run(True)
-    loss = out_custom.square().sum()
-    grads_custom = torch.autograd.grad(loss, params, retain_graph=True)
-    assert torch.allclose(out_naive, out_custom, atol=1e-6)
-    for a, b in zip(grads_naive, grads_custom):
-        assert torch.allclose(a, b, atol=1e-5)
-    # A second backward through the same graph starts from a clean gradient buffer.
-    again = torch.autograd.grad(loss, params)
-    for a, b in zip(grads_naive, again):
-        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_two_forwards_then_one_backward():
@@ -347,61 +305,6 @@ def test_forward_rejects_bad_mask():
         model(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 5, 4, dtype=torch.bool))
 
 
-def test_geglu_function_matches_autograd():
-    from gptbert.model import _GEGLU
-
-    x = torch.randn(3, 5, 8, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(_GEGLU.apply, (x,))
-    value, gate = x.chunk(2, dim=-1)
-    assert torch.allclose(_GEGLU.apply(x), value * torch.nn.functional.gelu(gate, approximate="tanh"))
-
-
-# -- the CPU dropout ------------------------------------------------------------------------------
-
-
-def test_dropout_is_identity_when_off():
-    from gptbert.model import dropout
-
-    x = torch.randn(4, 8)
-    assert dropout(x, 0.1, False) is x
-    assert dropout(x, 0.0, True) is x
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dropout_drops_at_rate_p_and_scales_the_rest(dtype):
-    from gptbert.model import dropout
-
-    torch.manual_seed(0)
-    p = 0.1
-    x = (torch.rand(200_000) + 0.5).to(dtype).requires_grad_()
-    out = dropout(x, p, True)
-    assert out.dtype == dtype and out.shape == x.shape
-    kept = out != 0
-    # 200k Bernoulli(0.9) draws: the kept fraction is within ~6 standard deviations of 0.9.
-    assert abs(kept.float().mean().item() - (1 - p)) < 0.004
-    scale = 65536 / (65536 - round(p * 65536))
-    ratio = out[kept].float() / x[kept].float()
-    assert torch.allclose(ratio, torch.full_like(ratio, scale), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
-    # The backward multiplies by the same mask and scale.
-    out.backward(torch.ones_like(out))
-    assert torch.equal(x.grad != 0, kept)
-    assert torch.allclose(x.grad[kept].float(), torch.full_like(ratio, scale), rtol=1e-2)
-
-
-def test_dropout_masks_are_seeded_and_use_every_bit():
-    from gptbert.model import dropout
-
-    x = torch.ones(4, 1001)  # an odd count: the last 64-bit draw is only partly used
-    torch.manual_seed(3)
-    a = dropout(x, 0.5, True)
-    torch.manual_seed(3)
-    assert torch.equal(a, dropout(x, 0.5, True))
-    assert not torch.equal(a, dropout(x, 0.5, True))
-    # p = 0.5 splits on the sign bit of each 16-bit lane: all four lanes of a draw are random.
-    lanes = (a.reshape(-1)[:4000] != 0).float().view(-1, 4).mean(0)
-    assert ((lanes > 0.4) & (lanes < 0.6)).all(), lanes
-
-
 def test_bf16_autocast_step_follows_fp32():
     # The hand-placed casts (one cast of the attention input, masks in the matmul dtype) keep the
     # autocast step on the fp32 one: same loss to bf16 precision, gradients pointing the same way.
@@ -418,109 +321,3 @@ def test_bf16_autocast_step_follows_fp32():
     assert abs(results[True][0] - results[False][0]) < 2e-2 * abs(results[False][0])
     cos = torch.nn.functional.cosine_similarity(results[True][1], results[False][1], dim=0)
     assert cos > 0.99, cos
-
-
-# -- the compiled CPU feed-forward kernel ---------------------------------------------------------
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-def test_compiled_geglu_norm_equals_the_eager_ops(autocast):
-    import torch.nn.functional as F
-
-    import gptbert.model as m
-
-    torch.manual_seed(0)
-    x = (torch.randn(2, 5, 2 * 24) * 2).requires_grad_()
-    grad = torch.randn(2, 5, 24)
-
-    def eager(inp):
-        value, gate = inp.chunk(2, dim=-1)
-        y = value * F.gelu(gate, approximate="tanh")
-        return F.layer_norm(y, (24,), eps=1e-7)
-
-    results = []
-    for fn in (eager, lambda inp: m.geglu_norm(inp, 1e-7)):
-        x.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            inp = x.to(torch.bfloat16) if autocast else x
-            out = fn(inp)
-        out.float().backward(grad)
-        results.append((out.float(), x.grad.clone()))
-    assert m.geglu_norm.compiled not in (None, False), "the compiler should run on this machine"
-    (a, ga), (b, gb) = results
-    tol = 3e-2 if autocast else 1e-5  # bf16: the eager ops round between steps, the kernel does not
-    assert torch.allclose(a, b, atol=tol, rtol=tol)
-    assert torch.allclose(ga, gb, atol=tol * 4, rtol=tol)
-
-
-def test_geglu_norm_falls_back_to_eager_ops_when_the_compiler_fails(monkeypatch):
-    import gptbert.model as m
-
-    def broken_compile(fn, **kwargs):
-        def run(*args):
-            raise RuntimeError("no C++ compiler found\nmore detail")
-        return run
-
-    monkeypatch.setattr(m.geglu_norm, "compiled", None)
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    x = torch.randn(3, 8, requires_grad=True)
-    with pytest.warns(UserWarning, match="feed-forward kernel failed .RuntimeError: no C\\+\\+ compiler found.; using eager ops"):
-        out = m.geglu_norm(x, 1e-7)
-    assert m.geglu_norm.compiled is False
-    value, gate = x.detach().chunk(2, dim=-1)
-    y = value * torch.nn.functional.gelu(gate, approximate="tanh")
-    assert torch.allclose(out, torch.nn.functional.layer_norm(y, (4,), eps=1e-7), atol=1e-6)
-    out.sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
-
-
-def test_layer_weighting_buffers_are_reused_across_training_steps_only():
-    model = make_model(hidden_dropout=0.0, attention_dropout=0.0)
-    ids = torch.randint(0, 512, (2, 10))
-    blocked = blocked_for(torch.ones(2, 10, dtype=torch.long), [False, True])
-    model(ids, blocked).square().mean().backward()
-    pooled = {t.data_ptr() for t in model._history_pool}
-    assert len(pooled) == 2  # the history and the upstream gradients, given back after backward
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert any(n.startswith("layer_weights") for n in grads)
-    model.zero_grad()
-    model(ids, blocked).square().mean().backward()  # reuses both buffers: the same gradients
-    assert {t.data_ptr() for t in model._history_pool} == pooled
-    for n, g in grads.items():
-        assert torch.equal(dict(model.named_parameters())[n].grad, g), n
-    model._history_pool.clear()
-    with torch.no_grad():
-        model(ids, blocked)
-    assert model._history_pool == []
-
-
-def test_a_history_built_without_its_init_is_freed_quietly(monkeypatch):
-    # torch.compile of the whole model (the GPU benchmark) can create one without running __init__.
-    import gc
-    import sys
-
-    import gptbert.model as m
-
-    raised = []
-    monkeypatch.setattr(sys, "unraisablehook", raised.append)
-    history = object.__new__(m._History)
-    del history
-    gc.collect()
-    assert raised == []
-
-
-def test_compiled_kernel_rows_do_not_depend_on_the_batch_they_come_in():
-    # Micro-batch sizes vary between steps; a row's result must not (resumed == uninterrupted).
-    import gptbert.model as m
-
-    torch.manual_seed(0)
-    big = torch.randn(7, 6, 2 * 40)
-    outs, grads = [], []
-    for batch in (big, big[:3]):
-        x = batch.clone().requires_grad_()
-        out = m.geglu_norm(x, 1e-7)
-        out.backward(torch.ones_like(out) * torch.arange(40.0))
-        outs.append(out.detach()[:3])
-        grads.append(x.grad[:3])
-    assert m.geglu_norm.compiled not in (None, False)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])

@@ -10,7 +10,8 @@ import torch
 from conftest import shared_path
 
 from common.config import ModelConfig, preset
-from gptbert.model import GPTBERT, export_reference_state_dict, load_reference_state_dict, position_index_table
+from gptbert.export.paper import export_reference_state_dict, load_reference_state_dict
+from gptbert.model import GPTBERT, position_index_table
 
 FIXTURE = ("reference", "gptbert_ref_tiny.npz")
 

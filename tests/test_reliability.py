@@ -231,7 +231,7 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_never_runs(built,
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(built, caplog, tmp_path):
-    from gptbert.trainer import pretrain
+    from gptbert.pretraining import pretrain
 
     run = _copy(built / "run", tmp_path / "run")
     shutil.rmtree(run / "model")
@@ -278,3 +278,15 @@ def test_pickle_payload_class_really_runs_when_unpickled(tmp_path):
     marker = tmp_path / "ran"
     pickle.loads(pickle.dumps(_Payload(str(marker))))
     assert marker.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no CUDA")
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_pretraining_on_a_missing_gpu_is_one_line_before_any_work(built, capsys, tmp_path, launcher, device):
+    # Never a silent CPU run: train.device=cuda without CUDA fails on both launchers, Ray not started.
+    rc, err = _run(capsys, "pretrain", "--data", str(built / "shards"), "--out", str(tmp_path / "run"),
+                   "--set", f"train.device={device}", "--set", f"launch.backend={launcher}", *TINY)
+    _assert_one_line(rc, err, "config field 'train.device'", "cuda" if launcher == "local" or device == "cuda"
+                     else "Ray assigns each worker its own GPU")
+    assert not (tmp_path / "run").exists()

@@ -35,7 +35,7 @@ def repetitive_corpus(n_docs=120, seed=0):
 @pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_loss_falls_in_both_pure_modes(tmp_path, fraction):
-    from gptbert.trainer import pretrain
+    from gptbert.pretraining import pretrain
 
     history = []
     cfg = load_config(preset="tiny", overrides=[
@@ -60,7 +60,7 @@ def test_loss_falls_in_both_pure_modes(tmp_path, fraction):
 def test_pretrain_metrics_and_model_folder(tmp_path):
     from gptbert.io import load_model_dir
     from gptbert.model import GPTBERT
-    from gptbert.trainer import pretrain
+    from gptbert.pretraining import pretrain
 
     docs = repetitive_corpus(40)
     data = tmp_path / "tokens.txt"
@@ -163,7 +163,7 @@ def test_shard_folder_is_the_source_of_its_tokenizer(tmp_path):
 
 
 def test_out_of_vocabulary_ids_fail_clearly(tmp_path):
-    from gptbert.trainer import pretrain
+    from gptbert.pretraining import pretrain
 
     cfg = load_config(preset="tiny", overrides=["train.steps=1"])
     with pytest.raises(ValueError, match="outside the model vocabulary"):
@@ -205,7 +205,7 @@ def test_train_config_validation():
 def test_pretrain_from_real_shards(tmp_path):
     """The shard reader of tokenization/ feeds the loop: words/s, validation split, tokenizer."""
     from common.config import CleanConfig, ShardConfig, TokenizerConfig
-    from gptbert.trainer import pretrain
+    from gptbert.pretraining import pretrain
     from tokenization.clean import clean_corpus
     from tokenization.shards import write_shards
     from tokenization.tokenizer import train_tokenizer
@@ -236,7 +236,8 @@ def test_pretrain_from_real_shards(tmp_path):
 @pytest.mark.slow
 def test_forced_bf16_autocast_step_runs():
     """precision=bf16 (forced: slow on AVX2 CPUs) trains with fp32 master weights and a finite loss."""
-    from gptbert.trainer import Trainer, build_local_backend
+    from gptbert.pretraining import build_local_backend
+    from gptbert.trainer import Trainer
 
     cfg = load_config(preset="tiny", overrides=[
         "train.steps=2", "train.precision=bf16", "train.batch_tokens_start=128",

@@ -46,11 +46,10 @@ SPLITS = ("train", "valid")
 FORMAT_VERSION = 1
 
 
-def shard_inputs(documents_parquet: str | Path, tokenizer_json: str | Path) -> dict[str, str]:
-    """The inputs part of the shard stage's identity (corpus and tokenizer sha256)."""
-    docs = resolve_file(documents_parquet, DOCUMENTS_FILE, "documents file")
-    tok = resolve_file(tokenizer_json, TOKENIZER_FILE, "tokenizer")
-    return {"corpus": file_digest(docs), "tokenizer": file_digest(tok)}
+def shard_inputs(corpus_sha256: str, tokenizer_sha256: str) -> dict[str, str]:
+    """The inputs part of the shard stage's identity: the corpus's and the tokenizer's sha256 (the
+    stage and the flows' cache check both spell it here)."""
+    return {"corpus": corpus_sha256, "tokenizer": tokenizer_sha256}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -139,7 +138,7 @@ def write_shards(documents_parquet: str | Path, tokenizer_json: str | Path, cfg:
     tok_path = resolve_file(storage.local_input(tokenizer_json), TOKENIZER_FILE, "tokenizer")
     tok = load_tokenizer(tok_path)
     num_docs = open_documents(docs_path).metadata.num_rows
-    inputs = {"corpus": file_digest(docs_path), "tokenizer": file_digest(tok_path)}
+    inputs = shard_inputs(file_digest(docs_path), file_digest(tok_path))
     corpus_sha256, tokenizer_sha256 = inputs["corpus"], inputs["tokenizer"]
     vocab_size = tok.get_vocab_size()
     dtype = token_dtype(vocab_size)

@@ -114,9 +114,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tok
 
 
-def tokenizer_inputs(documents_parquet: str | Path) -> dict[str, str]:
-    """The inputs part of the tokenizer stage's identity (the cleaned corpus's sha256)."""
-    return {"corpus": file_digest(_documents(documents_parquet))}
+def tokenizer_inputs(corpus_sha256: str) -> dict[str, str]:
+    """The inputs part of the tokenizer stage's identity: the cleaned corpus's sha256 (the stage and
+    the flows' cache check both spell it here)."""
+    return {"corpus": corpus_sha256}
 
 
 def _documents(path: str | Path) -> Path:
@@ -139,7 +140,7 @@ def train_tokenizer(documents_parquet: str | Path, cfg: TokenizerConfig, out_dir
     num_docs = pf.metadata.num_rows
     if cfg.max_documents:
         num_docs = min(num_docs, cfg.max_documents)
-    inputs = {"corpus": file_digest(docs_path)}
+    inputs = tokenizer_inputs(file_digest(docs_path))
 
     counts = {"documents": 0, "characters": 0}
 

@@ -20,9 +20,10 @@ class LaunchConfig(ConfigBase):
 
     # A launcher registered in gptbert.distributed (checked when pretraining starts).
     backend: str = "local"
-    # Ray Train workers (one DeepSpeed rank each) and what each one reserves.
-    num_workers: int = 1
-    use_gpu: bool = False
+    # Ray Train workers (one DeepSpeed rank each) and what each one reserves. Where they compute is
+    # train.device: on CUDA (or auto on a cluster with GPUs) each worker takes one GPU, and 0 workers
+    # means one per GPU in the cluster (one worker on CPU).
+    num_workers: int = 0
     cpus_per_worker: int = 1
     # OMP/torch threads per worker; 0 = the node's cores divided by the workers (at least 1).
     threads_per_worker: int = 0
@@ -56,7 +57,7 @@ class LaunchConfig(ConfigBase):
     def validate(self) -> None:
         """Reject invalid values with a ConfigError naming the field."""
         check(bool(self.backend.strip()), "backend", "must name a launcher (local, ray, ...)")
-        check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        check(self.num_workers >= 0, "num_workers", f"must be >= 0 (0 = one per GPU), got {self.num_workers}")
         check(self.cpus_per_worker >= 1, "cpus_per_worker", f"must be >= 1, got {self.cpus_per_worker}")
         check(self.threads_per_worker >= 0, "threads_per_worker", "must be >= 0 (0 = automatic)")
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")

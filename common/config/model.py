@@ -33,6 +33,12 @@ class ModelConfig(ConfigBase):
     # attention probabilities, so it needs attention_dropout 0; where flex has no backward (CPU)
     # training runs the fused path, which computes the same maths.
     attention_impl: Literal["fused", "reference", "flex"] = "fused"
+    # gptbert.kernels: faster code for the same maths (CPU dropout masks, fused gathers, buffered
+    # layer weighting, a compiled GEGLU, flex attention). false = the plain model, as the paper's.
+    kernels: bool = True
+
+    # How the maths is computed, not what: not part of a model's or run's identity.
+    RUNTIME_FIELDS = ("kernels",)
 
     @property
     def head_dim(self) -> int:

@@ -2,7 +2,7 @@
 
 ``run_pretraining(cfg, data, out_dir, ...)`` picks the launcher named by ``launch.backend``:
 
-- ``local``: the plain loop in this process (``gptbert.trainer.pretrain``);
+- ``local``: the plain loop in this process (``gptbert.pretraining.pretrain``);
 - ``ray``: Ray Train workers, each a DeepSpeed rank (``gptbert.distributed.ray_launcher``).
 
 ``out_dir`` may be a URI (``s3://...``): the launcher then trains in a local folder named after it
@@ -34,11 +34,28 @@ class Launcher(Protocol):
 
 
 LAUNCHERS: dict[str, Launcher] = {}
+# launcher name -> its checks of a config that need no work done (the device above all), run by
+# ``check_launch`` before a command writes anything.
+PREFLIGHT: dict[str, Callable[[PipelineConfig], None]] = {}
 
 
-def register_launcher(name: str, launcher: Launcher) -> None:
-    """Make ``launch.backend: <name>`` run ``launcher``."""
+def register_launcher(name: str, launcher: Launcher, preflight: Callable[[PipelineConfig], None] | None = None) -> None:
+    """Make ``launch.backend: <name>`` run ``launcher``; ``preflight(cfg)`` raises on a config it
+    cannot run (before any work)."""
     LAUNCHERS[name] = launcher
+    if preflight is not None:
+        PREFLIGHT[name] = preflight
+
+
+def check_launch(cfg: PipelineConfig) -> None:
+    """Refuse, before any work, a config its launcher cannot run: an unknown ``launch.backend``, a
+    ``train.device`` this machine (or cluster) cannot give."""
+    if cfg.launch.backend not in LAUNCHERS:
+        raise ConfigError("launch.backend", f"unknown launcher {cfg.launch.backend!r} "
+                                            f"(known: {', '.join(sorted(LAUNCHERS))})")
+    check = PREFLIGHT.get(cfg.launch.backend)
+    if check is not None:
+        check(cfg)
 
 
 def run_pretraining(cfg: PipelineConfig, data: Any, out_dir: str | Path, *, tokenizer: str | Path | None = None,
@@ -46,17 +63,15 @@ def run_pretraining(cfg: PipelineConfig, data: Any, out_dir: str | Path, *, toke
                     progress: bool = False) -> Path | str:
     """Pretrain with the launcher ``cfg.launch.backend`` names (see the module docstring); returns
     the model folder (a URI when ``out_dir`` is one)."""
-    launcher = LAUNCHERS.get(cfg.launch.backend)
-    if launcher is None:
-        raise ConfigError("launch.backend", f"unknown launcher {cfg.launch.backend!r} "
-                                            f"(known: {', '.join(sorted(LAUNCHERS))})")
+    check_launch(cfg)
+    launcher = LAUNCHERS[cfg.launch.backend]
     if not storage.is_remote(out_dir):
         return launcher(cfg, data, out_dir, tokenizer=tokenizer, callback=callback, stop_after=stop_after,
                         progress=progress)
     from common.artifacts import RECORD_FILE, check_output_folder
     from common.config import from_dict, to_dict
 
-    from ..trainer import MODEL_DIR, STAGE
+    from ..pretraining import MODEL_DIR, STAGE
 
     out = storage.normalize(out_dir)
     check_output_folder(out, STAGE)  # never over someone else's objects
@@ -80,7 +95,7 @@ RAY_STORAGE_DIR = "ray"  # where a remote run's Ray Train checkpoints live, insi
 
 
 def _local(cfg, data, out_dir, *, tokenizer=None, callback=None, stop_after=None, progress=False) -> Path:
-    from ..trainer import pretrain
+    from ..pretraining import pretrain
 
     return pretrain(cfg, data, out_dir, callback=callback, tokenizer=tokenizer, progress=progress,
                     stop_after=stop_after)
@@ -93,7 +108,19 @@ def _ray(cfg, data, out_dir, *, tokenizer=None, callback=None, stop_after=None, 
                         progress=progress)
 
 
-register_launcher("local", _local)
-register_launcher("ray", _ray)
+def _local_preflight(cfg: PipelineConfig) -> None:
+    from ..device import resolve_device
 
-__all__ = ["LAUNCHERS", "Launcher", "register_launcher", "run_pretraining"]
+    resolve_device(cfg.train.device, "train.device")
+
+
+def _ray_preflight(cfg: PipelineConfig) -> None:
+    from .ray_launcher import check_ray_device
+
+    check_ray_device(cfg)
+
+
+register_launcher("local", _local, _local_preflight)
+register_launcher("ray", _ray, _ray_preflight)
+
+__all__ = ["LAUNCHERS", "PREFLIGHT", "Launcher", "check_launch", "register_launcher", "run_pretraining"]

@@ -14,7 +14,7 @@ import torch
 
 from common.config import ConfigError, LaunchConfig, ModelConfig, TrainConfig
 
-from ..model import GPTBERT
+from ..kernels import build_model
 from ..optim import EMA, ShardedLAMB, param_groups, resolve_precision
 from .zero import Zero3EMA, attach_zero3_partitions, attach_zero_partitions, prepare_zero3_model
 
@@ -167,7 +167,7 @@ def build_deepspeed_backend(model_cfg: ModelConfig, train_cfg: TrainConfig, laun
     tc = train_cfg
     bf16 = resolve_precision(tc.precision, device) is not None
     torch.manual_seed(tc.seed)  # identical initial weights on every rank (as the plain loop)
-    model = GPTBERT(model_cfg).to(device)
+    model = build_model(model_cfg, device)
     groups = param_groups(model, tc.weight_decay)
     betas = (tc.beta1, tc.beta2)
     if tc.optimizer == "lamb":

@@ -20,13 +20,14 @@ import contextlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 from common import storage
 from common.artifacts import check_outside_inputs, remove_stale_siblings, replace_dir, temporary_sibling
 from common.config import ConfigError, LaunchConfig, PipelineConfig, from_dict, to_dict
+from common.config.base import check_device
+from ..device import DeviceError, resolve_device, wants_cuda
 from ..optim import AUTO_PRECISION_ENV
 
 CHECKPOINT_PREFIX = "step-"
@@ -97,14 +98,15 @@ class _Reporter:
     (rank 0's node holds ``step-N``, the others their ``.tmp-step-N``). The last checkpoint is kept
     back until the model folder is inside it."""
 
-    def __init__(self, trainer, local_rank: int, steps: int):
-        self.trainer = trainer
+    def __init__(self, local_rank: int, steps: int):
+        self.trainer = None  # the rank's Trainer, from its first checkpoint on
         self.local_rank = local_rank
         self.steps = steps
         self.final: Path | None = None
 
-    def __call__(self, folder: Path) -> None:
-        if self.trainer.step >= self.steps:
+    def __call__(self, folder: Path, trainer) -> None:
+        self.trainer = trainer
+        if trainer.step >= self.steps:
             self.final = self._local(folder)
         else:
             self.report(self._local(folder))
@@ -150,16 +152,15 @@ def _remote_checkpoints(storage_path: str, run_name: str, scratch: Path | None) 
 
 
 def _train_worker(config: dict) -> None:
-    """The per-worker function of the Ray ``TorchTrainer``."""
+    """The per-worker function of the Ray ``TorchTrainer``: one rank of ``pretraining.train_rank``
+    with a DeepSpeed backend, checkpoints reported to Ray Train, milestones uploaded to its storage."""
     import ray
     import ray.train
     import torch
 
     from ..data import open_data
     from ..io import save_model_dir
-    from ..metrics import MetricsCallback
-    from ..optim import resolve_precision
-    from ..trainer import MILESTONES_DIR, Trainer, ema_model, save_milestone_models, training_summary
+    from ..pretraining import MILESTONES_DIR, RankRun, train_rank
     from .deepspeed_backend import build_deepspeed_backend
     from .zero import check_zero3_validation
 
@@ -172,21 +173,10 @@ def _train_worker(config: dict) -> None:
     threads = lc.threads_per_worker or max(1, (os.cpu_count() or 1) // max(local_world, 1))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
-    if lc.use_gpu:
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device = torch.device("cpu")
-        device_name = None
+    device = worker_device(config["use_gpu"])
 
     data = open_data(config["data"], config.get("tokenizer"), remote=lc.remote_shards)
     backend = build_deepspeed_backend(cfg.model, tc, lc, device, rank, world)
-    bf16 = resolve_precision(tc.precision, device) is not None
-    callback = (MetricsCallback(cfg.model, tc.causal_fraction, world, device_name, bf16, config.get("callback"))
-                if rank == 0 else None)
-    trainer = Trainer(cfg.model, tc, data.train, backend, data.valid, callback)
     if lc.zero_stage == 3:
         check_zero3_validation(tc, data.valid, world)
 
@@ -197,46 +187,78 @@ def _train_worker(config: dict) -> None:
     torch.distributed.all_gather_object(nodes, node)
 
     # Resume from Ray's latest checkpoint (a restarted worker group) or the run's stored ones (a
-    # rerun under the same name); a damaged newest one falls back to the one before.
+    # rerun under the same name); a damaged newest one falls back to the one before. Checkpoints
+    # are written node-locally, then persisted by Ray.
     checkpoint = ray.train.get_checkpoint()
     scratch = Path(config["out_dir"]) / ".ray-checkpoints" / config["run_name"]
     stored = stored_checkpoints(config["storage_path"], config["run_name"], scratch)
+    reporter = _Reporter(local_rank, tc.steps)
+
+    def publish_milestone(folder: Path) -> None:
+        # Written on rank 0's node, then persisted in Ray storage (shared across nodes), from
+        # where the driver installs them into the run folder.
+        upload_folder(folder, config["storage_path"], f"{config['run_name']}/{MILESTONES_DIR}/{folder.name}")
+        shutil.rmtree(folder, ignore_errors=True)
+
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as d:
         candidates = list(stored)
         if d is not None and Path(d).resolve() not in {p.resolve() for p in stored}:
             candidates.append(Path(d))
-        loaded = trainer.resume(candidates)
-    resumed_from = {"step": trainer.step, "via": str(loaded)} if loaded is not None else None
-
-    # Node-local scratch for the trainer's checkpoint writer; Ray storage keeps the real copies.
-    started = time.time()
-    start_step = trainer.step
-    reporter = _Reporter(trainer, local_rank, tc.steps)
-
-    def on_milestone(passed: list[int]) -> None:
-        # Written on rank 0's node, then persisted in Ray storage (shared across nodes), from
-        # where the driver installs them into the run folder.
-        for folder in save_milestone_models(trainer, cfg.model, passed, scratch / MILESTONES_DIR, data.tokenizer):
-            upload_folder(folder, config["storage_path"], f"{config['run_name']}/{MILESTONES_DIR}/{folder.name}")
-            shutil.rmtree(folder, ignore_errors=True)
-
-    trainer.fit(scratch, config.get("stop_after"), on_checkpoint=reporter, on_milestone=on_milestone)
+        run = RankRun(checkpoint_root=scratch, milestone_root=scratch / MILESTONES_DIR, resume_from=candidates,
+                      on_checkpoint=reporter, publish_milestone=publish_milestone,
+                      launch={"backend": "ray+deepspeed", "workers": world, "zero_stage": lc.zero_stage,
+                              "run_name": config["run_name"], "storage_path": config["storage_path"],
+                              "nodes": nodes})
+        # Resuming reads the checkpoint inside this context; the loop runs after it.
+        result = train_rank(cfg, data, backend, run, callback=config.get("callback"), stop_after=config.get("stop_after"))
 
     folder = reporter.final
-    if trainer.step < tc.steps or folder is None:
+    if not result.finished or folder is None:
         # Stopped early (every checkpoint was reported), or resumed a finished run: nothing to add.
         return
-    summary = training_summary(trainer, cfg, started, data, start_step=start_step)
-    summary["launch"] = {"backend": "ray+deepspeed", "workers": world, "zero_stage": lc.zero_stage,
-                         "run_name": config["run_name"], "storage_path": config["storage_path"],
-                         "resumed_from": resumed_from, "nodes": nodes}
-    # ZeRO-3: every rank joins the gather of the partitioned EMA; rank 0 writes it.
-    final_model = ema_model(trainer, cfg.model)
-    if final_model is not None:
-        save_model_dir(folder / "model", final_model, cfg.model, data.tokenizer, summary)
+    if result.model is not None:
+        save_model_dir(folder / "model", result.model, cfg.model, data.tokenizer, result.summary)
     reporter.report(folder, extra={"final": 1})
     if local_rank == 0:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_ray_device(cfg: PipelineConfig) -> None:
+    """What can be said of ``train.device`` before Ray starts: ``cuda:N`` has no meaning (Ray gives
+    each worker its GPU), and a Ray started here has this machine's GPUs, so ``cuda`` needs one."""
+    device = cfg.train.device
+    check_device(device, "train.device")
+    if wants_cuda(device) and device != "cuda":
+        raise ConfigError("train.device", f"{device!r}: Ray assigns each worker its own GPU; "
+                                          "use cuda (or auto) with launch.backend ray")
+    if wants_cuda(device) and resolve_ray_address(cfg.launch) is None:
+        resolve_device(device, "train.device")
+
+
+def ray_workers(device: str, num_workers: int, cluster_gpus: int) -> tuple[bool, int]:
+    """(use GPUs, number of workers) for ``train.device`` and ``launch.num_workers`` on a cluster with
+    ``cluster_gpus`` GPUs: ``cpu`` never uses them; ``cuda`` needs them; ``auto`` uses them when there
+    are any. ``num_workers`` 0 means one worker per GPU (one on CPU). More GPU workers than GPUs is a
+    ConfigError (Ray would wait for them forever)."""
+    use_gpu = device != "cpu" and (wants_cuda(device) or cluster_gpus > 0)
+    if use_gpu and cluster_gpus == 0:
+        raise DeviceError("train.device", f"{device!r} requested but the Ray cluster has no GPU; use cpu or auto")
+    workers = num_workers or (cluster_gpus if use_gpu else 1)
+    if use_gpu and workers > cluster_gpus:
+        raise ConfigError("launch.num_workers", f"{workers} GPU workers need {workers} GPUs; the Ray cluster "
+                                                f"has {cluster_gpus} (0 = one worker per GPU)")
+    return use_gpu, workers
+
+
+def worker_device(use_gpu: bool):
+    """The device of this Ray Train worker: the GPU Ray assigned it, else the CPU."""
+    import torch
+
+    if not use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
 
 
 def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: str | Path | None = None,
@@ -256,7 +278,7 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
     from ray.train.torch import TorchTrainer
 
     from ..data import open_data
-    from ..trainer import MILESTONES_DIR, check_data_fits, check_run_folder, write_pretrain_record
+    from ..pretraining import MILESTONES_DIR, check_data_fits, check_run_folder, write_pretrain_record
     from .zero import check_zero3_steps
 
     lc = cfg.launch
@@ -269,10 +291,9 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
     check_outside_inputs(out, [data_path, tokenizer])
     opened = open_data(data_path, tokenizer, remote=lc.remote_shards)  # fails here, before Ray starts, on bad data
     check_data_fits(cfg, opened)
-    if lc.zero_stage == 3:
-        check_zero3_steps(cfg.train, lc.num_workers)
-    out.mkdir(parents=True, exist_ok=True)
+    check_ray_device(cfg)
     address = resolve_ray_address(lc)
+    out.mkdir(parents=True, exist_ok=True)
     store = check_storage_path(lc.storage_path, out, cluster=address is not None)
     name = lc.run_name or default_run_name(out)
 
@@ -281,12 +302,15 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
         if address is not None:
             ray.init(address=address)
         else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, lc.num_workers * lc.cpus_per_worker),
+            ray.init(num_cpus=max(os.cpu_count() or 1, max(lc.num_workers, 1) * lc.cpus_per_worker),
                      include_dashboard=False, _system_config={"worker_niceness": lc.worker_niceness})
         started_ray = True
     try:
+        use_gpu, workers = ray_workers(cfg.train.device, lc.num_workers, int(ray.cluster_resources().get("GPU", 0)))
+        if lc.zero_stage == 3:
+            check_zero3_steps(cfg.train, workers)
         resources = {"CPU": lc.cpus_per_worker}
-        if lc.use_gpu:
+        if use_gpu:
             resources["GPU"] = 1
         trainer = TorchTrainer(
             _train_worker,
@@ -295,15 +319,14 @@ def pretrain_ray(cfg: PipelineConfig, data, out_dir: str | Path, *, tokenizer: s
                                # Only a tokenizer given apart from the data: workers take a shard
                                # folder's own from the folder (a remote one through their cache).
                                "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
-                               "stop_after": stop_after},
-            scaling_config=ScalingConfig(num_workers=lc.num_workers, use_gpu=lc.use_gpu,
-                                         resources_per_worker=resources),
+                               "stop_after": stop_after, "use_gpu": use_gpu},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(
                 name=name, storage_path=store,
                 failure_config=FailureConfig(max_failures=lc.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.train.keep_checkpoints, 1) + 1),
                 worker_runtime_env={"env_vars": {
-                    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if lc.use_gpu else "cpu"),
+                    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if use_gpu else "cpu"),
                     # Workers resolve precision "auto" themselves: the driver's override goes with them.
                     **({AUTO_PRECISION_ENV: os.environ[AUTO_PRECISION_ENV]} if AUTO_PRECISION_ENV in os.environ else {}),
                 }},
@@ -355,7 +378,7 @@ def upload_folder(local: Path, store: str, relative: str) -> None:
 def install_milestones(store: str, run_name: str, dest: Path) -> list[str]:
     """Copy the run's complete milestone folders (those with ``training.json``) from Ray storage
     into ``dest`` (each swapped into place); returns their names."""
-    from ..trainer import MILESTONES_DIR
+    from ..pretraining import MILESTONES_DIR
 
     base = storage.join(store, run_name, MILESTONES_DIR)
     names = sorted({n.split("/")[0] for n in storage.list_files(base) if n.count("/") == 1
@@ -377,5 +400,5 @@ def _install_model_dir(src: Path, dest: Path) -> Path:
     return replace_dir(tmp, dest)
 
 
-__all__ = ["install_milestones", "upload_folder", "check_storage_path", "default_run_name", "pretrain_ray", "resolve_ray_address", "stored_checkpoints",
+__all__ = ["check_ray_device", "ray_workers", "install_milestones", "upload_folder", "check_storage_path", "default_run_name", "pretrain_ray", "resolve_ray_address", "stored_checkpoints",
            "worker_error"]

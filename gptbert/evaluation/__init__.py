@@ -176,7 +176,7 @@ def evaluation_inputs(model_dir: str | Path, cfg: EvalConfig) -> dict[str, str]:
 def milestone_models(model_dir: str | Path) -> list[tuple[str, int, Path]]:
     """``(chck_{N}M, words, folder)`` of the word-milestone models saved beside a pretraining run's
     ``model/`` folder, by words (none for a model folder outside a run)."""
-    from ..trainer import MILESTONES_DIR, milestones_reached
+    from ..pretraining import MILESTONES_DIR, milestones_reached
 
     model_dir = Path(model_dir)
     run = model_dir.parent

@@ -144,7 +144,7 @@ def write_hf_folder(model_dir: str | Path, out: Path) -> None:
 
 def milestone_folders(run_dir: str | Path) -> list[tuple[str, Path]]:
     """The word-milestone model folders of a pretraining run folder, ``(chck_{N}M, path)``, by words."""
-    from ..trainer import MILESTONES_DIR, milestones_reached
+    from ..pretraining import MILESTONES_DIR, milestones_reached
 
     return [(name, Path(run_dir) / MILESTONES_DIR / name) for name in milestones_reached(run_dir)]
 
@@ -164,7 +164,7 @@ def _source(model_dir: str | Path) -> tuple[Path, Path | None]:
 
 
 def _remote_source(location: str) -> Path:
-    from ..trainer import MILESTONES_DIR, MODEL_DIR, STAGE as PRETRAIN
+    from ..pretraining import MILESTONES_DIR, MODEL_DIR, STAGE as PRETRAIN
 
     record = read_record(location, PRETRAIN)
     if record is None:  # a model folder (or a run folder without its record)
