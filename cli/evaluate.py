@@ -9,8 +9,13 @@ from common import storage
 from .options import add_config_args, config_from_args
 
 
+DEVICE_HELP = ("where the model computes: auto (CUDA when present), cpu, cuda or cuda:N; sets eval.device "
+               "(default: the config's, auto)")
+
+
 def register(subparsers) -> None:
-    """Add the ``score``, ``generate`` and ``evaluate`` subcommands."""
+    """Add the ``score``, ``generate`` and ``evaluate`` subcommands (each computes on ``eval.device``,
+    which ``--device`` sets)."""
 
     p = subparsers.add_parser("score", help="log-likelihood of sentences in causal, mntp and fused mode")
     p.add_argument("model_dir", help="a trained model folder (model.safetensors, config.json, tokenizer.json)")
@@ -20,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", dest="temperatures", action="append", type=float,
                    help="divide logits by T before the log-softmax (repeatable; default 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", help=DEVICE_HELP)
+    add_config_args(p)
     p.set_defaults(func=score_command)
 
     g = subparsers.add_parser("generate", help="continue a prompt in causal mode")
@@ -33,6 +40,8 @@ def register(subparsers) -> None:
                    help="CTRL repetition penalty (1 = off; the paper uses 1.5 to stop greedy loops)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--device", help=DEVICE_HELP)
+    add_config_args(g)
     g.set_defaults(func=generate_command)
 
     e = subparsers.add_parser("evaluate", help="BLiMP-style minimal pairs (and fine-tuning) -> results.json, report.md")
@@ -54,16 +63,28 @@ def register(subparsers) -> None:
     e.add_argument("--order", type=int, default=2, help="n-gram order of --baseline ngram (default 2)")
     e.add_argument("--smoothing", choices=["witten-bell", "add-k"], default="witten-bell",
                    help="n-gram smoothing (default witten-bell; add-k uses k = 0.01)")
+    e.add_argument("--device", help=DEVICE_HELP)
     add_config_args(e)
     e.set_defaults(func=evaluate_command)
 
 
-def _load(model_dir: str):
-    import torch
+def eval_config(args: argparse.Namespace, **changes):
+    """The validated EvalConfig of ``--config``/``--preset``/``--set``, with ``--device`` as
+    ``eval.device`` and ``changes`` applied."""
+    from common.config import from_dict, to_dict
+    from common.config.eval import EvalConfig
 
+    cfg = config_from_args(args).eval
+    if args.device is not None:
+        changes["device"] = args.device
+    return from_dict(EvalConfig, {**to_dict(cfg), **changes}) if changes else cfg  # re-validates
+
+
+def _load(model_dir: str, cfg):
+    from gptbert.evaluation import resolve_eval_device
     from gptbert.io import load_model_dir
 
-    model, tokenizer = load_model_dir(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model_dir(model_dir, device=resolve_eval_device(cfg))
     if tokenizer is None:
         raise FileNotFoundError(f"model folder {model_dir} lacks tokenizer.json (needed to encode text)")
     return model, tokenizer
@@ -92,8 +113,10 @@ def score_command(args: argparse.Namespace) -> int:
 
     modes = args.modes or ["causal", "mntp", "fused"]
     temperatures = args.temperatures or [1.0]
-    model, tokenizer = _load(args.model_dir)
-    scores = score_sentences(model, tokenizer, args.sentences, modes=modes, temperatures=temperatures)
+    cfg = eval_config(args)
+    model, tokenizer = _load(args.model_dir, cfg)
+    scores = score_sentences(model, tokenizer, args.sentences, modes=modes, temperatures=temperatures,
+                             max_tokens=cfg.max_tokens)
     if args.json:
         out = [{"sentence": s, "scores": {m: {str(t): float(scores[m][i, k]) for k, t in enumerate(temperatures)}
                                           for m in modes}} for i, s in enumerate(args.sentences)]
@@ -115,7 +138,7 @@ def generate_command(args: argparse.Namespace) -> int:
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   repetition_penalty=args.repetition_penalty, seed=args.seed)
     settings.validate()
-    model, tokenizer = _load(args.model_dir)
+    model, tokenizer = _load(args.model_dir, eval_config(args))
     print(args.prompt + " " + generate(model, tokenizer, args.prompt, settings).lstrip())
     return 0
 
@@ -142,11 +165,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     report.md, and print the headline metrics."""
     from tqdm import tqdm
 
-    from common.config import from_dict, to_dict
-    from common.config.eval import EvalConfig
+    from common.config import to_dict
     from gptbert import evaluation
 
-    cfg = config_from_args(args).eval
+    cfg = eval_config(args)
     changes = {}
     if args.blimp:
         changes["blimp_dir"] = args.blimp
@@ -169,7 +191,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         raise ValueError("--data, --fast and --no-finetune go with --suite babylm")
     if args.baseline == "ngram":
         changes["tasks"] = ["blimp"]  # a count model scores sentences; it cannot be fine-tuned
-    cfg = from_dict(EvalConfig, {**to_dict(cfg), **changes})  # re-validates the overrides
+    cfg = eval_config(args, **changes)
+    evaluation.preflight(cfg)  # unknown tasks, CUDA missing: one line before anything is read or written
     bar = None
 
     def progress(done: int, total: int) -> None:

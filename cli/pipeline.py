@@ -146,10 +146,9 @@ def print_sweep_summary(summary: dict, wall_s: float, as_json: bool = False, str
         stream.write(json.dumps({**summary, "wall_s": round(wall_s, 1)}, indent=2, default=str) + "\n")
         stream.flush()
         return
-    from flows.sweep import SCORE
     from flows.tracking import fraction_label
 
-    found = {k for r in summary["trials"] for k in r["metrics"] if SCORE.match(k) and k.startswith("blimp.")}
+    found = {k for r in summary["trials"] for k in r["metrics"]}
     metrics = [f"blimp.{m}.t1_accuracy" for m in ("causal", "mntp", "fused") if f"blimp.{m}.t1_accuracy" in found]
     lines = ["", f"gptbert sweep finished in {_duration(wall_s)}: {len(summary['trials'])} trials",
              "  causal  seed  final loss  " + "  ".join(m.replace("blimp.", "").replace(".t1_accuracy", "") for m in metrics)]

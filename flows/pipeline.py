@@ -34,6 +34,7 @@ from common.errors import error_line
 from . import events, stages
 from .stages import Artifact
 from .summary import CURVES, NOTE_TAG, dataset_inputs, description, headline_metrics, run_summary, scalars, source_tags
+from .tracking import stage_metrics
 
 def prefect_ids() -> dict[str, str]:
     """Tags naming the current Prefect flow run and task run (for the MLflow runs they create)."""
@@ -118,10 +119,7 @@ def _log_stage(tracker, run_id: str, stage: str, artifact: Artifact, duration: f
     if milestones:  # the BabyLM word milestones reached (pretrain) or exported (export)
         tags["gptbert.milestones"] = ",".join(milestones)
     tracker.set_tags(run_id, tags)
-    metrics = {f"stage.{k}": v for k, v in scalars(rec.get("stats", {})).items()}
-    metrics["stage.cached"] = float(artifact.cached)
-    metrics["stage.duration_s"] = 0.0 if artifact.cached else duration
-    tracker.log_metrics(run_id, metrics)
+    tracker.log_metrics(run_id, stage_metrics(stage, rec.get("stats", {}), artifact.cached, duration))
     # Only the files logged here are fetched of a remote folder (not its shards or checkpoints).
     files = stages.REGISTRY[stage].files
     folder = artifact.local(files) if files else None
@@ -260,13 +258,9 @@ def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Option
 
         artifact = stages.evaluate(config, model, after=evaluation_figures)
         if child is not None:
-            tracker = tracker_for(config)
-            tracker.log_metrics(child, artifact.record.get("stats", {}))
-            # Each word milestone's scores with its words as the step: MLflow draws learning curves.
+            # The scores, and each word milestone's with its words as the step (learning curves).
             results = json.loads(Path(artifact.file("results.json")).read_text())
-            for milestone in results.get("milestones") or []:
-                tracker.log_metrics(child, {f"milestone.{k}": v for k, v in milestone["metrics"].items()},
-                                    step=int(milestone["words"]))
+            tracker_for(config).log_evaluation(child, artifact.record, results)
         return artifact
 
     return _run_stage_tracked("evaluate", config, parent_run_id, run)
@@ -408,6 +402,10 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
     logger = get_run_logger()
     start = time.time()
     want = STAGES[: STAGES.index(until) + 1]
+    if "evaluate" in want:  # unknown tasks, eval.device's CUDA missing: one line before the first stage
+        from gptbert.evaluation import preflight
+
+        preflight(config.eval)
     tracker = tracker_for(config)
     parent = None
     if tracker is not None:
@@ -460,6 +458,8 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
             lineage[NOTE_TAG] = description(config, summary)
             tracker.set_tags(parent, lineage)
             tracker.log_metrics(parent, headline_metrics(summary))
+            if "evaluate" in arts:
+                tracker.log_evaluation(parent, arts["evaluate"].record)
             tracker.log_text(parent, json.dumps(summary, indent=2, default=str), "summary.json")
             tracker.end_run(parent)
         logger.info("pipeline done in %.1f s: ran %s; cached %s", summary["duration_s"],

@@ -79,7 +79,9 @@ def plot_milestones(milestones: list[dict[str, Any]], out_png: str | Path) -> li
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted({k for m in milestones for k in m["metrics"] if k.endswith((".t1", ".t1_accuracy"))})
+    from gptbert.evaluation import curve_metrics, metric_unit
+
+    names = curve_metrics(k for m in milestones for k in m["metrics"])  # as the tasks declare them
     if not names:
         return []
     words = [m["words"] for m in milestones]
@@ -87,10 +89,10 @@ def plot_milestones(milestones: list[dict[str, Any]], out_png: str | Path) -> li
     right = None
     for name in names:
         values = [m["metrics"].get(name, float("nan")) for m in milestones]
-        if name.endswith("_accuracy"):  # blimp task: a fraction
+        if metric_unit(name) == "fraction":
             values = [100 * v for v in values]
         target = ax
-        if ".wug_" in name:  # a correlation, not a percentage
+        if metric_unit(name) == "rho":  # a correlation, not a percentage
             right = right or ax.twinx()
             target = right
         target.plot(words, values, marker="o", label=name, linestyle="--" if target is right else "-")

@@ -60,11 +60,11 @@ def dataset_inputs(config: PipelineConfig, arts: dict[str, Artifact]) -> list[di
 
 
 def headline_metrics(summary: dict[str, Any]) -> dict[str, Any]:
-    """The parent run's metrics: duration, the final training numbers and every evaluation score."""
+    """The parent run's own metrics: duration and the final training numbers (its evaluation scores
+    go through ``Tracker.log_evaluation``)."""
     training = summary.get("training") or {}
     out: dict[str, Any] = {"pipeline.duration_s": summary["duration_s"]}
     out.update({f"train.{k}": training[k] for k in HEADLINE_TRAINING if k in training})
-    out.update(summary.get("evaluation") or {})
     return out
 
 
@@ -105,7 +105,9 @@ def run_summary(config, arts, parent, tracker, registered, duration) -> dict[str
                             "duration_s": a.record.get("duration_s"), "mlflow_run_id": a.record.get("mlflow_run_id"),
                             "stats": scalars(a.record.get("stats", {}))}
     if "evaluate" in arts:
-        out["evaluation"] = scalars(arts["evaluate"].record.get("stats", {}))
+        from .tracking import evaluation_metrics
+
+        out["evaluation"] = evaluation_metrics(arts["evaluate"].record)
     if "pretrain" in arts:
         out["training"] = scalars(arts["pretrain"].record.get("stats", {}))
     return out

@@ -16,7 +16,6 @@ nested below it); the registry is not touched.
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Any, Optional
 
@@ -35,9 +34,6 @@ from .tracking import fraction_label
 
 SWEEP_DIR = "sweeps"
 FIGURE = "ratio_sweep.png"
-# Per-mode scores the figure draws: blimp.<mode>.t1_accuracy and babylm.<task>.<mode>.t1.
-SCORE = re.compile(r"^(?P<task>.+)\.(?P<mode>causal|mntp|fused)\.(?:t1_accuracy|t1)$")
-FINETUNE = re.compile(r"^finetune\.(?P<task>[^.]+)\.(?P<metric>accuracy|f1|mcc)$")
 
 
 def trial_config(config: PipelineConfig, fraction: float, seed: int) -> PipelineConfig:
@@ -80,16 +76,16 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
 
 
 def figure_series(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, list[tuple[float, float, float, float]]]]:
-    """{panel (task): {line (mode): [(fraction, mean, min, max), ...]}} of the scores to draw."""
+    """{panel (task): {line (mode): [(fraction, mean, min, max), ...]}} of the scores to draw (the
+    curve metrics the evaluation tasks declare, ``gptbert.evaluation.curve``)."""
+    from gptbert.evaluation import curve
+
     panels: dict[str, dict[str, list]] = {}
     for metric, by_fraction in table.items():
-        m, f = SCORE.match(metric), FINETUNE.match(metric)
-        if m:
-            panel, line = m["task"], m["mode"]
-        elif f:
-            panel, line = f"finetune.{f['task']}", f["metric"]
-        else:
+        drawn = curve(metric)  # the tasks' declared curve metrics: per-mode T = 1 and fine-tuning scores
+        if drawn is None:
             continue
+        panel, line = drawn
         points = sorted((float(k), v["mean"], v["min"], v["max"]) for k, v in by_fraction.items())
         panels.setdefault(panel, {})[line] = points
     return panels
@@ -97,6 +93,8 @@ def figure_series(table: dict[str, dict[str, dict[str, float]]]) -> dict[str, di
 
 def report_lines(rows: list[dict[str, Any]], table: dict, config: PipelineConfig, wall_s: float) -> list[str]:
     """report.md: what was compared, one row per trial, and each score's mean (range) per fraction."""
+    from gptbert.evaluation import curve
+
     from .tracking import model_size_name
 
     fractions = sorted({r["fraction"] for r in rows})
@@ -113,7 +111,7 @@ def report_lines(rows: list[dict[str, Any]], table: dict, config: PipelineConfig
               "| metric | " + " | ".join(fraction_label(f) for f in fractions) + " |",
               "|---|" + "---|" * len(fractions)]
     for metric, by_fraction in table.items():
-        if not (SCORE.match(metric) or FINETUNE.match(metric)):
+        if curve(metric) is None:
             continue
         cells = []
         for f in fractions:
@@ -134,6 +132,9 @@ def run_sweep(config: PipelineConfig) -> dict[str, Any]:
     from .plots import plot_ratio_sweep
     from .tracking import model_size_name
 
+    from gptbert.evaluation import preflight
+
+    preflight(config.eval)  # unknown tasks, eval.device's CUDA missing: one line before the first trial
     logger = get_run_logger()
     start = time.time()
     sweep = config.sweep
@@ -217,8 +218,8 @@ def _start_trial_run(tracker, parent: Optional[str], config: PipelineConfig, fra
 def _end_trial_run(tracker, run: str, model: Artifact, evaluation: Artifact) -> None:
     stats = model.record.get("stats", {})
     final = {f"train.final.{k}": v for k, v in (stats.get("final") or {}).items() if isinstance(v, (int, float))}
-    tracker.log_metrics(run, {**final, **{k: v for k, v in evaluation.record.get("stats", {}).items()
-                                          if isinstance(v, (int, float))}})
+    tracker.log_metrics(run, final)
+    tracker.log_evaluation(run, evaluation.record)
     tracker.set_tags(run, {"gptbert.lineage.pretrain": model.digest, "gptbert.lineage.evaluate": evaluation.digest,
                            "gptbert.first_batch_sha256": str(stats.get("first_batch_sha256"))})
     tracker.end_run(run)

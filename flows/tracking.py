@@ -146,6 +146,41 @@ def flat_metrics(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+# --- metric names ---------------------------------------------------------------------------------
+# Metrics reach MLflow from four places: a stage's own numbers (``stage_metrics``: ``stage.<stat>``,
+# cached, duration), the evaluation's scores (``evaluation_metrics``, under the names the tasks of
+# gptbert.evaluation declare, and each word milestone's under ``milestone.`` at step = its words),
+# the trainer's step metrics (``StepMetricsLogger``) and the loss curves copied onto the parent run
+# (``Tracker.copy_history``). Each evaluation score goes through ``Tracker.log_evaluation`` only:
+# on the evaluate run, the pipeline's parent run and a ratio-sweep trial's run.
+
+MILESTONE_PREFIX = "milestone."
+
+
+def stage_metrics(stage: str, stats: dict[str, Any], cached: bool, duration: float) -> dict[str, float]:
+    """A stage run's own metrics: ``stage.<stat>`` for each numeric stat outside the stage's echo of
+    its config, ``stage.cached`` and ``stage.duration_s`` (0 when cached). The evaluate stage's
+    stats are its scores: they go through ``Tracker.log_evaluation`` under their own names."""
+    own = {} if stage == "evaluate" else stats
+    out = {f"stage.{k}": v for k, v in flat_metrics(own).items() if not k.startswith("config.")}
+    out["stage.cached"] = float(cached)
+    out["stage.duration_s"] = 0.0 if cached else duration
+    return out
+
+
+def evaluation_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """An evaluate stage record's scores as MLflow metrics: its stats (the names each task declares,
+    ``gptbert.evaluation.summary_metrics``), finite numbers only."""
+    return flat_metrics(record.get("stats", {}))
+
+
+def milestone_metrics(results: dict[str, Any] | None) -> list[tuple[int, dict[str, float]]]:
+    """``(words, {"milestone.<name>": value})`` for each word-milestone model of an evaluation's
+    results (MLflow draws them as curves over the words seen)."""
+    return [(int(m["words"]), {f"{MILESTONE_PREFIX}{k}": v for k, v in flat_metrics(m["metrics"]).items()})
+            for m in (results or {}).get("milestones") or []]
+
+
 class Tracker:
     """Thin wrapper: runs, params, metrics, tags, artifacts, by run id."""
 
@@ -241,6 +276,13 @@ class Tracker:
         items = [Metric(k, v, now, step) for k, v in flat_metrics(metrics).items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def log_evaluation(self, run_id: str, record: dict[str, Any], results: dict[str, Any] | None = None) -> None:
+        """The one route of evaluation scores to MLflow: the evaluate stage ``record``'s metrics
+        (``evaluation_metrics``) and, given its ``results``, each word milestone's at step = words."""
+        self.log_metrics(run_id, evaluation_metrics(record))
+        for words, metrics in milestone_metrics(results):
+            self.log_metrics(run_id, metrics, step=words)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         """Set ``tags`` on the run (keys sanitised, values as strings)."""

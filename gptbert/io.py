@@ -49,17 +49,23 @@ def save_model_dir(out_dir: str | Path, model: torch.nn.Module, model_cfg: Model
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizers.Tokenizer or None when the folder has no tokenizer.json).
+    """(model in eval mode on ``device``, tokenizers.Tokenizer or None when the folder has no
+    tokenizer.json).
 
-    The folder is checked as it is read: ``config.json`` must be a valid ModelConfig, the weights
-    must have exactly its shapes, and the tokenizer must be the one training recorded (sha256),
-    hold the 16 special tokens at their ids and fit the model's vocabulary. Every error names the
-    file."""
+    ``device``: a ``torch.device`` (evaluation passes ``eval.device`` resolved) or a device setting,
+    ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``, resolved by ``gptbert.device`` before anything is
+    read (CUDA asked for where there is none is a DeviceError). The folder is checked as it is
+    read: ``config.json`` must be a valid ModelConfig, the weights must have exactly its shapes,
+    and the tokenizer must be the one training recorded (sha256), hold the 16 special tokens at
+    their ids and fit the model's vocabulary. Every error names the file."""
     from tokenization.tokenizer import load_tokenizer
 
+    from .device import resolve_device
     from .kernels import apply_kernels
     from .model import GPTBERT
 
+    if not isinstance(device, torch.device):
+        device = resolve_device(str(device), "device")
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"model folder not found: {p}")

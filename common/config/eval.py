@@ -1,4 +1,10 @@
-"""EvalConfig: BLiMP-style minimal pairs, scoring modes, temperatures, fine-tuning (recipe §6)."""
+"""EvalConfig: BLiMP-style minimal pairs, scoring modes, temperatures, fine-tuning (recipe §6).
+
+The typed config of every evaluation task lives here (common imports nothing of gptbert): a task
+module of ``gptbert.evaluation`` names the section it reads (``Task.section``: "" for the shared
+fields below, ``finetune`` for ``FinetuneConfig``) and the fields that hold its data
+(``Task.locations``); the registry checks both against these dataclasses when it loads the task.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from .base import ConfigBase, check, check_location
+from .base import ConfigBase, check, check_device, check_location
 
 ScoringMode = Literal["causal", "mntp", "fused"]
 BabyLMTask = Literal["blimp", "supplement", "ewok", "entity_tracking", "wug_adj", "wug_past", "comps", "reading"]
@@ -70,9 +76,14 @@ class EvalConfig(ConfigBase):
     """Configures the evaluate stage (recipe §6): tasks, BLiMP data, scoring modes, temperatures, batch
     size and fine-tuning."""
 
-    # Evaluation tasks (registered in gptbert.evaluation) to run, in order; a task whose data is
-    # not configured is skipped with a note in the results.
+    # Evaluation tasks (the modules of gptbert.evaluation that declare a TASK) to run, in order; a
+    # task whose data is not configured is skipped with a note in the results.
     tasks: list[str] = field(default_factory=lambda: ["blimp", "babylm", "glue"])
+    # Where every stage that runs a model for evaluation computes (scoring, the BabyLM suite,
+    # reading, fine-tuning, word milestones, `gptbert score`/`generate`/`evaluate`): auto (CUDA
+    # when present) | cpu | cuda | cuda:N. CUDA asked for where there is none is an error before
+    # any work. It changes where, not what: not part of the evaluation's identity.
+    device: str = "auto"
     # Folder of BLiMP-format jsonl files (one paradigm per file): the `blimp` task's data.
     blimp_dir: str = ""
     modes: list[ScoringMode] = field(default_factory=lambda: ["causal", "mntp", "fused"])
@@ -96,14 +107,21 @@ class EvalConfig(ConfigBase):
     # Word-milestone models (train.word_milestones) beside the evaluated model are scored too, at
     # T = 1 with the zero-shot tasks only: the BabyLM suite's fast_eval when the folder has it, and
     # at most `milestone_max_items` items per paradigm/UID. "ray" runs them as parallel Ray tasks
-    # (on launch.ray_address's cluster, or a local Ray), "local" one after another, "none" skips.
+    # (on launch.ray_address's cluster, or a local Ray; CPU tasks, so not with device cuda), "local"
+    # one after another on `device`, "none" skips.
     milestones: Literal["none", "local", "ray"] = "local"
     milestone_max_items: Optional[int] = 200
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
+    RUNTIME_FIELDS = ("device",)
+
     def validate(self) -> None:
         """Reject invalid values with a ConfigError naming the field."""
         check(len(set(self.tasks)) == len(self.tasks), "tasks", f"has duplicates: {self.tasks}")
+        check_device(self.device, "device")
+        # Ray tasks of ray_map request CPUs only (Ray hides the GPUs from them).
+        check(not (self.milestones == "ray" and self.device.startswith("cuda")), "milestones",
+              f"ray scores the milestone models as CPU Ray tasks; with device {self.device} use local")
         for name in ("blimp_dir", "babylm_dir"):
             check_location(getattr(self, name), name)
         check(len(self.modes) > 0, "modes", "must name at least one of causal, mntp, fused")

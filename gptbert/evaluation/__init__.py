@@ -1,75 +1,65 @@
-"""Evaluation: a registry of tasks and the evaluate stage that runs the configured ones.
+"""Evaluation: the registry of tasks and the evaluate stage that runs the configured ones.
 
-A task is a small object (see ``Task``): where its data is in the ``EvalConfig``, ``run`` on a
-model and tokenizer, the flat summary metrics that go to MLflow, and its section of ``report.md``.
-``evaluate`` runs every task of ``eval.tasks`` whose data is configured and notes the others as
-skipped; ``evaluate_model_dir`` is the stage (the CLI's ``gptbert evaluate`` and the Prefect task):
-it writes ``results.json``, ``report.md`` and the stage record. Adding a task is one module with a
-``TASK`` object, registered below.
+Each task is declared once, by its own module (``registry.Task``: name, config section and data
+fields, how it finds its data, how it scores, the metrics it reports, its part of report.md);
+``discover`` registers every module of this package that declares a ``TASK``. ``evaluate`` runs
+every task of ``eval.tasks`` whose data is configured and notes the others as skipped;
+``evaluate_model_dir`` is the stage (the CLI's ``gptbert evaluate`` and the Prefect task): it
+writes ``results.json``, ``report.md`` and the stage record. It loads the model (and each word
+milestone's) on ``eval.device`` (``resolve_eval_device``), resolved before any work; ``evaluate``
+computes wherever the model it is given lives.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from common import storage
 from common.artifacts import (atomic_write_text, check_output_folder, check_outside_inputs, make_record,
                               staging_dir, tree_digest, write_record)
 from common.config import EvalConfig, from_dict, to_dict
 
-from . import babylm, finetune, minimal_pairs
+from .registry import TASKS, Metric, Task, curve, curve_metrics, discover, format_value, metric_unit, register_task
 
 STAGE = "evaluate"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 Progress = Callable[[int, int], None]
 
-
-class Task(Protocol):
-    """One evaluation task."""
-
-    name: str
-
-    def data(self, cfg: EvalConfig) -> Path | None:
-        """The task's data (a folder or file) under ``cfg``, or None when it is not configured."""
-        ...
-
-    def run(self, model, tokenizer, cfg: EvalConfig, progress: Progress | None = None) -> dict[str, Any]:
-        """Results (JSON-serialisable)."""
-        ...
-
-    def summary(self, results: dict[str, Any]) -> dict[str, float]:
-        """Headline metrics as flat names (``blimp.causal.t1_accuracy``)."""
-        ...
-
-    def report(self, results: dict[str, Any]) -> list[str]:
-        """The task's section of report.md (markdown lines)."""
-        ...
+discover()
 
 
-TASKS: dict[str, Task] = {}
+def resolve_eval_device(cfg: EvalConfig):
+    """The ``torch.device`` that ``eval.device`` names here; a DeviceError naming the field when it
+    asks for CUDA this machine lacks."""
+    from ..device import resolve_device
+
+    return resolve_device(cfg.device, "eval.device")
 
 
-def register_task(task: Task) -> None:
-    """Make ``task`` available to ``eval.tasks`` under ``task.name``."""
-    TASKS[task.name] = task
+def preflight(cfg: EvalConfig) -> None:
+    """What can be checked of an evaluation before any work (a pipeline calls it before its first
+    stage): every task of ``eval.tasks`` is known and ``eval.device`` exists here."""
+    for name in cfg.tasks:
+        _task(name)
+    resolve_eval_device(cfg)
 
 
-register_task(minimal_pairs.TASK)
-register_task(babylm.TASK)
-register_task(finetune.TASK)
+def _task(name: str) -> Task:
+    task = TASKS.get(name)
+    if task is None:
+        raise ValueError(f"config field 'eval.tasks': unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
+    return task
 
 
 def configured_tasks(cfg: EvalConfig) -> tuple[dict[str, Task], dict[str, str]]:
     """(tasks that will run, {task: why it is skipped}) for ``cfg``."""
     run, skipped = {}, {}
     for name in cfg.tasks:
-        task = TASKS.get(name)
-        if task is None:
-            raise ValueError(f"config field 'eval.tasks': unknown task {name!r} (known: {', '.join(sorted(TASKS))})")
-        data = task.data(cfg)
+        task = _task(name)
+        data = task.data(task.config(cfg))
         if data is None:
             skipped[name] = "no data configured"
         elif not data.exists():
@@ -82,7 +72,7 @@ def configured_tasks(cfg: EvalConfig) -> tuple[dict[str, Task], dict[str, str]]:
 def data_digests(cfg: EvalConfig) -> dict[str, str]:
     """Content digest of each configured task's data (part of the evaluation's identity)."""
     tasks, _ = configured_tasks(cfg)
-    return {name: tree_digest(task.data(cfg)) for name, task in tasks.items()}
+    return {name: tree_digest(task.data(task.config(cfg))) for name, task in tasks.items()}
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, progress: Progress | None = None,
@@ -90,28 +80,26 @@ def evaluate(model, tokenizer, cfg: EvalConfig, progress: Progress | None = None
     """Run the configured tasks; ``{"config", "model_dir", "tasks": {name: results}, "skipped": {...}}``."""
     tasks, skipped = configured_tasks(cfg)
     if not tasks:
-        raise ValueError("nothing to evaluate: no task of eval.tasks has data "
-                         "(set eval.blimp_dir, eval.babylm_dir, or eval.finetune.data_dir and eval.finetune.tasks)")
+        needs = [_task(name).what_to_set() for name in cfg.tasks]
+        hint = needs[0] if len(needs) < 2 else ", ".join(needs[:-1]) + ", or " + needs[-1]
+        raise ValueError(f"nothing to evaluate: no task of eval.tasks has data (set {hint})")
     results: dict[str, Any] = {"config": to_dict(cfg), "tasks": {}, "skipped": skipped}
     if model_dir is not None:
         results["model_dir"] = str(model_dir)
     for name, task in tasks.items():
-        with _scoring_precision(model, cfg, name):
-            results["tasks"][name] = task.run(model, tokenizer, cfg, progress=progress)
+        with _scoring_precision(model, cfg, task):
+            results["tasks"][name] = task.run(model, tokenizer, task.config(cfg), progress=progress)
     return results
 
 
-SCORING_TASKS = ("blimp", "babylm")  # zero-shot: forward passes only (eval.precision applies)
-
-
-def _scoring_precision(model, cfg: EvalConfig, task: str):
+def _scoring_precision(model, cfg: EvalConfig, task: Task):
     """bf16 autocast around a zero-shot task when ``eval.precision`` asks for it (fine-tuning and
     count baselines are left alone)."""
     import contextlib
 
     import torch
 
-    if task not in SCORING_TASKS or not isinstance(model, torch.nn.Module):
+    if not task.zero_shot or not isinstance(model, torch.nn.Module):
         return contextlib.nullcontext()
     from ..optim import resolve_precision
 
@@ -124,7 +112,7 @@ def summary_metrics(results: dict[str, Any]) -> dict[str, float]:
     """Flat name -> number view of every task's headline results (for MLflow metrics)."""
     out: dict[str, float] = {}
     for name, task_results in results.get("tasks", {}).items():
-        out.update(TASKS[name].summary(task_results))
+        out.update(_task(name).checked_summary(task_results))
     return out
 
 
@@ -134,7 +122,7 @@ def render_report(results: dict[str, Any]) -> str:
     if "model_dir" in results:
         lines += [f"Model: `{results['model_dir']}`", ""]
     for name, task_results in results.get("tasks", {}).items():
-        lines += TASKS[name].report(task_results)
+        lines += _task(name).report(task_results)
     if results.get("milestones"):
         lines += milestone_report(results["milestones"])
     if results.get("skipped"):
@@ -152,12 +140,21 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
     return path
 
 
+def _locations() -> list[list[str]]:
+    """Every registered task's data-location fields, as paths of keys into ``to_dict(EvalConfig)``."""
+    return [field.split(".") for task in TASKS.values() for field in task.location_fields()]
+
+
 def with_local_data(cfg: EvalConfig) -> EvalConfig:
-    """``cfg`` with each data location on an object store (``blimp_dir``, ``babylm_dir``,
-    ``finetune.data_dir``) replaced by its copy in the local cache (``storage.local_input``)."""
+    """``cfg`` with each task's data location on an object store (``Task.locations``: ``blimp_dir``,
+    ``babylm_dir``, ``finetune.data_dir``) replaced by its copy in the local cache
+    (``storage.local_input``)."""
     raw = to_dict(cfg)
     changed = False
-    for section, key in ((raw, "blimp_dir"), (raw, "babylm_dir"), (raw["finetune"], "data_dir")):
+    for *path, key in _locations():
+        section = raw
+        for part in path:
+            section = section[part]
         if section.get(key) and storage.is_remote(section[key]):
             section[key] = str(storage.local_input(section[key]))
             changed = True
@@ -194,24 +191,28 @@ def milestone_models(model_dir: str | Path) -> list[tuple[str, int, Path]]:
 
 
 def milestone_config(cfg: EvalConfig) -> EvalConfig:
-    """What a milestone model is scored with: the zero-shot tasks only, at T = 1, the BabyLM
-    suite's fast_eval when the folder has one, at most ``milestone_max_items`` per paradigm/UID."""
-    from common.config import from_dict
-
-    split = "fast" if cfg.babylm_dir and (Path(cfg.babylm_dir) / "fast_eval").is_dir() else cfg.babylm_split
-    return from_dict(EvalConfig, {**to_dict(cfg), "tasks": [t for t in cfg.tasks if t in ("blimp", "babylm")],
-                                  "temperatures": [1.0], "babylm_split": split, "milestones": "none",
-                                  "max_pairs_per_paradigm": cfg.milestone_max_items})
+    """What a milestone model is scored with: the zero-shot tasks only, at T = 1, at most
+    ``milestone_max_items`` per paradigm/UID, and each task's own changes (``Task.milestone``: the
+    BabyLM suite's fast_eval when the folder has one)."""
+    tasks = [t for t in cfg.tasks if _task(t).zero_shot]
+    raw = {**to_dict(cfg), "tasks": tasks, "temperatures": [1.0], "milestones": "none",
+           "max_pairs_per_paradigm": cfg.milestone_max_items}
+    for name in tasks:
+        task = _task(name)
+        if task.milestone is not None:
+            section = raw[task.section] if task.section else raw
+            section.update(task.milestone(task.config(cfg)))
+    return from_dict(EvalConfig, raw)
 
 
 def evaluate_folder(model_dir: str, cfg: dict[str, Any]) -> dict[str, float]:
-    """Summary metrics of one model folder under an EvalConfig given as a dict (runs in a Ray task)."""
-    from common.config import from_dict
-
+    """Summary metrics of one model folder under an EvalConfig given as a dict (runs in a Ray task),
+    computed on its ``eval.device``."""
     from ..io import load_model_dir
 
-    model, tokenizer = load_model_dir(model_dir)
-    return summary_metrics(evaluate(model, tokenizer, from_dict(EvalConfig, cfg), model_dir=model_dir))
+    eval_cfg = from_dict(EvalConfig, cfg)
+    model, tokenizer = load_model_dir(model_dir, device=resolve_eval_device(eval_cfg))
+    return summary_metrics(evaluate(model, tokenizer, eval_cfg, model_dir=model_dir))
 
 
 def evaluate_milestones(model_dir: str | Path, cfg: EvalConfig) -> list[dict[str, Any]]:
@@ -233,7 +234,7 @@ def evaluate_milestones(model_dir: str | Path, cfg: EvalConfig) -> list[dict[str
 
 def milestone_report(milestones: list[dict[str, Any]]) -> list[str]:
     """report.md lines: one row per milestone, a column per T = 1 metric."""
-    names = sorted({k for m in milestones for k in m["metrics"] if k.endswith((".t1", ".t1_accuracy"))})
+    names = curve_metrics(k for m in milestones for k in m["metrics"])
     if not names:
         return []
     lines = ["## Word milestones (T = 1)", "", "| milestone | words | " + " | ".join(names) + " |",
@@ -241,17 +242,19 @@ def milestone_report(milestones: list[dict[str, Any]]) -> list[str]:
     for m in milestones:
         cells = [m["metrics"].get(n) for n in names]
         lines.append(f"| {m['name']} | {m['words']:,} | " +
-                     " | ".join("-" if c is None else f"{100 * c:.1f}" if n.endswith("_accuracy") else f"{c:.2f}"
-                                for n, c in zip(names, cells)) + " |")
+                     " | ".join("-" if c is None else format_value(n, c) for n, c in zip(names, cells)) + " |")
     return lines + [""]
 
 
 def evaluation_config(cfg: EvalConfig) -> dict[str, Any]:
-    """The config part of the evaluate stage's identity (data locations are in the inputs' digests)."""
+    """The config part of the evaluate stage's identity: ``identity_dict`` (no ``eval.device``) less
+    every task's data locations (they are in the inputs' digests)."""
     config = cfg.identity_dict()
-    config.pop("blimp_dir", None)
-    config.pop("babylm_dir", None)
-    config["finetune"] = {k: v for k, v in config["finetune"].items() if k != "data_dir"}
+    for *path, key in _locations():
+        section = config
+        for part in path:
+            section = section[part]
+        section.pop(key, None)
     return config
 
 
@@ -262,16 +265,18 @@ def evaluate_model_dir(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Pa
     Returns the record."""
     from ..io import load_model_dir
 
+    device = resolve_eval_device(cfg)  # before anything is read or written
     cfg = with_local_data(cfg)
     model_dir = storage.local_input(model_dir)
     tasks, _ = configured_tasks(cfg)
-    check_outside_inputs(out_dir, [model_dir, *(task.data(cfg) for task in tasks.values())])
+    check_outside_inputs(out_dir, [model_dir, *(task.data(task.config(cfg)) for task in tasks.values())])
     check_output_folder(out_dir, STAGE)  # before scoring, not after
     inputs = evaluation_inputs(model_dir, cfg)
-    model, tokenizer = load_model_dir(model_dir)
+    model, tokenizer = load_model_dir(model_dir, device=device)
     if tokenizer is None:
         raise FileNotFoundError(f"model folder {model_dir} lacks tokenizer.json (needed to encode text)")
     results = evaluate(model, tokenizer, cfg, progress=progress, model_dir=model_dir)
+    del model  # the milestone models take its place on the device
     results["milestones"] = evaluate_milestones(model_dir, cfg)
     results["lineage"] = inputs
     with staging_dir(out_dir, STAGE) as tmp:
@@ -283,7 +288,8 @@ def evaluate_model_dir(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Pa
     return record
 
 
-__all__ = ["RESULTS_FILE", "REPORT_FILE", "STAGE", "TASKS", "Task", "configured_tasks", "data_digests", "evaluate",
-           "evaluate_folder", "evaluate_milestones", "evaluate_model_dir", "evaluation_config", "evaluation_inputs",
-           "milestone_config", "milestone_models", "milestone_report", "register_task",
-           "render_report", "summary_metrics", "with_local_data", "write_results"]
+__all__ = ["Metric", "RESULTS_FILE", "REPORT_FILE", "STAGE", "TASKS", "Task", "configured_tasks", "curve",
+           "curve_metrics", "data_digests", "evaluate", "evaluate_folder", "evaluate_milestones", "evaluate_model_dir",
+           "evaluation_config", "evaluation_inputs", "format_value", "metric_unit", "milestone_config",
+           "milestone_models", "milestone_report", "preflight", "register_task", "render_report",
+           "resolve_eval_device", "summary_metrics", "with_local_data", "write_results"]

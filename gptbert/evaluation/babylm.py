@@ -38,6 +38,7 @@ from common.artifacts import tree_digest
 from common.jsonl import iter_objects
 
 from .reading import READING_FILE, evaluate_reading, load_reading
+from .registry import Metric, Task
 
 
 class BabyLMFormatError(ValueError):
@@ -456,26 +457,31 @@ def report(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-class BabyLMSuiteTask:
-    """The BabyLM 2025 zero-shot suite (every official task found in ``eval.babylm_dir``)."""
-
-    name = "babylm"
-
-    def data(self, cfg) -> Path | None:
-        """The suite's folder under ``cfg.babylm_dir`` (``suite_root``), or None when it is not set."""
-        return suite_root(cfg.babylm_dir, cfg.babylm_split) if cfg.babylm_dir else None
-
-    def run(self, model, tokenizer, cfg, progress=None) -> dict[str, Any]:
-        """Results of every configured task of the suite (``evaluate_suite``)."""
-        return evaluate_suite(model, tokenizer, cfg, progress=progress)
-
-    def summary(self, results: dict[str, Any]) -> dict[str, float]:
-        """Flat headline metrics (``summary``)."""
-        return summary(results)
-
-    def report(self, results: dict[str, Any]) -> list[str]:
-        """The suite's section of report.md (``report``)."""
-        return report(results)
+def _data(cfg) -> Path | None:
+    return suite_root(cfg.babylm_dir, cfg.babylm_split) if cfg.babylm_dir else None
 
 
-TASK = BabyLMSuiteTask()
+def _run(model, tokenizer, cfg, progress=None) -> dict[str, Any]:
+    return evaluate_suite(model, tokenizer, cfg, progress=progress)
+
+
+def _milestone(cfg) -> dict[str, Any]:
+    """A milestone model is scored on fast_eval when the folder has it (the official fast suite)."""
+    return {"babylm_split": "fast"} if cfg.babylm_dir and (Path(cfg.babylm_dir) / "fast_eval").is_dir() else {}
+
+
+_WUG = "{task:wug_adj|wug_past}"  # a Spearman correlation; every other subtask an accuracy in %
+
+# The BabyLM 2025 zero-shot suite: every official task found in eval.babylm_dir.
+TASK = Task(
+    name="babylm", section="", locations=("babylm_dir",), data=_data, run=_run, summary=summary, report=report,
+    zero_shot=True, milestone=_milestone,
+    metrics=(Metric("babylm.reading.{mode}.eye_tracking", "percent"),
+             Metric("babylm.reading.{mode}.self_paced", "percent"),
+             Metric(f"babylm.{_WUG}.{{mode}}.t1", "rho", curve=True),
+             Metric("babylm.{task}.{mode}.t1", "percent", curve=True),
+             Metric("babylm.{task}.{mode}.t1_strict", "percent"),
+             Metric(f"babylm.{_WUG}.{{mode}}.tuned", "rho"),
+             Metric("babylm.{task}.{mode}.tuned", "percent"),
+             Metric("babylm.{task}.{mode}.tuned_temperature", "temperature")),
+)

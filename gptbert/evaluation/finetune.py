@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from common.jsonl import iter_objects
 from gptbert.scoring import padded_batch, special_ids
 
+from .registry import Metric, Task
+
 TASK_METRIC = {"cola": "mcc", "mrpc": "f1", "qqp": "f1"}
 
 
@@ -353,43 +355,46 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-class FinetuneTask:
-    """Fine-tuning on every task of ``eval.finetune.tasks`` (one classifier per task, best epoch)."""
+def summary(results: dict[str, Any]) -> dict[str, float]:
+    """The numeric values of each task's best epoch as ``finetune.{task}.{name}``."""
+    out: dict[str, float] = {}
+    for task, r in _trained(results):
+        for name, value in r.get("best", {}).items():
+            if isinstance(value, (int, float)):
+                out[f"finetune.{task}.{name}"] = float(value)
+    return out
 
-    name = "glue"
 
-    def data(self, cfg) -> Path | None:
-        """``cfg.finetune.data_dir``, or None when no fine-tuning task is configured."""
-        return Path(cfg.finetune.data_dir) if cfg.finetune.tasks else None
-
-    def run(self, model, tokenizer, cfg, progress=None) -> dict[str, Any]:
-        """Fine-tune on every task of ``cfg.finetune`` (``finetune_tasks``); {task: results}."""
-        return finetune_tasks(model, tokenizer, cfg.finetune)
-
-    def summary(self, results: dict[str, Any]) -> dict[str, float]:
-        """The numeric values of each task's best epoch as ``finetune.{task}.{name}``."""
-        out: dict[str, float] = {}
-        for task, r in _trained(results):
-            for name, value in r.get("best", {}).items():
-                if isinstance(value, (int, float)):
-                    out[f"finetune.{task}.{name}"] = float(value)
-        return out
-
-    def report(self, results: dict[str, Any]) -> list[str]:
-        """report.md lines: a table with each task's metric and best epoch (values in %)."""
-        lines = ["## Fine-tuning", "", "| task | metric | best epoch | value | accuracy | lr | batch | epochs |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for task, r in _trained(results):
-            best, hp = r["best"], r.get("hyperparameters", {})
-            lines.append(f"| {task} | {r['metric']} | {best['epoch']} | {_pct(best[r['metric']])} | "
-                         f"{_pct(best['accuracy'])} | {hp.get('lr', '-')} | {hp.get('batch_size', '-')} | "
-                         f"{hp.get('epochs', '-')} |")
+def report(results: dict[str, Any]) -> list[str]:
+    """report.md lines: a table with each task's metric and best epoch (values in %)."""
+    lines = ["## Fine-tuning", "", "| task | metric | best epoch | value | accuracy | lr | batch | epochs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for task, r in _trained(results):
+        best, hp = r["best"], r.get("hyperparameters", {})
+        lines.append(f"| {task} | {r['metric']} | {best['epoch']} | {_pct(best[r['metric']])} | "
+                     f"{_pct(best['accuracy'])} | {hp.get('lr', '-')} | {hp.get('batch_size', '-')} | "
+                     f"{hp.get('epochs', '-')} |")
+    lines.append("")
+    for task, why in results.get("missing", {}).items():
+        lines.append(f"- {task}: skipped, {why}")
+    if results.get("missing"):
         lines.append("")
-        for task, why in results.get("missing", {}).items():
-            lines.append(f"- {task}: skipped, {why}")
-        if results.get("missing"):
-            lines.append("")
-        return lines
+    return lines
 
 
-TASK = FinetuneTask()
+def _data(cfg) -> Path | None:
+    return Path(cfg.data_dir) if cfg.tasks else None
+
+
+def _run(model, tokenizer, cfg, progress=None) -> dict[str, Any]:
+    return finetune_tasks(model, tokenizer, cfg)
+
+
+# Fine-tuning on every task of eval.finetune.tasks (one classifier per task, its best epoch).
+TASK = Task(
+    name="glue", section="finetune", locations=("data_dir",), data=_data, run=_run, summary=summary,
+    report=report, requires="eval.finetune.data_dir and eval.finetune.tasks",
+    metrics=(Metric("finetune.{task}.{metric:accuracy|f1|mcc}", "fraction", curve=True),
+             Metric("finetune.{task}.epoch", "number"),
+             Metric("finetune.{task}.train_loss", "number")),
+)

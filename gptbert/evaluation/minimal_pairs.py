@@ -20,6 +20,8 @@ import numpy as np
 from common.artifacts import tree_digest
 from common.jsonl import iter_objects
 
+from .registry import Metric, Task
+
 REQUIRED_FIELDS = ("sentence_good", "sentence_bad", "UID", "linguistics_term", "field")
 
 
@@ -180,33 +182,31 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-class MinimalPairsTask:
-    """BLiMP (and any folder in its format): a pair is right when the good sentence scores higher."""
-
-    name = "blimp"
-
-    def data(self, cfg) -> Path | None:
-        """``cfg.blimp_dir``, or None when it is not set."""
-        return Path(cfg.blimp_dir) if cfg.blimp_dir else None
-
-    def run(self, model, tokenizer, cfg, progress=None) -> dict[str, Any]:
-        """Score the BLiMP folder in every configured mode (``evaluate_blimp``)."""
-        return evaluate_blimp(model, tokenizer, cfg, progress=progress)
-
-    def summary(self, results: dict[str, Any]) -> dict[str, float]:
-        """``blimp.{mode}.best_accuracy`` and ``.best_temperature`` per mode, and ``.t1_accuracy`` when T = 1
-        was scored."""
-        out: dict[str, float] = {}
-        for mode, r in results["modes"].items():
-            out[f"blimp.{mode}.best_accuracy"] = r["best"]["accuracy"]
-            out[f"blimp.{mode}.best_temperature"] = r["best"]["temperature"]
-            if r["t1"] is not None:
-                out[f"blimp.{mode}.t1_accuracy"] = r["t1"]["accuracy"]
-        return out
-
-    def report(self, results: dict[str, Any]) -> list[str]:
-        """The BLiMP section of report.md (``report_section``)."""
-        return report_section(results)
+def summary(results: dict[str, Any]) -> dict[str, float]:
+    """``blimp.{mode}.best_accuracy`` and ``.best_temperature`` per mode, and ``.t1_accuracy`` when T = 1
+    was scored."""
+    out: dict[str, float] = {}
+    for mode, r in results["modes"].items():
+        out[f"blimp.{mode}.best_accuracy"] = r["best"]["accuracy"]
+        out[f"blimp.{mode}.best_temperature"] = r["best"]["temperature"]
+        if r["t1"] is not None:
+            out[f"blimp.{mode}.t1_accuracy"] = r["t1"]["accuracy"]
+    return out
 
 
-TASK = MinimalPairsTask()
+def _data(cfg) -> Path | None:
+    return Path(cfg.blimp_dir) if cfg.blimp_dir else None
+
+
+def _run(model, tokenizer, cfg, progress=None) -> dict[str, Any]:
+    return evaluate_blimp(model, tokenizer, cfg, progress=progress)
+
+
+# BLiMP (and any folder in its format): a pair is right when the good sentence scores higher.
+TASK = Task(
+    name="blimp", section="", locations=("blimp_dir",), data=_data, run=_run, summary=summary,
+    report=report_section, zero_shot=True,
+    metrics=(Metric("blimp.{mode}.best_accuracy", "fraction"),
+             Metric("blimp.{mode}.best_temperature", "temperature"),
+             Metric("blimp.{mode}.t1_accuracy", "fraction", curve=True)),
+)

@@ -120,7 +120,9 @@ def write_hf_folder(model_dir: str | Path, out: Path) -> None:
 
     from ..io import load_model_dir
 
-    model, tokenizer = load_model_dir(model_dir)
+    # A conversion, not a computation: the weights are renamed and written from host memory, so
+    # the export runs no forward pass and reads them on the CPU whatever eval.device says.
+    model, tokenizer = load_model_dir(model_dir, device="cpu")
     if tokenizer is None:
         raise DataError(f"model folder {model_dir} has no tokenizer.json; an exported model needs one")
     out.mkdir(parents=True, exist_ok=True)
