@@ -8,6 +8,7 @@ on top of `transformers` alone, so a change on either side shows up as a score m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -317,16 +318,20 @@ OLD_RELEASE = {"transformers": "4.51.3", "tokenizers": "0.21.1", "huggingface-hu
 
 def _old_release_python() -> Path:
     """A venv (under ~/.cache/gptbert) with the releases the BabyLM 2025 pipeline pins, on top of
-    this environment's torch; created on first use (a pip install, about a minute)."""
-    venv = Path.home() / ".cache" / "gptbert" / f"hf-{OLD_RELEASE['transformers']}"
-    python = venv / "bin" / "python"
+    this environment's torch (system Python or a venv); created on first use (a pip install, about
+    a minute)."""
+    from venvs import venv_seeing_this_interpreter
+
+    # One per interpreter running the suite (system Python, each venv): it sees that one's packages.
+    tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
+    venv = Path.home() / ".cache" / "gptbert" / f"hf-{OLD_RELEASE['transformers']}-{tag}"
     probe = "import transformers, tokenizers; print(transformers.__version__, tokenizers.__version__)"
     want = f"{OLD_RELEASE['transformers']} {OLD_RELEASE['tokenizers']}"
-    if python.exists():
-        got = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
-        if got.stdout.strip() == want:
-            return python
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(venv)], check=True)
+    python = venv_seeing_this_interpreter(venv)  # its own releases first, this interpreter's torch after
+    got = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+    if got.stdout.strip() == want:
+        return python
+    python = venv_seeing_this_interpreter(venv, clear=True)
     subprocess.run([str(python), "-m", "pip", "install", "-q", *[f"{k}=={v}" for k, v in OLD_RELEASE.items()]],
                    check=True, timeout=900)
     assert subprocess.run([str(python), "-c", probe], capture_output=True, text=True).stdout.strip() == want

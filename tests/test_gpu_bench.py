@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from venvs import env_with_this_interpreter_first
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.sh"
@@ -18,7 +19,9 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke tes
 
 
 def run(args, tmp_path, timeout=600):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # gpu.sh runs `python3`: this interpreter's, whether the suite runs in a venv or not.
+    env = {**env_with_this_interpreter_first(), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     out = subprocess.run([str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout

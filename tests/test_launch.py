@@ -33,6 +33,7 @@ from gptbert.distributed.ray_launcher import check_storage_path
 from gptbert.distributed.zero import zero3_partition_segments, zero_partition_segments
 from gptbert.metrics import device_peak_flops
 from gptbert.optim import LAMB, ShardedLAMB, param_groups
+from venvs import env_with_this_interpreter_first
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -289,7 +290,8 @@ def cluster(tmp_path_factory, request):
     port = str(6390 + os.getpid() % 50)
     # Ray's unix socket paths must stay under 107 bytes: a short temp dir, not pytest's.
     ray_tmp = tempfile.mkdtemp(prefix="gbray-", dir="/tmp")
-    env = dict(os.environ, RAY_PORT=port, RAY_TEMP_DIR=ray_tmp)
+    # The scripts run `ray` from PATH: this interpreter's, whether the suite runs in a venv or not.
+    env = dict(env_with_this_interpreter_first(), RAY_PORT=port, RAY_TEMP_DIR=ray_tmp)
     t0 = time.time()
     try:
         started = subprocess.run([str(REPO / "infra" / "ray" / "start_local_cluster.sh")], env=env,

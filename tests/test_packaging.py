@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from venvs import venv_seeing_this_interpreter
 
 REPO = Path(__file__).resolve().parents[1]
 # Files read at run time by path (not imported): presets, the demo config, DeepSpeed base configs.
@@ -20,8 +21,9 @@ DATA_FILES = ["common/config/presets/tiny.yaml", "common/config/presets/mini.yam
 
 @pytest.mark.slow
 def test_wheel_holds_what_the_cli_reads_and_runs_outside_the_repo(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True, timeout=300)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("gptbert-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in DATA_FILES:
@@ -31,13 +33,14 @@ def test_wheel_holds_what_the_cli_reads_and_runs_outside_the_repo(tmp_path):
     assert sources <= names, sorted(sources - names)[:5]
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
-    # Install it into a venv that sees the heavy dependencies of this interpreter but not the
-    # repository, and run it from an unrelated folder.
+    # Install it into a venv that sees the heavy dependencies of this interpreter (system Python or
+    # a venv of its own) but not the repository, and run it from an unrelated folder.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
-    py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
-                   capture_output=True, timeout=300)
+    py = venv_seeing_this_interpreter(venv)
+    # --ignore-installed: this interpreter's own gptbert (an editable install) is visible there too.
+    installed = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr[-2000:]
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -250,12 +250,13 @@ def team_server(s3, tmp_path):
     import tempfile
 
     from servers import free_port, start_postgres, stop, stop_postgres, wait_healthy
+    from venvs import env_with_this_interpreter_first  # the script runs `mlflow` from PATH
 
     folder = Path(tempfile.mkdtemp(prefix="gbpg-", dir="/tmp"))  # the postgres user must reach it
     data, db_uri = start_postgres(folder)
     artifacts = s3.bucket("team-mlflow")
     port = free_port()
-    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": db_uri, "MLFLOW_ARTIFACTS_DESTINATION": f"{artifacts}/artifacts",
+    env = {**env_with_this_interpreter_first(), "MLFLOW_BACKEND_STORE_URI": db_uri, "MLFLOW_ARTIFACTS_DESTINATION": f"{artifacts}/artifacts",
            "MLFLOW_PORT": str(port), "MLFLOW_SERVER_ROOT": str(tmp_path / "server"),
            "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
     log = open(tmp_path / "mlflow-server.log", "w")
