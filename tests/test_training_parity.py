@@ -32,7 +32,9 @@ import torch
 from safetensors.torch import load_file
 
 from common.config import ModelConfig, TrainConfig
-from gptbert.model import GPTBERT, build_blocked_mask, load_reference_state_dict
+from gptbert.export.paper import load_reference_state_dict
+from gptbert.kernels import apply_kernels
+from gptbert.model import GPTBERT, build_blocked_mask
 from gptbert.objective import (BOS_ID, IGNORE, MASK_ID, PAD_ID, Batch, LossNorm, hybrid_loss, objective_value,
                                span_mask_rows)
 from gptbert.optim import build_optimizer, lr_at, no_decay_names, schedule_lr
@@ -83,7 +85,7 @@ def train_config(meta) -> TrainConfig:
 
 def initial_model(fx) -> GPTBERT:
     tensors, meta = fx
-    model = GPTBERT(model_config(meta))
+    model = apply_kernels(GPTBERT(model_config(meta)))  # the model as training builds it
     load_reference_state_dict(model, section(tensors, "init"))
     return model
 
