@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from common.config import LaunchConfig, PipelineConfig, load_config  # noqa: E402
 from common.config.base import replace  # noqa: E402
-from gptbert.device import (cpu_micro_batch_tokens, fit_micro_batch_tokens, free_cuda,  # noqa: E402
-                            is_out_of_memory)
+from gptbert.device import fit_micro_batch_tokens, free_cuda, is_out_of_memory  # noqa: E402
 from gptbert.flops import flops_per_token  # noqa: E402
 from gptbert.metrics import GPU_BF16_PEAK_FLOPS  # noqa: E402
+from gptbert.objective import cpu_micro_batch_tokens  # noqa: E402
 
 GIB = 2**30
 
