@@ -55,10 +55,8 @@ def register(subparsers) -> None:
 
 
 def _quiet_env() -> None:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's own settings are flows/__init__.py's (they hold for library callers too).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Prefect's temporary server gives up after 20 s by default; a busy 2-core machine needs longer.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _run_flow(flow_fn, cfg, command: str, args: argparse.Namespace) -> int:

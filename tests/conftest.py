@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# What the libraries need offline, for imports at collection time and the session's servers too
+# (the project sets the same where it starts them: flows/__init__.py, the DeepSpeed backend).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # CI clones the repo next to a read-only copy of shared/; GPTBERT_SHARED_DATA overrides.
 SHARED_DATA = Path(os.environ.get("GPTBERT_SHARED_DATA", REPO.parent / "shared" / "data"))
 

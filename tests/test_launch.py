@@ -32,6 +32,8 @@ from gptbert.distributed.deepspeed_backend import CONFIG_DIR, deepspeed_config
 from gptbert.distributed.ray_launcher import check_storage_path
 from gptbert.distributed.zero import zero3_partition_segments, zero_partition_segments
 from gptbert.metrics import device_peak_flops
+from lamb_check import assert_sharded_steps_as_lamb
+
 from gptbert.optim import LAMB, ShardedLAMB, param_groups
 from venvs import env_with_this_interpreter_first
 
@@ -195,20 +197,7 @@ def test_sharded_lamb_on_a_flat_tensor_equals_per_parameter_lamb():
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
     ref = [p.detach().clone().requires_grad_() for p in model.parameters()]
     mats = [p for p in ref if p.ndim >= 2]
-    flat = torch.cat([p.detach().reshape(-1) for p in mats] + [torch.zeros(2)]).requires_grad_()
-    seg = torch.cat([torch.full((p.numel(),), i) for i, p in enumerate(mats)] + [torch.full((2,), len(mats))])
-    lamb = LAMB([{"params": mats, "weight_decay": 0.1}], lr=0.05)
-    sharded = ShardedLAMB([{"params": [flat], "weight_decay": 0.1}], lr=0.05)
-    sharded.attach_partitions(flat, seg, len(mats))
-    for _ in range(3):
-        grads = [torch.randn_like(p) for p in mats]
-        for p, g in zip(mats, grads):
-            p.grad = g
-        flat.grad = torch.cat([g.reshape(-1) for g in grads] + [torch.zeros(2)])
-        lamb.step()
-        sharded.step()
-    expect = torch.cat([p.detach().reshape(-1) for p in mats])
-    assert torch.allclose(flat.detach()[:-2], expect, atol=1e-6, rtol=1e-5)
+    assert_sharded_steps_as_lamb([mats], [0.1], pad=2)
 
 
 def test_sharded_lamb_falls_back_to_plain_lamb_for_real_parameters():

@@ -74,34 +74,14 @@ def test_sharded_lamb_on_flat_groups_equals_lamb_with_the_papers_groups():
     """ZeRO hands LAMB one flat tensor per parameter group; with the paper's groups the decay group
     now holds the 1-D layer-weighting vectors too. ShardedLAMB with the element layout attached must
     step exactly as LAMB on the separate parameters (per-parameter trust ratios)."""
+    from lamb_check import assert_sharded_steps_as_lamb
+
     from gptbert.model import GPTBERT
-    from gptbert.optim import ShardedLAMB
 
     torch.manual_seed(0)
     model = GPTBERT(ModelConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=24))
     groups = param_groups(model, 0.1)
-    real = [[p.detach().clone().requires_grad_() for p in g["params"]] for g in groups]
-    flats, layouts = [], []
-    for params in real:
-        flats.append(torch.cat([p.detach().reshape(-1) for p in params] + [torch.zeros(3)]).requires_grad_())
-        layouts.append(torch.cat([torch.full((p.numel(),), i) for i, p in enumerate(params)]
-                                 + [torch.full((3,), len(params))]))
-    wd = [g["weight_decay"] for g in groups]
-    lamb = LAMB([{"params": ps, "weight_decay": w} for ps, w in zip(real, wd)], lr=0.05)
-    sharded = ShardedLAMB([{"params": [f], "weight_decay": w} for f, w in zip(flats, wd)], lr=0.05)
-    for f, seg, params in zip(flats, layouts, real):
-        sharded.attach_partitions(f, seg, len(params))
-    for _ in range(3):
-        for params, f in zip(real, flats):
-            grads = [torch.randn_like(p) for p in params]
-            for p, g in zip(params, grads):
-                p.grad = g
-            f.grad = torch.cat([g.reshape(-1) for g in grads] + [torch.zeros(3)])
-        lamb.step()
-        sharded.step()
-    for params, f in zip(real, flats):
-        expect = torch.cat([p.detach().reshape(-1) for p in params])
-        assert torch.allclose(f.detach()[:-3], expect, atol=1e-6, rtol=1e-5)
+    assert_sharded_steps_as_lamb([g["params"] for g in groups], [g["weight_decay"] for g in groups], pad=3)
 
 
 def test_lr_schedule_key_steps():
