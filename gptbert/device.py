@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from common.config.base import ConfigError, check_device
+from common.config.base import ConfigError, check_device, replace
 
 log = logging.getLogger("gptbert")
 
@@ -272,6 +272,21 @@ def fit_micro_batch_tokens(train_cfg, model_cfg, device, world_size: int = 1,
     return fit
 
 
+def with_micro_batch_tokens(train_cfg, model_cfg, device, world_size: int = 1):
+    """``train_cfg`` with ``micro_batch_tokens`` a number (``resolve_micro_batch_tokens`` on
+    ``device``); under a process group every rank takes the smallest rank's value, so all ranks
+    split alike. Launchers call it before building their backend (the probe then has the device to
+    itself); the Trainer calls it for a config that still says ``auto``."""
+    if train_cfg.micro_batch_tokens != "auto":
+        return train_cfg
+    tokens = resolve_micro_batch_tokens(train_cfg, model_cfg, device, world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([tokens], dtype=torch.int64, device=device if torch.device(device).type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        tokens = int(t.item())
+    return replace(train_cfg, micro_batch_tokens=tokens)
+
+
 def resolve_micro_batch_tokens(train_cfg, model_cfg, device, world_size: int = 1, **search) -> int:
     """``train.micro_batch_tokens`` as a number of tokens for a run on ``device``.
 
@@ -294,5 +309,5 @@ def resolve_micro_batch_tokens(train_cfg, model_cfg, device, world_size: int = 1
 
 
 __all__ = ["DEFAULT_HEADROOM", "DeviceError", "MicroBatchFit", "cuda_probe", "fit_micro_batch", "fit_micro_batch_tokens", "free_cuda", "is_out_of_memory",
-           "max_micro_sequences", "probe_batch", "probe_step", "resolve_device", "resolve_micro_batch_tokens",
+           "max_micro_sequences", "probe_batch", "probe_step", "resolve_device", "resolve_micro_batch_tokens", "with_micro_batch_tokens",
            "wants_cuda"]

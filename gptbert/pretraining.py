@@ -27,7 +27,7 @@ from common.config.base import replace
 
 from .checkpoint import latest_checkpoint, list_checkpoints
 from .data import TrainingData, open_data
-from .device import resolve_device, resolve_micro_batch_tokens
+from .device import resolve_device, with_micro_batch_tokens
 from .kernels import build_model
 from .metrics import MetricsCallback
 from .optim import build_optimizer, precision_name, resolve_precision
@@ -175,20 +175,6 @@ def training_summary(trainer: "Trainer", cfg: PipelineConfig, started: float, da
     return summary
 
 
-def with_micro_batch(cfg: PipelineConfig, device: torch.device, world_size: int = 1) -> PipelineConfig:
-    """``cfg`` with ``train.micro_batch_tokens`` a number: ``auto`` is measured on ``device``
-    (``device.resolve_micro_batch_tokens``: the largest that fits a GPU, 8192 on a CPU); under a
-    process group every rank takes the smallest rank's value, so all ranks split alike."""
-    tokens = resolve_micro_batch_tokens(cfg.train, cfg.model, device, world_size)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([tokens], dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        tokens = int(t.item())
-    if tokens == cfg.train.micro_batch_tokens:
-        return cfg
-    return replace(cfg, train=replace(cfg.train, micro_batch_tokens=tokens))
-
-
 def build_local_backend(model_cfg: ModelConfig, train_cfg: TrainConfig,
                         device: torch.device | None = None) -> LocalBackend:
     """A fresh model (seeded by ``train.seed``, kernels applied) and its optimizer on ``device``
@@ -283,7 +269,7 @@ def pretrain(cfg: PipelineConfig, data, out_dir: str | Path, callback: Callback 
     check_outside_inputs(out, [data if isinstance(data, (str, Path)) else None, tokenizer])
     opened = open_data(data, tokenizer, valid_data, remote=cfg.launch.remote_shards)
     check_data_fits(cfg, opened)
-    cfg = with_micro_batch(cfg, device if backend is None else backend.device)
+    cfg = replace(cfg, train=with_micro_batch_tokens(cfg.train, cfg.model, device if backend is None else backend.device))
     if backend is None:
         backend = build_local_backend(cfg.model, cfg.train, device)
     ckpt_root = out / CHECKPOINT_DIR
@@ -302,6 +288,6 @@ def pretrain(cfg: PipelineConfig, data, out_dir: str | Path, callback: Callback 
 
 
 __all__ = ["CHECKPOINT_DIR", "LOGS_DIR", "MILESTONES_DIR", "MODEL_DIR", "PROGRESS_FILE", "STAGE", "RankResult",
-           "RankRun", "build_local_backend", "with_micro_batch", "check_data_fits", "check_run_folder", "ema_model", "milestone_name",
+           "RankRun", "build_local_backend", "check_data_fits", "check_run_folder", "ema_model", "milestone_name",
            "milestones_reached", "pretrain", "pretrain_inputs", "save_milestone_models", "train_rank",
            "training_summary", "write_pretrain_record"]

@@ -23,13 +23,12 @@ from safetensors.torch import save_file
 
 from common.artifacts import DataError
 from common.config import ModelConfig, TrainConfig, digest
-from common.config.base import replace
 
 from .checkpoint import CheckpointError, load_checkpoint, safetensors_load, save_checkpoint, torch_load
 from .data import WordCounter, document_words
 from .objective import (SUM_KEYS, Cursor, LossNorm, TrainingStream, hybrid_loss, objective_value, rank_slice,
                         segment_pieces, validation_batches)
-from .device import resolve_micro_batch_tokens
+from .device import with_micro_batch_tokens
 from .optim import EMA, resolve_precision, schedule_lr
 
 log = logging.getLogger("gptbert")
@@ -175,10 +174,8 @@ class Trainer:
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, source, backend: StepBackend,
                  valid_source=None, callback: Callback | None = None, progress: bool = False):
         self.model_cfg = model_cfg
-        if train_cfg.micro_batch_tokens == "auto":  # launchers resolve it first (pretraining.with_micro_batch)
-            tokens = resolve_micro_batch_tokens(train_cfg, model_cfg, backend.device, backend.world_size)
-            train_cfg = replace(train_cfg, micro_batch_tokens=tokens)
-        self.tc = train_cfg
+        # "auto" measured on the backend's device (launchers have done it before building the backend).
+        self.tc = train_cfg = with_micro_batch_tokens(train_cfg, model_cfg, backend.device, backend.world_size)
         self.backend = backend
         self.rank, self.world_size = backend.rank, backend.world_size
         self.device = backend.device

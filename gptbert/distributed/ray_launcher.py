@@ -26,7 +26,7 @@ from typing import Any, Callable
 from common import storage
 from common.artifacts import check_outside_inputs, remove_stale_siblings, replace_dir, temporary_sibling
 from common.config import ConfigError, LaunchConfig, PipelineConfig, from_dict, to_dict
-from common.config.base import check_device
+from common.config.base import check_device, replace
 from ..device import DeviceError, resolve_device, wants_cuda
 from ..optim import AUTO_PRECISION_ENV
 
@@ -160,7 +160,8 @@ def _train_worker(config: dict) -> None:
 
     from ..data import open_data
     from ..io import save_model_dir
-    from ..pretraining import MILESTONES_DIR, RankRun, train_rank, with_micro_batch
+    from ..device import with_micro_batch_tokens
+    from ..pretraining import MILESTONES_DIR, RankRun, train_rank
     from .deepspeed_backend import build_deepspeed_backend
     from .zero import check_zero3_steps, check_zero3_validation
 
@@ -174,7 +175,8 @@ def _train_worker(config: dict) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     device = worker_device(config["use_gpu"])
-    cfg = with_micro_batch(cfg, device, world)  # auto: measured on this worker's GPU, the smallest rank's
+    # auto: measured on this worker's GPU before its model exists; every rank takes the smallest.
+    cfg = replace(cfg, train=with_micro_batch_tokens(cfg.train, cfg.model, device, world))
     tc = cfg.train
     if lc.zero_stage == 3:
         check_zero3_steps(tc, world)
