@@ -20,7 +20,8 @@ This module is plain PyTorch. Faster implementations of the same maths (``gptber
 dropout masks, the position-bias gather, buffered layer weighting, a compiled GEGLU, flex
 attention for ``attention_impl: flex``) are installed on a built model from outside, through the
 hooks ``Attention.position_bias``, ``Attention.attend``, ``FeedForward.geglu_norm``,
-``GPTBERT.layer_mix`` and the ``nn.Dropout`` modules; ``model.kernels: false`` leaves them out.
+``GPTBERT.layer_mix``, ``GPTBERT.lm_loss_terms`` and the ``nn.Dropout`` modules; ``model.kernels:
+false`` leaves them out.
 """
 
 from __future__ import annotations
@@ -414,6 +415,13 @@ class GPTBERT(nn.Module):
         x = F.gelu(self.head_dense(F.layer_norm(hidden, (H,), eps=eps)))
         x = self.head_dropout(F.layer_norm(x, (H,), eps=eps))
         return F.linear(x, self.word_embedding.weight, self.head_bias)
+
+    @staticmethod
+    def lm_loss_terms(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, V) logits and (N,) target ids -> (lse, target logit), each (N,) in fp32: the terms of
+        the objectives, cross-entropy = lse - target logit and z-loss = lse^2 (recipe §2, §5)."""
+        logits = logits.float()
+        return torch.logsumexp(logits, dim=-1), logits.gather(1, targets[:, None]).squeeze(1)
 
     def add_classifier(self, num_labels: int) -> ClassifierHead:
         """Attach a freshly initialised first-token classifier head (fine-tuning)."""

@@ -522,9 +522,9 @@ def hybrid_loss(
     h = hidden[has_target]
     targets = batch.target_ids[has_target]
     is_causal = batch.causal[:, None].expand_as(has_target)[has_target]
-    logits = _unwrap(model).lm_logits(h).float()
-    lse = torch.logsumexp(logits, dim=-1)
-    ce = lse - logits.gather(1, targets[:, None]).squeeze(1)
+    head = _unwrap(model)
+    lse, target_logit = head.lm_loss_terms(head.lm_logits(h), targets)
+    ce = lse - target_logit
     z = lse * lse
     sums = {"ce_masked": ce[~is_causal].sum(), "ce_causal": ce[is_causal].sum(),
             "z_masked": z[~is_causal].sum(), "z_causal": z[is_causal].sum()}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import ModelConfig
-from gptbert.kernels import KERNELS, apply_kernels, build_model, geglu
+from gptbert.kernels import KERNELS, apply_kernels, build_model, cross_entropy, geglu
 from gptbert.kernels.dropout import CpuDropout, dropout
 from gptbert.kernels.geglu import GEGLU
 from gptbert.kernels.layer_mix import BufferedLayerWeighting, History
@@ -68,12 +68,14 @@ def test_every_kernel_is_installed_and_the_flag_keeps_the_plain_model():
     assert all(a.position_bias is position_bias for a in fast.modules() if isinstance(a, Attention))
     assert all(f.geglu_norm is geglu.geglu_norm for f in fast.modules() if isinstance(f, FeedForward))
     assert all("attend" in a.__dict__ for a in fast.modules() if isinstance(a, Attention))
+    assert fast.lm_loss_terms is cross_entropy.lm_loss_terms
     counts = {name: install(fast) for name, install in KERNELS.items()}  # idempotent: nothing left
     assert counts["dropout"] == 0
     plain = build_model(ModelConfig(**TINY, kernels=False))
     assert isinstance(plain.layer_mix, LayerWeighting) and not isinstance(plain.layer_mix, BufferedLayerWeighting)
     assert all(type(m) is torch.nn.Dropout for m in plain.modules() if isinstance(m, torch.nn.Dropout))
     assert not any("position_bias" in a.__dict__ for a in plain.modules() if isinstance(a, Attention))
+    assert "lm_loss_terms" not in plain.__dict__
 
 
 def test_the_kernels_flag_is_not_part_of_a_model_identity():
@@ -337,3 +339,68 @@ def test_the_compiled_model_equals_the_eager_one():
     assert torch.allclose(h_compiled, h_eager, atol=1e-4)
     for name in g_eager:
         assert torch.allclose(g_compiled[name], g_eager[name], atol=1e-4, rtol=1e-3), name
+
+
+# -- the LM losses' terms (log-sum-exp and target logit) -------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_lm_loss_terms_equal_the_plain_ones(dtype):
+    # As the objective uses them: CE = lse - target logit and z-loss = lse^2, weighted per row.
+    torch.manual_seed(0)
+    V = 300
+    logits = (torch.randn(37, V) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (37,))
+    weights = torch.rand(37)
+    results = []
+    for fn in (GPTBERT.lm_loss_terms, cross_entropy.lm_loss_terms):
+        logits.grad = None
+        lse, picked = fn(logits, targets)
+        assert lse.dtype == picked.dtype == torch.float32
+        (weights * (lse - picked) + 1e-2 * lse * lse).sum().backward()
+        results.append((lse.detach(), picked.detach(), logits.grad.float()))
+    assert cross_entropy.lm_loss_terms.compiled not in (None, False), "the compiler should run on this machine"
+    (lse_a, pick_a, g_a), (lse_b, pick_b, g_b) = results
+    assert torch.equal(pick_a, pick_b)
+    assert torch.allclose(lse_a, lse_b, atol=1e-5, rtol=1e-6)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6  # bf16 gradients: one rounding of each side
+    assert torch.allclose(g_a, g_b, atol=tol, rtol=tol)
+
+
+def test_compiled_lm_loss_terms_of_a_row_do_not_depend_on_the_batch_it_comes_in():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(9, 200), torch.randint(0, 200, (9,))
+    outs, grads = [], []
+    for n in (9, 4):
+        x = logits[:n].clone().requires_grad_()
+        lse, picked = cross_entropy.lm_loss_terms(x, targets[:n])
+        (lse * torch.arange(1.0, n + 1) - picked).sum().backward()
+        outs.append(torch.stack([lse, picked]).detach()[:, :4])
+        grads.append(x.grad[:4])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+
+
+def test_the_hybrid_loss_with_kernels_equals_the_plain_one():
+    from gptbert.objective import IGNORE, Batch, LossNorm, hybrid_loss
+
+    ids, blocked = batch()
+    seg = torch.tensor([[1] * 9 + [2] * 11, [1] * 14 + [0] * 6, [1] * 20])
+    targets = torch.full((3, 20), IGNORE)
+    targets[0, ::3] = ids[0, ::3]
+    targets[1, :13] = ids[1, 1:14]
+    targets[2, :19] = ids[2, 1:]
+    b = Batch(input_ids=ids, target_ids=targets, segment_ids=seg, causal=torch.tensor([False, True, True]))
+    norm = LossNorm(masked=int((targets[0] != IGNORE).sum()), causal=int((targets[1:] != IGNORE).sum()))
+    results = []
+    for kernels in (False, True):
+        model = tiny_model(kernels)
+        model.train()
+        loss, sums = hybrid_loss(model, b, norm, causal_fraction=0.25, z_loss=1e-2)
+        loss.backward()
+        results.append((loss.detach(), sums, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (la, sa, ga), (lb, sb, gb) = results
+    assert torch.allclose(la, lb, atol=1e-6)
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=1e-4, rtol=1e-6), k
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], atol=1e-6, rtol=1e-4), name

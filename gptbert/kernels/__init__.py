@@ -11,6 +11,7 @@ with code that computes the same thing faster, and sits beside a test of that eq
 | ``layer_mix`` | ``GPTBERT.layer_mix`` | the layer-weighting history as one buffer: ``mv`` sums, one product for the weights' gradients, buffers recycled on CPU |
 | ``geglu`` | ``FeedForward.geglu_norm`` | GELU-tanh, product and LayerNorm as one inductor kernel in CPU training |
 | ``flex`` | ``Attention.attend`` (``attention_impl: flex``) | flex attention: no (B, h, T, T) bias, blocked tiles skipped |
+| ``cross_entropy`` | ``GPTBERT.lm_loss_terms`` | log-sum-exp and target logit over the vocabulary as one inductor kernel each way in CPU training |
 
 ``apply_kernels(model)`` installs them all unless ``model.config.kernels`` is false, which keeps
 the plain model (the one checked against the paper's code). Every place that builds a model to
@@ -28,7 +29,7 @@ import torch.nn as nn
 from common.config.model import ModelConfig
 
 from ..model import GPTBERT
-from . import dropout, flex, geglu, layer_mix, position_bias
+from . import cross_entropy, dropout, flex, geglu, layer_mix, position_bias
 
 # name -> installer (returns how many places it replaced), in the order they are applied.
 KERNELS: dict[str, Callable[[nn.Module], int]] = {
@@ -37,6 +38,7 @@ KERNELS: dict[str, Callable[[nn.Module], int]] = {
     "layer_mix": layer_mix.apply,
     "geglu": geglu.apply,
     "flex": flex.apply,
+    "cross_entropy": cross_entropy.apply,
 }
 
 

@@ -1,4 +1,5 @@
-"""The whole model's forward through ``torch.compile`` (``train.compile``), eager where that fails.
+"""``torch.compile`` in the kernels: the whole model's forward (``train.compile``), eager where that
+fails, and ``CompiledOnCpu``, the one way a kernel compiles its row-wise maths for CPU training.
 
 Compiling is worth it on GPUs, where inductor fuses the pointwise work between the matmuls; on a
 CPU the hand-written kernels of this package are faster (measured: 0.87x of eager, first step
@@ -23,6 +24,48 @@ from common.errors import error_line
 from ..model import GPTBERT, LayerWeighting
 
 log = logging.getLogger("gptbert")
+
+
+class CompiledOnCpu:
+    """``fn`` (row-wise maths: every tensor argument's first dimension is the same rows) as one
+    inductor-compiled kernel forward and one backward for CPU training steps; ``eager`` (the same
+    maths) everywhere else (inference, other devices, inside a model compiled as a whole), and
+    where the compiler fails (a warning says so once).
+
+    The first input is flattened to (rows, features) and only the row count is dynamic, in it and in
+    every other tensor argument with those rows: micro-batch sizes vary from step to step, and one
+    graph for all of them keeps a resumed run numerically equal to an uninterrupted one (every row is
+    computed by the same code whatever the count). Fully dynamic shapes made slower code.
+    """
+
+    def __init__(self, fn, eager, what: str):
+        self.fn, self.eager, self.what = fn, eager, what
+        self.compiled = None  # None: not tried yet; False: the compiler failed here
+
+    def __call__(self, x: torch.Tensor, *args):
+        rows = x.numel() // max(x.size(-1), 1)
+        if (self.compiled is not False and x.device.type == "cpu" and x.requires_grad and rows >= 2
+                and not torch.compiler.is_compiling()):  # inside a compiled model: the outer compile fuses
+            if self.compiled is None:
+                # Not fullgraph: under a dispatch mode (a FLOP counter) dynamo runs the frame
+                # eagerly instead of failing (and compiles it no more in this process).
+                self.compiled = torch.compile(self.fn)
+            flat = x.reshape(rows, x.size(-1))
+            torch._dynamo.mark_dynamic(flat, 0)
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.size(0) == rows:
+                    torch._dynamo.mark_dynamic(a, 0)
+            try:
+                out = self.compiled(flat, *args)
+            except Exception as error:  # a missing or broken compiler shows up at the first call
+                warnings.warn(f"gptbert: compiling the CPU {self.what} kernel failed "
+                              f"({type(error).__name__}: {error_line(error, first=True)}); using eager ops")
+                self.compiled = False
+            else:
+                if isinstance(out, tuple):
+                    return out
+                return out.view(*x.shape[:-1], out.size(-1))
+        return self.eager(x, *args)
 
 
 class CompiledForward:
@@ -62,4 +105,4 @@ def compile_model(model: GPTBERT) -> GPTBERT:
     return model
 
 
-__all__ = ["CompiledForward", "compile_model"]
+__all__ = ["CompiledForward", "CompiledOnCpu", "compile_model"]

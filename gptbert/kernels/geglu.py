@@ -11,15 +11,13 @@ take the eager ops (``GEGLU``, which keeps GELU(gate) from the forward for its b
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import error_line
-
 from ..model import FeedForward, compute_dtype
+from .compiled import CompiledOnCpu
 
 
 class GEGLU(torch.autograd.Function):
@@ -43,42 +41,6 @@ class GEGLU(torch.autograd.Function):
         torch.mul(grad, activated, out=grad_value)
         torch.ops.aten.gelu_backward.grad_input(grad * value, gate, approximate="tanh", grad_input=grad_gate)
         return grad_x
-
-
-class CompiledOnCpu:
-    """``fn`` (row-wise maths over the last dimension) as one inductor-compiled kernel forward and
-    one backward for CPU training steps; ``eager`` (the same maths) everywhere else (see the module
-    docstring), and where the compiler fails (a warning says so once).
-
-    Inputs are flattened to (rows, features) with only the row count dynamic: micro-batch sizes
-    vary from step to step, and one graph for all of them keeps a resumed run numerically equal
-    to an uninterrupted one (every row is computed by the same code whatever the count). Fully
-    dynamic shapes made slower code.
-    """
-
-    def __init__(self, fn, eager, what: str):
-        self.fn, self.eager, self.what = fn, eager, what
-        self.compiled = None  # None: not tried yet; False: the compiler failed here
-
-    def __call__(self, x: torch.Tensor, *args):
-        rows = x.numel() // max(x.size(-1), 1)
-        if (self.compiled is not False and x.device.type == "cpu" and x.requires_grad and rows >= 2
-                and not torch.compiler.is_compiling()):  # inside a compiled model: the outer compile fuses
-            if self.compiled is None:
-                # Not fullgraph: under a dispatch mode (a FLOP counter) dynamo runs the frame
-                # eagerly instead of failing (and compiles it no more in this process).
-                self.compiled = torch.compile(self.fn)
-            flat = x.reshape(rows, x.size(-1))
-            torch._dynamo.mark_dynamic(flat, 0)
-            try:
-                out = self.compiled(flat, *args)
-            except Exception as error:  # a missing or broken compiler shows up at the first call
-                warnings.warn(f"gptbert: compiling the CPU {self.what} kernel failed "
-                              f"({type(error).__name__}: {error_line(error, first=True)}); using eager ops")
-                self.compiled = False
-            else:
-                return out.view(*x.shape[:-1], out.size(-1))
-        return self.eager(x, *args)
 
 
 # GELU-tanh(g) = 0.5 g (1 + tanh(c (g + 0.044715 g^3))) = g * sigmoid(2c (g + 0.044715 g^3)), c = sqrt(2/pi).
