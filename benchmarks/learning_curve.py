@@ -50,8 +50,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="shard folder (with tokenizer.json)")
     ap.add_argument("--blimp", required=True, help="folder of BLiMP-format jsonl files")
-    ap.add_argument("--preset", default="mini")
-    ap.add_argument("--config")
+    ap.add_argument("--preset", help="a preset (default: the --config file's own, else mini)")
+    ap.add_argument("--config", help="a config file, e.g. recipes/cpu-realtext.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--every-words", type=float, default=1e6, help="evaluate every this many words seen")
     ap.add_argument("--max-pairs", type=int, default=200, help="pairs per paradigm at intermediate points")
@@ -68,7 +68,7 @@ def main() -> int:
 
     from tokenization.tokenizer import load_tokenizer
 
-    cfg = load_config(args.preset, args.config, args.overrides)
+    cfg = load_config(args.preset or (None if args.config else "mini"), args.config, args.overrides)
     data = open_data(args.data)
     source, valid = data.train, data.valid
     tokenizer = load_tokenizer(data.tokenizer)
