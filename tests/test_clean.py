@@ -19,6 +19,7 @@ from cli.main import main as cli_main
 from common.config.base import ConfigError
 from common.config.data import CHILDES_SPEAKER_PATTERN, CleanConfig, CleanRule
 from tokenization import clean as clean_mod
+from tokenization import cleaner as cleaner_mod
 from tokenization.formats import base as formats_base
 from tokenization.clean import clean_corpus, count_words
 from common.artifacts import DataError, read_record, stage_identity
@@ -123,7 +124,7 @@ def test_streaming_segments_give_the_same_output(tmp_path, monkeypatch):
                       rules=[CleanRule(pattern=r"Gamma", replacement="")])
     whole = clean_corpus(cfg, tmp_path / "whole", progress_bar=False)
     monkeypatch.setattr(formats_base, "BLOCK", 97)
-    monkeypatch.setattr(clean_mod, "SEGMENT", 61)
+    monkeypatch.setattr(cleaner_mod, "SEGMENT", 61)
     streamed = clean_corpus(cfg, tmp_path / "streamed", progress_bar=False)
     assert _docs(tmp_path / "whole") == _docs(tmp_path / "streamed")
     assert whole["stats"]["totals"] == streamed["stats"]["totals"]
@@ -253,8 +254,8 @@ def test_input_formats_are_a_registry(tmp_path, monkeypatch):
     assert formats.format_for(Path("x.parquet")).name == "parquet"
     assert formats.format_for(Path("notes.md")).name == "text"  # named explicitly: read as text
 
-    def read_tsv(path, cfg, sink):
-        for line in path.read_text().splitlines():
+    def read_tsv(location, cfg, sink, part):
+        for line in Path(location).read_text().splitlines():
             sink.add_bytes(len(line) + 1)
             sink.start()
             sink.feed(line.split("\t")[1])
