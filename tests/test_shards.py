@@ -152,7 +152,7 @@ def test_tokenizer_and_shard_digest_mismatch_refused(corpus, tmp_path):
 def test_failed_shard_run_leaves_nothing_partial(corpus, tmp_path, monkeypatch):
     root, _, cfg, _ = corpus
     calls = {"n": 0}
-    original = shards_mod._ShardWriter.flush
+    original = shards_mod.ShardWriter.flush
 
     def failing_flush(self):
         calls["n"] += 1
@@ -160,7 +160,7 @@ def test_failed_shard_run_leaves_nothing_partial(corpus, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if the stage were killed after one shard
         original(self)
 
-    monkeypatch.setattr(shards_mod._ShardWriter, "flush", failing_flush)
+    monkeypatch.setattr(shards_mod.ShardWriter, "flush", failing_flush)
     with pytest.raises(KeyboardInterrupt):
         write_shards(root / "documents.parquet", root / "tok", cfg, tmp_path / "out", progress_bar=False)
     assert list(tmp_path.iterdir()) == []
