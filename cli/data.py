@@ -17,12 +17,12 @@ def _print_record(record: dict) -> None:
 
 def _clean(args: argparse.Namespace) -> int:
     from common.config.base import replace
-    from tokenization.clean import clean_corpus
+    from gptbert.distributed.data_stages import run_clean
 
-    cfg = config_from_args(args).clean
+    cfg = config_from_args(args)
     if args.inputs:
-        cfg = replace(cfg, inputs=list(args.inputs))
-    record = clean_corpus(cfg, args.out, progress_bar=not args.no_progress)
+        cfg = replace(cfg, clean=replace(cfg.clean, inputs=list(args.inputs)))
+    record = run_clean(cfg, args.out, progress=not args.no_progress)
     record["stats"] = {"totals": record["stats"]["totals"]}  # the per-file listing stays in stage.json
     _print_record(record)
     return 0
@@ -58,10 +58,10 @@ def vocabulary_warning(record: dict) -> str | None:
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from tokenization.shards import write_shards
+    from gptbert.distributed.data_stages import run_shard
 
-    cfg = config_from_args(args).shard
-    _print_record(write_shards(args.documents, args.tokenizer, cfg, args.out, progress_bar=not args.no_progress))
+    cfg = config_from_args(args)
+    _print_record(run_shard(cfg, args.documents, args.tokenizer, args.out, progress=not args.no_progress))
     return 0
 
 
@@ -70,7 +70,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "clean", help="clean raw text (.txt/.gz/.jsonl/.parquet) into documents.parquet",
         description="Decode, normalise, apply rules, split long and drop empty/duplicate "
-                    "documents; writes OUT/documents.parquet and the record OUT/stage.json.")
+                    "documents; writes OUT/documents.parquet and the record OUT/stage.json. "
+                    "--set clean.engine=ray runs it as a Ray Data pipeline (launch.ray_address, "
+                    "or a local Ray): the same output.")
     p.add_argument("inputs", nargs="*", help="input files or folders (default: clean.inputs)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -90,7 +92,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "shard", help="encode cleaned documents into Arrow token shards",
         description="Encode documents into train/valid Arrow IPC shards; writes OUT/manifest.json, "
-                    "OUT/{train,valid}-*.arrow, the tokenizer and the record OUT/stage.json.")
+                    "OUT/{train,valid}-*.arrow, the tokenizer and the record OUT/stage.json. "
+                    "--set shard.engine=ray runs it as a Ray Data pipeline: the same token ids "
+                    "and split, shards cut per block.")
     p.add_argument("documents", help="documents.parquet, or the clean stage's folder")
     p.add_argument("tokenizer", help="tokenizer.json, or the train-tokenizer stage's folder")
     p.add_argument("--out", required=True, help="output folder")

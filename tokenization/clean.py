@@ -333,11 +333,13 @@ def clean_corpus(cfg: CleanConfig, out_dir: str | Path, progress_bar: bool = Tru
 
 
 def iter_documents(documents_parquet: str | Path, columns=("text",), batch_size: int = 1024,
-                   limit: int = 0) -> Iterator[list]:
-    """Batches (lists) of texts from a cleaned ``documents.parquet`` (all columns if several)."""
+                   limit: int = 0, row_groups: range | None = None) -> Iterator[list]:
+    """Batches (lists) of texts from a cleaned ``documents.parquet`` (all columns if several; of
+    the ``row_groups`` only, when given; a path or a URI)."""
     pf = open_documents(documents_parquet)
     seen = 0
-    for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
+    groups = None if row_groups is None else list(row_groups)
+    for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns), row_groups=groups):
         cols = [batch.column(i).to_pylist() for i in range(len(columns))]
         if limit:
             cols = [c[: limit - seen] for c in cols]
@@ -348,13 +350,18 @@ def iter_documents(documents_parquet: str | Path, columns=("text",), batch_size:
 
 
 def open_documents(documents_parquet: str | Path) -> pq.ParquetFile:
-    """Open the clean stage's documents.parquet; a DataError unless it is readable, has a ``text``
-    column and holds at least one document."""
-    path = Path(documents_parquet)
-    if not path.exists():
+    """Open the clean stage's documents.parquet (a path or a URI); a DataError unless it is
+    readable, has a ``text`` column and holds at least one document."""
+    remote = storage.is_remote(documents_parquet)
+    path = documents_parquet if remote else Path(documents_parquet)
+    if not remote and not path.exists():
         raise FileNotFoundError(f"documents file not found: {path}")
     try:
-        pf = pq.ParquetFile(path)
+        if remote:
+            fs, inner = storage.filesystem(path)
+            pf = pq.ParquetFile(fs.open_input_file(inner))
+        else:
+            pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     if "text" not in pf.schema_arrow.names:
