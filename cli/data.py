@@ -5,14 +5,42 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Callable
+
+from common.errors import error_line
 
 from .options import add_config_args, config_from_args
 
 
-def _print_record(record: dict) -> None:
+def _print_record(record: dict, stream=None) -> None:
     """The stage record's headline: identity, output digest, statistics and wall time."""
     keys = ("stage", "identity", "output", "output_digest", "stats", "seconds")
-    print(json.dumps({k: record[k] for k in keys if k in record}, indent=2, sort_keys=True))
+    print(json.dumps({k: record[k] for k in keys if k in record}, indent=2, sort_keys=True), file=stream)
+
+
+def _run_stage(args: argparse.Namespace, cfg, stage: str, engine: str, run: Callable[[bool], dict]) -> dict:
+    """Run a data stage and print its record. On the Ray engine, what Ray and its workers print
+    goes to ``<workdir>/logs/<stage>-<time>.log`` (``cli/console.py``), the terminal shows the
+    stage's line."""
+    if engine != "ray":
+        record = run(not args.no_progress)
+        _print_record(record)
+        return record
+    from common import storage
+
+    from .console import Console, log_path_for
+
+    console = Console(log_path_for(storage.local_home(cfg.workdir), stage), title=f"gptbert {stage} (Ray): {args.out}")
+    with console:
+        console.event("stage_started", {"stage": stage})
+        try:
+            record = run(False)
+        except BaseException as exc:
+            console.event("stage_failed", {"stage": stage, "error": error_line(exc)})
+            raise
+        console.event("stage_finished", {"stage": stage, "cached": False, "path": str(args.out)})
+    _print_record(record, console.out)
+    return record
 
 
 def _clean(args: argparse.Namespace) -> int:
@@ -22,9 +50,13 @@ def _clean(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.inputs:
         cfg = replace(cfg, clean=replace(cfg.clean, inputs=list(args.inputs)))
-    record = run_clean(cfg, args.out, progress=not args.no_progress)
-    record["stats"] = {"totals": record["stats"]["totals"]}  # the per-file listing stays in stage.json
-    _print_record(record)
+
+    def run(progress: bool) -> dict:
+        record = run_clean(cfg, args.out, progress=progress)
+        record["stats"] = {"totals": record["stats"]["totals"]}  # the per-file listing stays in stage.json
+        return record
+
+    _run_stage(args, cfg, "clean", cfg.clean.engine, run)
     return 0
 
 
@@ -61,7 +93,8 @@ def _shard(args: argparse.Namespace) -> int:
     from gptbert.distributed.data_stages import run_shard
 
     cfg = config_from_args(args)
-    _print_record(run_shard(cfg, args.documents, args.tokenizer, args.out, progress=not args.no_progress))
+    _run_stage(args, cfg, "shard", cfg.shard.engine,
+               lambda progress: run_shard(cfg, args.documents, args.tokenizer, args.out, progress=progress))
     return 0
 
 

@@ -71,6 +71,7 @@ from .parallel import ray_session
 STATS = "stats"  # the trailer row's column: the part's counters as JSON (null on document rows)
 PART_SCHEMA = cleaning.CHUNK_SCHEMA.append(pa.field(STATS, pa.string()))
 TRAILER = (1 << cleaning.ORDER_BITS) - 1  # the trailer's position inside its part: after every document
+RETRY_ADVICE = "\nFailed to "  # where Ray Data's note on retries starts in a task's error message
 SHUFFLE_ENV = "RAY_DATA_DEFAULT_SHUFFLE_STRATEGY"  # set, it chooses the dedup shuffle instead of us
 
 
@@ -99,12 +100,16 @@ def ray_data(cfg: PipelineConfig, progress: bool = False) -> Iterator[None]:
 
 
 def task_error(error: BaseException) -> BaseException:
-    """The exception a Ray task raised, out of Ray's wrappers (a ``DataError`` keeps its type and
-    its one-line message); other errors pass unchanged."""
+    """The exception a Ray task raised, out of Ray's wrappers, with the retry advice Ray Data
+    appends to its message taken off again (a ``DataError`` keeps its type and its one-line
+    message); other errors pass unchanged."""
     import ray.exceptions
 
+    wrapped = False
     while isinstance(error, ray.exceptions.RayTaskError) and getattr(error, "cause", None) not in (None, error):
-        error = error.cause
+        error, wrapped = error.cause, True
+    if wrapped and error.args and isinstance(error.args[0], str) and RETRY_ADVICE in error.args[0]:
+        error.args = (error.args[0].split(RETRY_ADVICE, 1)[0],) + error.args[1:]
     return error
 
 
