@@ -333,20 +333,23 @@ def clean_corpus(cfg: CleanConfig, out_dir: str | Path, progress_bar: bool = Tru
 
 
 def iter_documents(documents_parquet: str | Path, columns=("text",), batch_size: int = 1024,
-                   limit: int = 0, row_groups: range | None = None) -> Iterator[list]:
+                   limit: int = 0, row_groups: range | None = None, split_row_groups: bool = False) -> Iterator[list]:
     """Batches (lists) of texts from a cleaned ``documents.parquet`` (all columns if several; of
-    the ``row_groups`` only, when given; a path or a URI)."""
+    the ``row_groups`` only, when given; a path or a URI). With ``split_row_groups`` a batch never
+    spans two row groups (a row group holds at most ~2 MiB of text, so batches of long documents
+    stay small too)."""
     pf = open_documents(documents_parquet)
     seen = 0
-    groups = None if row_groups is None else list(row_groups)
-    for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns), row_groups=groups):
-        cols = [batch.column(i).to_pylist() for i in range(len(columns))]
-        if limit:
-            cols = [c[: limit - seen] for c in cols]
-        seen += len(cols[0])
-        yield cols[0] if len(columns) == 1 else cols
-        if limit and seen >= limit:
-            return
+    groups = list(range(pf.metadata.num_row_groups) if row_groups is None else row_groups)
+    for part in ([[g] for g in groups] if split_row_groups else [groups]):
+        for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns), row_groups=part):
+            cols = [batch.column(i).to_pylist() for i in range(len(columns))]
+            if limit:
+                cols = [c[: limit - seen] for c in cols]
+            seen += len(cols[0])
+            yield cols[0] if len(columns) == 1 else cols
+            if limit and seen >= limit:
+                return
 
 
 def open_documents(documents_parquet: str | Path) -> pq.ParquetFile:

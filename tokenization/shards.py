@@ -298,7 +298,9 @@ def write_shards(documents_parquet: str | Path, tokenizer_json: str | Path, cfg:
                    for s in SPLITS}
         bar = progress(total=plan.num_docs, enabled=progress_bar, unit="doc", desc="shard")
         index = 0
-        batches = iter_documents(plan.documents, batch_size=cfg.batch_documents)
+        # Batches within row groups: several batches even of long documents, so that two encoding
+        # calls are in flight and the tokenizers pool does not wait for either thread.
+        batches = iter_documents(plan.documents, batch_size=cfg.batch_documents, split_row_groups=True)
         for texts, (flat, lengths, words) in background_map(encode, batches, workers=2):
             route(writers, is_valid[index: index + len(texts)], flat, lengths, words)
             index += len(texts)

@@ -330,7 +330,8 @@ def encode_block(batch: dict[str, np.ndarray], location: str, batch_documents: i
                    for s in sharding.SPLITS}
         offset = 0
         chosen = np.frombuffer(valid, dtype="<i8")
-        for texts in cleaning.iter_documents(location, batch_size=batch_documents, row_groups=range(start, end)):
+        for texts in cleaning.iter_documents(location, batch_size=batch_documents, row_groups=range(start, end),
+                                             split_row_groups=True):
             is_valid = np.zeros(len(texts), dtype=bool)
             is_valid[chosen[(chosen >= offset) & (chosen < offset + len(texts))] - offset] = True
             sharding.route(writers, is_valid, *sharding.encode_documents(tok, texts, token_type))
