@@ -41,19 +41,14 @@ from .storage import atomic_write_bytes
 RECORD_FILE = "stage.json"
 # The pipeline's stages, in order (each stage's record names one of them).
 STAGES = ("clean", "tokenizer", "shard", "pretrain", "export", "evaluate")
-_BLOCK = 1 << 20
 STAGING_PREFIX = ".staging-"  # inside a remote stage folder: files workers wrote before it is published
 
 
 # ----------------------------------------------------------------------------- digests
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_BLOCK):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a file's bytes (read in 1 MiB blocks; a URI is read as a stream)."""
+    return storage.sha256(path)
 
 
 def tree_digest(path: str | Path, exclude: tuple[str, ...] = (RECORD_FILE,)) -> str:

@@ -145,6 +145,11 @@ def is_dir(location: str | Path) -> bool:
     return _info(location)[2].type == pafs.FileType.Directory
 
 
+def size(location: str | Path) -> int:
+    """The size in bytes of the file at ``location``."""
+    return _info(location)[2].size
+
+
 def list_files(location: str | Path) -> dict[str, int]:
     """``{relative name: size}`` of every file under the folder ``location`` (empty if none)."""
     import pyarrow.fs as pafs
@@ -198,6 +203,29 @@ def read_ranged(location: str | Path, size: int | None = None, workers: int = 4)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             list(pool.map(get, starts))
         return bytes(out)
+
+
+_digests: dict[tuple[str, int, str], str] = {}  # (location, size, mtime) -> sha256, for this process
+
+
+def sha256(location: str | Path) -> str:
+    """sha256 of a file's bytes at a path or URI, read as a stream (a remote file is never stored
+    on this machine; its digest is remembered for the process while its size and modification
+    time stay the same)."""
+    h = hashlib.sha256()
+    if not is_remote(location):
+        with open(location, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+    fs, path, info = _info(location)
+    key = (normalize(location), info.size, str(info.mtime))
+    if key not in _digests:
+        with _open_input(location) as (_, _, f):
+            while chunk := f.read(_RANGE):
+                h.update(chunk)
+        _digests[key] = h.hexdigest()
+    return _digests[key]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -505,4 +533,4 @@ def _parent(location: str | Path) -> str:
 __all__ = ["LocalCache", "PENDING_FILE", "SCHEMES", "StorageError", "atomic_write_bytes", "cache_root", "delete", "download_tree",
            "exists", "filesystem", "is_dir", "is_file", "is_remote", "join", "list_files",
            "local_input", "local_home", "move", "name_of", "normalize", "owned_by", "publish", "read_bytes", "read_json",
-           "read_ranged", "scheme_of", "upload_file", "write_bytes"]
+           "read_ranged", "scheme_of", "sha256", "size", "upload_file", "write_bytes"]

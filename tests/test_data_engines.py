@@ -48,6 +48,36 @@ def test_engine_fields_stay_out_of_stage_identities_and_are_checked():
         load_config("tiny", overrides=["shard.ray_workers=-1"])
 
 
+def _upload(folder: Path, uri: str) -> str:
+    from common import storage
+
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            storage.upload_file(p, storage.join(uri, p.relative_to(folder).as_posix()))
+    return uri
+
+
+def test_remote_inputs_are_listed_and_hashed_where_they_lie(s3, tmp_path):
+    """Without copies (the Ray engine) a bucket's inputs give the listing, order and digest of their
+    local copies, and nothing is copied to this machine."""
+    from common import storage
+    from tokenization.clean import inputs_digest, list_input_files
+
+    corpus = _corpus(tmp_path / "in")
+    (corpus / "a-b").mkdir()
+    (corpus / "a-b" / "x.txt").write_text("under a-b\n")
+    (corpus / "a").mkdir()
+    (corpus / "a" / "y.txt").write_text("under a\n")  # a/y sorts before a-b/x by parts, after it as a string
+    (corpus / ".hidden.txt").write_text("not an input\n")
+    uri = _upload(corpus, s3.bucket("listing") + "/corpus")
+    before = set(storage.cache_root().rglob("*")) if storage.cache_root().exists() else set()
+    remote = list_input_files([uri], copies=False)
+    assert [f.location for f in remote][:2] == [f"{uri}/a/y.txt", f"{uri}/a-b/x.txt"]
+    assert inputs_digest(remote) == inputs_digest(list_input_files([str(corpus)]))
+    assert (set(storage.cache_root().rglob("*")) if storage.cache_root().exists() else set()) == before
+    assert inputs_digest(list_input_files([uri])) == inputs_digest(remote)  # the local engine's copies
+
+
 def _corpus(root: Path) -> Path:
     """Several files of every format, documents repeated within and across files, blank lines, and
     a long single line (split into many documents, and cut into many parts)."""
@@ -97,7 +127,7 @@ def _streams(folder: Path) -> dict[str, tuple[list[list[int]], list[int]]]:
 
 
 @pytest.mark.slow
-def test_both_engines_give_the_same_documents_split_and_token_ids(local_ray, tmp_path):
+def test_both_engines_give_the_same_documents_split_and_token_ids(local_ray, tmp_path, request):
     from gptbert.distributed.data_stages import run_clean, run_shard
     from tokenization.tokenizer import train_tokenizer
 
@@ -116,6 +146,14 @@ def test_both_engines_give_the_same_documents_split_and_token_ids(local_ray, tmp
     assert totals["dropped_duplicates"] >= 40 + 50 + 200 + 4 + 10  # within and across files
     assert texts.index("Sentence 0: the dog saw 0 cats.") == 0  # the first occurrence kept: a.txt's
     assert sum(t.startswith("A long line") for t in texts) > 100  # the long line, split
+    try:  # the same inputs in a bucket: the workers read them there
+        uri = _upload(corpus, request.getfixturevalue("s3").bucket("engine-inputs") + "/in")
+    except pytest.skip.Exception:
+        uri = None
+    if uri is not None:
+        run_clean(load_config("tiny", overrides=OVERRIDES + RAY + [f"clean.inputs=['{uri}']"]), tmp_path / "clean-s3")
+        for name in ("documents.parquet", "stage.json"):
+            assert (tmp_path / "clean-s3" / name).read_bytes() == (tmp_path / "clean-local" / name).read_bytes()
 
     train_tokenizer(tmp_path / "clean-local", local.tokenizer, tmp_path / "tok", progress_bar=False)
     c = run_shard(local, tmp_path / "clean-local", tmp_path / "tok", tmp_path / "shard-local")
@@ -187,10 +225,14 @@ def test_a_worker_killed_while_encoding_is_retried_and_the_shards_are_the_same(l
                 except OSError:
                     continue
                 if entry.name.isdigit() and b"MapBatches(encode_block)" in title:
-                    time.sleep(0.05)  # mid-block
-                    os.kill(int(entry.name), signal.SIGKILL)
-                    killed.append(int(entry.name))
-                    return
+                    time.sleep(0.05)
+                    try:  # still encoding its block: kill it mid-block
+                        if b"MapBatches(encode_block)" in (entry / "cmdline").read_bytes():
+                            os.kill(int(entry.name), signal.SIGKILL)
+                            killed.append(int(entry.name))
+                            return
+                    except OSError:
+                        continue
             time.sleep(0.01)
 
     watcher = threading.Thread(target=kill_an_encoding_worker, daemon=True)

@@ -40,8 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common import storage
-from common.artifacts import (DataError, check_outside_inputs, file_digest, make_record, staging_dir,
-                              write_record)
+from common.artifacts import DataError, check_outside_inputs, make_record, staging_dir, write_record
 from common.config.data import CleanConfig
 
 from . import formats
@@ -61,18 +60,14 @@ CHUNK_DOCUMENTS, CHUNK_CHARS = 4096, 1 << 20  # a chunk is handed on at about th
 
 @dataclass
 class InputFile:
-    """One input file of the clean stage: a local path (a cached copy of a remote one), where it
-    lies (``location``: the path, or the URI it was copied from), its name under its input,
-    source and format."""
+    """One input file of the clean stage: where it is read (a local path, a local copy of a
+    remote file, or a URI), its name under its input, source, format and size."""
 
-    path: Path
+    location: str
     name: str  # path relative to the input it was found under
     source: str
     kind: str  # a registered format: "text", "jsonl", "parquet", ...
-    location: str = ""
-
-    def __post_init__(self) -> None:
-        self.location = self.location or str(self.path)
+    size: int
 
 
 def source_name(path: Path) -> str:
@@ -80,47 +75,62 @@ def source_name(path: Path) -> str:
     return path.name.split(".")[0] or path.name
 
 
-def list_input_files(inputs: list[str]) -> list[InputFile]:
-    """Expand files and folders (recursively, sorted) into the ordered list of input files. An input
-    on an object store (a URI) is read from its copy in the local cache (``storage.local_input``);
-    ``location`` keeps its URI, from which workers of other machines read it."""
+def _input_file(location: str, name: str, size: int) -> InputFile:
+    return InputFile(location, name, source_name(Path(name)), formats.format_for(Path(name)).name, size)
+
+
+def _wanted(name: str) -> bool:
+    """Whether a folder's file (by its relative name) is an input: no hidden part, a known suffix."""
+    return not any(part.startswith(".") for part in name.split("/")) and name.lower().endswith(formats.suffixes())
+
+
+def list_input_files(inputs: list[str], copies: bool = True) -> list[InputFile]:
+    """Expand files and folders (recursively, in the order of their relative names' parts) into the
+    ordered list of input files. An input on an object store (a URI) is read from its copy in the
+    local cache (``storage.local_input``), or with ``copies`` False where it lies (the Ray engine:
+    no input passes through this machine's disk); both list the same files."""
     if not inputs:
         raise DataError("clean: no inputs given (set clean.inputs or pass paths)")
     files: list[InputFile] = []
     for entry in inputs:
-        remote = storage.is_remote(entry)
-        root = storage.local_input(entry) if remote else Path(entry)
+        if storage.is_remote(entry) and not copies:
+            root = storage.normalize(entry)
+            if storage.is_file(root):
+                files.append(_input_file(root, storage.name_of(root), storage.size(root)))
+                continue
+            if not storage.exists(root):
+                raise FileNotFoundError(f"input not found: {root}")
+            found = sorted(((n, size) for n, size in storage.list_files(root).items() if _wanted(n)),
+                           key=lambda item: item[0].split("/"))
+            if not found:
+                raise DataError(f"{root}: folder holds no input files (looked for {', '.join(formats.suffixes())})")
+            files += [_input_file(storage.join(root, n), n, size) for n, size in found]
+            continue
+        root = storage.local_input(entry) if storage.is_remote(entry) else Path(entry)
         if not root.exists():
             raise FileNotFoundError(f"input not found: {root}")
         if root.is_file():
-            location = storage.normalize(entry) if remote else str(root)
-            files.append(InputFile(root, root.name, source_name(root), formats.format_for(root).name, location))
+            files.append(_input_file(str(root), root.name, root.stat().st_size))
             continue
-        found = sorted(
-            p for p in root.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            and p.name.lower().endswith(formats.suffixes())
-        )
+        found = sorted(p for p in root.rglob("*") if p.is_file() and _wanted(p.relative_to(root).as_posix()))
         if not found:
             raise DataError(f"{root}: folder holds no input files (looked for {', '.join(formats.suffixes())})")
-        for p in found:
-            name = p.relative_to(root).as_posix()
-            location = storage.join(storage.normalize(entry), name) if remote else str(p)
-            files.append(InputFile(p, name, source_name(p), formats.format_for(p).name, location))
+        files += [_input_file(str(p), p.relative_to(root).as_posix(), p.stat().st_size) for p in found]
     return files
 
 
 def inputs_digest(files: list[InputFile]) -> tuple[str, list[dict[str, Any]]]:
     """Content digest of the inputs (names relative to their input folder, sizes, sha256)."""
-    listing = [{"name": f.name, "source": f.source, "bytes": f.path.stat().st_size,
-                "sha256": file_digest(f.path)} for f in files]
+    listing = [{"name": f.name, "source": f.source, "bytes": f.size, "sha256": storage.sha256(f.location)}
+               for f in files]
     blob = json.dumps(listing, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest(), listing
 
 
 def clean_inputs(cfg: CleanConfig) -> dict[str, str]:
-    """The inputs part of the clean stage's identity (the input files' content digest)."""
-    digest, _ = inputs_digest(list_input_files(cfg.inputs))
+    """The inputs part of the clean stage's identity (the input files' content digest; remote
+    inputs are hashed where they lie when the stage runs on Ray)."""
+    digest, _ = inputs_digest(list_input_files(cfg.inputs, copies=cfg.engine == "local"))
     return {"inputs": digest}
 
 
@@ -133,7 +143,7 @@ def plan_parts(files: list[InputFile], block_bytes: int) -> list[tuple[int, form
     """``(file index, part)`` in reading order: each file cut by its format into parts of about
     ``block_bytes`` (0: whole files)."""
     return [(i, part) for i, f in enumerate(files)
-            for part in formats.FORMATS[f.kind].split(f.path, block_bytes)]
+            for part in formats.FORMATS[f.kind].split(f.location, f.size, block_bytes)]
 
 
 class PartCleaner:

@@ -229,11 +229,11 @@ def split_summary(shards: list[dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass
 class ShardInputs:
-    """What both engines of the shard stage start from: the documents and tokenizer (local paths;
-    cached copies of remote ones), the loaded tokenizer, the identity's inputs and the shards'
-    dtype and metadata."""
+    """What both engines of the shard stage start from: the documents (a local path, or the URI
+    of a remote file that is not copied) and the tokenizer (local), the loaded tokenizer, the
+    identity's inputs and the shards' dtype and metadata."""
 
-    documents: Path
+    documents: str | Path
     tokenizer_path: Path
     tokenizer: Tokenizer
     num_docs: int
@@ -243,11 +243,20 @@ class ShardInputs:
     metadata: dict[str, Any]
 
 
-def shard_plan(documents_parquet: str | Path, tokenizer_json: str | Path, out_dir: str | Path) -> ShardInputs:
-    """Check and open the shard stage's inputs (before any output is written)."""
+def shard_plan(documents_parquet: str | Path, tokenizer_json: str | Path, out_dir: str | Path,
+               copies: bool = True) -> ShardInputs:
+    """Check and open the shard stage's inputs (before any output is written). Inputs on an object
+    store are read from their copies in the local cache; with ``copies`` False the documents are
+    left where they lie (hashed as a stream; the Ray engine's workers read them there)."""
     check_outside_inputs(out_dir, [documents_parquet, tokenizer_json])
-    # Inputs on an object store are read from their copies in the local cache.
-    docs_path = resolve_file(storage.local_input(documents_parquet), DOCUMENTS_FILE, "documents file")
+    if storage.is_remote(documents_parquet) and not copies:
+        docs_path: str | Path = storage.normalize(documents_parquet)
+        if not str(docs_path).endswith(".parquet"):
+            docs_path = storage.join(docs_path, DOCUMENTS_FILE)
+        if not storage.is_file(docs_path):
+            raise FileNotFoundError(f"documents file not found: {docs_path}")
+    else:
+        docs_path = resolve_file(storage.local_input(documents_parquet), DOCUMENTS_FILE, "documents file")
     tok_path = resolve_file(storage.local_input(tokenizer_json), TOKENIZER_FILE, "tokenizer")
     tok = load_tokenizer(tok_path)
     num_docs = open_documents(docs_path).metadata.num_rows

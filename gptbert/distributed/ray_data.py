@@ -125,6 +125,10 @@ def check_reachable(locations: dict[str, str], field: str) -> None:
                                      f"themselves, but {location} is a local path; give a URI (s3://, gs://, ...)")
 
 
+def _rows(batch: dict[str, np.ndarray], *keys: str) -> Iterator[tuple]:
+    return zip(*(batch[k].tolist() for k in keys))
+
+
 def _compute(workers: int):
     import ray.data
 
@@ -149,11 +153,10 @@ def clean_ray(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = Fals
     t0 = time.perf_counter()
     cc = cfg.clean
     check_outside_inputs(out_dir, cc.inputs)
-    files = cleaning.list_input_files(cc.inputs)
+    files = cleaning.list_input_files(cc.inputs, copies=False)  # workers read the inputs where they lie
     in_digest, listing = cleaning.inputs_digest(files)
-    tasks = [{"index": k, "file": i, "start": part.start, "end": part.end, "path": str(files[i].path),
-              "name": files[i].name, "source": files[i].source, "kind": files[i].kind,
-              "location": files[i].location}
+    tasks = [{"index": k, "file": i, "start": part.start, "end": part.end, "location": files[i].location,
+              "name": files[i].name, "source": files[i].source, "kind": files[i].kind, "size": files[i].size}
              for k, (i, part) in enumerate(cleaning.plan_parts(files, cc.ray_block_bytes))]
     with ray_data(cfg, progress), staging_dir(out_dir, cleaning.STAGE) as tmp:
         check_reachable({f"input file {f.name}": f.location for f in files}, "clean.inputs")
@@ -184,10 +187,9 @@ def clean_parts(batch: dict[str, np.ndarray], cfg: dict) -> Iterator[pa.Table]:
     """The task of one part (a row of ``clean_ray``'s plan): its chunks, then its trailer row."""
     clean_cfg = from_dict(CleanConfig, cfg)
     cleaner = cleaning.PartCleaner(clean_cfg)
-    for row in zip(*(batch[k].tolist() for k in ("index", "file", "start", "end", "path", "name", "source",
-                                                  "kind", "location"))):
-        index, i, start, end, path, name, source, kind, location = row
-        f = cleaning.InputFile(Path(path), name, source, kind, location)
+    for index, i, start, end, location, name, source, kind, size in _rows(
+            batch, "index", "file", "start", "end", "location", "name", "source", "kind", "size"):
+        f = cleaning.InputFile(location, name, source, kind, size)
         for chunk in cleaner.run(f, Part(start, end), index):
             yield chunk.append_column(STATS, pa.nulls(chunk.num_rows, pa.string()))
         counters = json.dumps({"file": i, "documents": cleaner.documents, "stats": vars(cleaner.stats)})
@@ -233,7 +235,7 @@ def keep_documents(chunk: pa.Table, repeated) -> pa.Table:
 # ----------------------------------------------------------------------------- shard
 
 
-def document_blocks(documents: Path, block_bytes: int) -> list[tuple[int, int, int, int]]:
+def document_blocks(documents: str | Path, block_bytes: int) -> list[tuple[int, int, int, int]]:
     """``(first position, first row group, end row group, documents)`` of consecutive row groups of
     about ``block_bytes`` each of ``documents.parquet``."""
     meta = cleaning.open_documents(documents).metadata
@@ -255,13 +257,8 @@ def shard_ray(cfg: PipelineConfig, documents: str | Path, tokenizer: str | Path,
 
     t0 = time.perf_counter()
     sc = cfg.shard
-    plan = sharding.shard_plan(documents, tokenizer, out_dir)
-    # Workers read the documents where they lie: a remote file itself, else the local path.
-    location = str(plan.documents)
-    if storage.is_remote(documents):
-        location = storage.normalize(documents)
-        if not location.endswith(".parquet"):
-            location = storage.join(location, cleaning.DOCUMENTS_FILE)
+    plan = sharding.shard_plan(documents, tokenizer, out_dir, copies=False)
+    location = str(plan.documents)  # workers read the documents where they lie
     blocks = document_blocks(plan.documents, sc.ray_block_bytes)
     items = [{"block": b, "position": first, "start": start, "end": end}
              for b, (first, start, end, _) in enumerate(blocks)]
@@ -297,10 +294,6 @@ def shard_ray(cfg: PipelineConfig, documents: str | Path, tokenizer: str | Path,
                 shards[row["split"]].append({k: row[k] for k in ("file", "documents", "tokens", "words", "sha256")})
             record = sharding.finish_shards(plan, sc, tmp, shards)
     return dict(record, seconds=time.perf_counter() - t0)
-
-
-def _rows(batch: dict[str, np.ndarray], *keys: str) -> Iterator[tuple]:
-    return zip(*(batch[k].tolist() for k in keys))
 
 
 def split_candidates(batch: dict[str, np.ndarray], location: str, batch_documents: int, seed: int,

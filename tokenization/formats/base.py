@@ -74,7 +74,7 @@ class Part:
 WHOLE = Part()
 
 
-def whole_file(path: Path, block_bytes: int) -> list[Part]:
+def whole_file(location: str, size: int, block_bytes: int) -> list[Part]:
     """The split of a format that cannot be read in parts: the whole file."""
     return [WHOLE]
 
@@ -83,13 +83,13 @@ def whole_file(path: Path, block_bytes: int) -> list[Part]:
 class InputFormat:
     """A registered input format: its name, the file name endings it claims, its reader
     ``read(location, cfg, sink, part)`` (a function, or a generator that yields between blocks),
-    how it cuts a file into parts of about ``block_bytes`` (``split(local path, block_bytes)``), and
-    what an input without documents lacks (for the error)."""
+    how it cuts a file into parts of about ``block_bytes`` (``split(location, size, block_bytes)``),
+    and what an input without documents lacks (for the error)."""
 
     name: str
     suffixes: tuple[str, ...]
     read: Callable[..., Iterator[None] | None]
-    split: Callable[[Path, int], list[Part]] = whole_file
+    split: Callable[[str, int, int], list[Part]] = whole_file
     empty: str = "no documents"
 
 
@@ -126,11 +126,10 @@ def open_binary(location: str | Path):
     return f
 
 
-def line_parts(path: Path, block_bytes: int) -> list[Part]:
+def line_parts(location: str, size: int, block_bytes: int) -> list[Part]:
     """Byte ranges of about ``block_bytes`` of an uncompressed line-based file (one part when it is
     gzipped or small, or when ``block_bytes`` is 0)."""
-    size = path.stat().st_size
-    if block_bytes <= 0 or size <= block_bytes or is_gzip(path):
+    if block_bytes <= 0 or size <= block_bytes or is_gzip(location):
         return [WHOLE]
     starts = list(range(0, size, block_bytes))
     return [Part(s, e) for s, e in zip(starts, starts[1:] + [-1])]

@@ -25,9 +25,9 @@ def _open(location: str | Path) -> pq.ParquetFile:
         raise DataError(f"{location}: not a readable Parquet file ({exc})") from None
 
 
-def split(path: Path, block_bytes: int) -> list[Part]:
+def split(location: str, size: int, block_bytes: int) -> list[Part]:
     """Consecutive row groups of about ``block_bytes`` (uncompressed) each."""
-    meta = _open(path).metadata
+    meta = _open(location).metadata
     if block_bytes <= 0 or meta.num_row_groups <= 1:
         return [WHOLE]
     parts, start, size = [], 0, 0
