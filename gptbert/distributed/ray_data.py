@@ -282,16 +282,22 @@ def shard_ray(cfg: PipelineConfig, documents: str | Path, tokenizer: str | Path,
             # As bytes: one column type for every block, however many validation documents it has.
             item["valid"] = (valid[(valid >= first) & (valid < first + rows)] - first).astype("<i8").tobytes()
         with staging_dir(out_dir, sharding.STAGE) as tmp:
+            target = shared_staging(out_dir, tmp)
             written = _collect(tasks(items).map_batches(
                 encode_block, batch_size=1, batch_format="numpy", compute=_compute(sc.ray_workers), num_cpus=1,
                 # One tokenizers thread per task of one CPU (shard.num_threads overrides).
                 runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(sc.num_threads or 1)}},
                 fn_kwargs=dict(common, tokenizer=plan.tokenizer_path.read_text(encoding="utf-8"),
-                               target=shared_staging(out_dir, tmp), dtype=plan.dtype.name,
+                               target=target, dtype=plan.dtype.name,
                                shard_tokens=sc.shard_tokens, metadata=plan.metadata)))
             shards: dict[str, list[dict[str, Any]]] = {s: [] for s in sharding.SPLITS}
             for row in sorted(written.to_pylist(), key=lambda r: (r["block"], r["number"])):
                 shards[row["split"]].append({k: row[k] for k in ("file", "documents", "tokens", "words", "sha256")})
+            # What a killed attempt left (a temporary file of an unfinished write) is not published.
+            listed = {e["file"] for entries in shards.values() for e in entries}
+            for name in storage.list_files(target):
+                if name not in listed:
+                    storage.delete(storage.join(target, name))
             record = sharding.finish_shards(plan, sc, tmp, shards)
     return dict(record, seconds=time.perf_counter() - t0)
 
