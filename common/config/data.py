@@ -8,7 +8,7 @@ from typing import Literal
 
 from .base import ConfigBase, check, check_location
 
-ENGINES = ("local", "ray")
+ENGINES = ("local", "ray")  # where the clean and shard stages run (gptbert.distributed.data_stages)
 
 
 def check_engine(engine: str, ray_workers: int, ray_block_bytes: int) -> None:

@@ -94,7 +94,10 @@ def ray_data(cfg: PipelineConfig, progress: bool = False) -> Iterator[None]:
         try:
             yield
         except Exception as exc:  # noqa: BLE001  (re-raised: the task's own exception, unwrapped)
-            raise task_error(exc) from None
+            unwrapped = task_error(exc)
+            if unwrapped is exc:
+                raise
+            raise unwrapped from None
         finally:
             ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.shuffle_strategy = saved
 
