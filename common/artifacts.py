@@ -41,18 +41,14 @@ from .storage import atomic_write_bytes
 RECORD_FILE = "stage.json"
 # The pipeline's stages, in order (each stage's record names one of them).
 STAGES = ("clean", "tokenizer", "shard", "pretrain", "export", "evaluate")
-_BLOCK = 1 << 20
+STAGING_PREFIX = ".staging-"  # inside a remote stage folder: files workers wrote before it is published
 
 
 # ----------------------------------------------------------------------------- digests
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_BLOCK):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a file's bytes (read in 1 MiB blocks; a URI is read as a stream)."""
+    return storage.sha256(path)
 
 
 def tree_digest(path: str | Path, exclude: tuple[str, ...] = (RECORD_FILE,)) -> str:
@@ -263,6 +259,16 @@ def remove_stale_siblings(dest: str | Path) -> list[Path]:
     return removed
 
 
+def shared_staging(out_dir: str | Path, tmp: Path) -> str:
+    """Where workers on other machines write files of the stage folder staged in ``tmp`` (by
+    ``staging_dir``): ``tmp`` itself for a local ``out_dir``; for a remote one a hidden prefix
+    inside it, whose files ``staging_dir`` moves into place when it publishes and removes when the
+    stage fails."""
+    if not storage.is_remote(out_dir):
+        return str(tmp)
+    return storage.join(storage.normalize(out_dir), STAGING_PREFIX + tmp.name.lstrip("."))
+
+
 @contextlib.contextmanager
 def staging_dir(out_dir: str | Path, stage: str) -> Iterator[Path]:
     """Yield a fresh hidden folder beside ``out_dir``; when the block succeeds it replaces
@@ -271,7 +277,8 @@ def staging_dir(out_dir: str | Path, stage: str) -> Iterator[Path]:
     next run of the stage removes.
 
     A remote ``out_dir`` (a URI): the block writes into a local folder, which is then published
-    (``storage.publish``: every object first, the record last) and removed."""
+    (``storage.publish``: every object first, the record last) and removed; files that workers
+    wrote to ``shared_staging(out_dir, tmp)`` are moved into the folder with it."""
     remote = storage.is_remote(out_dir)
     if remote:
         check_output_folder(out_dir, stage)
@@ -291,14 +298,19 @@ def staging_dir(out_dir: str | Path, stage: str) -> Iterator[Path]:
         yield tmp
         publishing = True
         if remote:
-            storage.publish(tmp, out_dir, stage, RECORD_FILE)
+            shared = shared_staging(out_dir, tmp)
+            staged = {name: storage.join(shared, name) for name in storage.list_files(shared)}
+            storage.publish(tmp, out_dir, stage, RECORD_FILE, staged=staged)
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             replace_dir(tmp, out)
     except BaseException:
-        if remote and not publishing and not had_marker:  # nothing was uploaded: leave the prefix as it was
+        if remote and not publishing:
             with contextlib.suppress(OSError):
-                storage.delete(marker)
+                storage.delete(shared_staging(out_dir, tmp))  # what workers wrote for this attempt
+            if not had_marker:  # nothing was uploaded: leave the prefix as it was
+                with contextlib.suppress(OSError):
+                    storage.delete(marker)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -337,4 +349,4 @@ def resolve_file(path: str | Path, default_name: str, what: str) -> Path:
 __all__ = ["DataError", "DigestMismatchError", "RECORD_FILE", "STAGES",
            "atomic_write_json", "atomic_write_text", "check_output_folder", "check_outside_inputs", "check_writable", "file_digest", "local_stage_copy",
            "make_record", "read_json", "read_record", "remove_stale_siblings", "replace_dir", "resolve_file",
-           "stage_identity", "staging_dir", "temporary_sibling", "tree_digest", "update_record", "write_record"]
+           "shared_staging", "stage_identity", "staging_dir", "temporary_sibling", "tree_digest", "update_record", "write_record"]

@@ -145,6 +145,11 @@ def is_dir(location: str | Path) -> bool:
     return _info(location)[2].type == pafs.FileType.Directory
 
 
+def size(location: str | Path) -> int:
+    """The size in bytes of the file at ``location``."""
+    return _info(location)[2].size
+
+
 def list_files(location: str | Path) -> dict[str, int]:
     """``{relative name: size}`` of every file under the folder ``location`` (empty if none)."""
     import pyarrow.fs as pafs
@@ -200,6 +205,29 @@ def read_ranged(location: str | Path, size: int | None = None, workers: int = 4)
         return bytes(out)
 
 
+_digests: dict[tuple[str, int, str], str] = {}  # (location, size, mtime) -> sha256, for this process
+
+
+def sha256(location: str | Path) -> str:
+    """sha256 of a file's bytes at a path or URI, read as a stream (a remote file is never stored
+    on this machine; its digest is remembered for the process while its size and modification
+    time stay the same)."""
+    h = hashlib.sha256()
+    if not is_remote(location):
+        with open(location, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+    fs, path, info = _info(location)
+    key = (normalize(location), info.size, str(info.mtime))
+    if key not in _digests:
+        with _open_input(location) as (_, _, f):
+            while chunk := f.read(_RANGE):
+                h.update(chunk)
+        _digests[key] = h.hexdigest()
+    return _digests[key]
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a hidden temporary file beside ``path``, flush it, then rename it into place."""
     path = Path(path)
@@ -239,6 +267,19 @@ def delete(location: str | Path) -> None:
         fs.delete_file(path)
     elif info.type == pafs.FileType.Directory:
         fs.delete_dir(path)
+
+
+def move(source: str | Path, location: str | Path) -> None:
+    """Move a file within one store (a rename locally; a server-side copy and a delete on object
+    stores: no bytes pass through this machine)."""
+    fs, src = filesystem(source)
+    _, dest = filesystem(location)
+    if not is_remote(location):
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fs.move(src, dest)
+    except OSError as exc:
+        raise StorageError(f"{source} -> {location}: cannot move ({_short(exc)})") from None
 
 
 def upload_file(local: str | Path, location: str | Path) -> None:
@@ -295,15 +336,17 @@ def owned_by(location: str | Path, stage: str, record_file: str) -> bool | None:
 
 
 def publish(local: str | Path, location: str | Path, stage: str, record_file: str,
-            keep: tuple[str, ...] = ()) -> None:
+            keep: tuple[str, ...] = (), staged: dict[str, str] | None = None) -> None:
     """Upload the finished local stage folder ``local`` to the remote folder ``location``.
 
     Order: a pending marker naming the stage; the old record removed (from here the folder is
-    incomplete to every reader); objects not in the new folder removed (except under the top-level
-    names ``keep``, written there by others, e.g. Ray's checkpoints); every file but the record;
-    the record; the marker removed. A crash at any point leaves a folder without a valid record,
-    which the stage redoes. Hidden top-level entries of ``local`` (scratch) are not uploaded."""
+    incomplete to every reader); the files ``staged`` (name -> where workers already wrote it in
+    the same store) moved into place; objects not in the new folder removed (except under the
+    top-level names ``keep``, written there by others, e.g. Ray's checkpoints); every file but the
+    record; the record; the marker removed. A crash at any point leaves a folder without a valid
+    record, which the stage redoes. Hidden top-level entries of ``local`` (scratch) are not uploaded."""
     local = Path(local)
+    staged = staged or {}
     names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*")
                    if p.is_file() and not p.relative_to(local).parts[0].startswith("."))
     if record_file not in names:
@@ -312,8 +355,12 @@ def publish(local: str | Path, location: str | Path, stage: str, record_file: st
     existing = list_files(location)
     if record_file in existing:
         delete(join(location, record_file))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda n: move(staged[n], join(location, n)), sorted(staged)))
+    moved = {join(location, n) for n in staged} | set(staged.values())
     for name in existing:
-        if name not in names and name != PENDING_FILE and name.split("/", 1)[0] not in keep:
+        if (name not in names and name not in staged and name != PENDING_FILE
+                and name.split("/", 1)[0] not in keep and join(location, name) not in moved):
             delete(join(location, name))
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda n: upload_file(local / n, join(location, n)),
@@ -485,5 +532,5 @@ def _parent(location: str | Path) -> str:
 
 __all__ = ["LocalCache", "PENDING_FILE", "SCHEMES", "StorageError", "atomic_write_bytes", "cache_root", "delete", "download_tree",
            "exists", "filesystem", "is_dir", "is_file", "is_remote", "join", "list_files",
-           "local_input", "local_home", "name_of", "normalize", "owned_by", "publish", "read_bytes", "read_json",
-           "read_ranged", "scheme_of", "upload_file", "write_bytes"]
+           "local_input", "local_home", "move", "name_of", "normalize", "owned_by", "publish", "read_bytes", "read_json",
+           "read_ranged", "scheme_of", "sha256", "size", "upload_file", "write_bytes"]

@@ -92,11 +92,13 @@ def _output_matches(folder: Path, record: dict[str, Any]) -> bool:
 
 
 def clean(cfg: PipelineConfig) -> Artifact:
-    """The clean stage: ``clean.inputs`` -> documents.parquet, reused when cached."""
-    from tokenization.clean import clean_corpus, clean_inputs
+    """The clean stage: ``clean.inputs`` -> documents.parquet on ``clean.engine``, reused when
+    cached (by any engine: the engine is not part of the identity)."""
+    from gptbert.distributed.data_stages import run_clean
+    from tokenization.clean import clean_inputs
 
     return _cached_or_run(cfg, "clean", clean_inputs(cfg.clean), cfg.clean.identity_dict(),
-                          lambda out: clean_corpus(cfg.clean, out, progress_bar=False))
+                          lambda out: run_clean(cfg, out))
 
 
 def train_tokenizer(cfg: PipelineConfig, corpus: Artifact) -> Artifact:
@@ -109,14 +111,19 @@ def train_tokenizer(cfg: PipelineConfig, corpus: Artifact) -> Artifact:
 
 
 def shard(cfg: PipelineConfig, corpus: Artifact, tokenizer: Artifact) -> Artifact:
-    """The shard stage: encode the cleaned corpus with the tokenizer into Arrow shards, reused when cached."""
+    """The shard stage: encode the cleaned corpus with the tokenizer into Arrow shards on
+    ``shard.engine``, reused when cached. A remote corpus is passed as its URI (Ray workers on
+    other nodes read it there)."""
+    from gptbert.distributed.data_stages import run_shard
     from tokenization.clean import DOCUMENTS_FILE
-    from tokenization.shards import shard_inputs, write_shards
+    from tokenization.shards import shard_inputs
     from tokenization.tokenizer import TOKENIZER_FILE
 
-    return _cached_or_run(cfg, "shard", shard_inputs(corpus.digest, tokenizer.digest), cfg.shard.identity_dict(),
-                          lambda out: write_shards(corpus.file(DOCUMENTS_FILE), tokenizer.file(TOKENIZER_FILE),
-                                                   cfg.shard, out, progress_bar=False))
+    def run(out: str) -> Any:
+        documents = storage.join(corpus.path, DOCUMENTS_FILE) if corpus.remote else corpus.file(DOCUMENTS_FILE)
+        return run_shard(cfg, documents, tokenizer.file(TOKENIZER_FILE), out)
+
+    return _cached_or_run(cfg, "shard", shard_inputs(corpus.digest, tokenizer.digest), cfg.shard.identity_dict(), run)
 
 
 def pretrain(cfg: PipelineConfig, shards: Artifact, tokenizer: Artifact, callback: Callable | None = None) -> Artifact:

@@ -19,6 +19,7 @@ from cli.main import main as cli_main
 from common.config.base import ConfigError
 from common.config.data import CHILDES_SPEAKER_PATTERN, CleanConfig, CleanRule
 from tokenization import clean as clean_mod
+from tokenization import cleaner as cleaner_mod
 from tokenization.formats import base as formats_base
 from tokenization.clean import clean_corpus, count_words
 from common.artifacts import DataError, read_record, stage_identity
@@ -123,7 +124,7 @@ def test_streaming_segments_give_the_same_output(tmp_path, monkeypatch):
                       rules=[CleanRule(pattern=r"Gamma", replacement="")])
     whole = clean_corpus(cfg, tmp_path / "whole", progress_bar=False)
     monkeypatch.setattr(formats_base, "BLOCK", 97)
-    monkeypatch.setattr(clean_mod, "SEGMENT", 61)
+    monkeypatch.setattr(cleaner_mod, "SEGMENT", 61)
     streamed = clean_corpus(cfg, tmp_path / "streamed", progress_bar=False)
     assert _docs(tmp_path / "whole") == _docs(tmp_path / "streamed")
     assert whole["stats"]["totals"] == streamed["stats"]["totals"]
@@ -253,8 +254,8 @@ def test_input_formats_are_a_registry(tmp_path, monkeypatch):
     assert formats.format_for(Path("x.parquet")).name == "parquet"
     assert formats.format_for(Path("notes.md")).name == "text"  # named explicitly: read as text
 
-    def read_tsv(path, cfg, sink):
-        for line in path.read_text().splitlines():
+    def read_tsv(location, cfg, sink, part):
+        for line in Path(location).read_text().splitlines():
             sink.add_bytes(len(line) + 1)
             sink.start()
             sink.feed(line.split("\t")[1])
@@ -266,3 +267,61 @@ def test_input_formats_are_a_registry(tmp_path, monkeypatch):
     record = clean_corpus(CleanConfig(inputs=[str(tmp_path / "in")]), tmp_path / "out", progress_bar=False)
     assert _docs(tmp_path / "out") == [{"text": "first text", "source": "a"}, {"text": "second text", "source": "a"}]
     assert record["stats"]["totals"]["bytes_in"] == len("1\tfirst text\n2\tsecond  text\n")
+
+
+def _clean_in_parts(cfg, block_bytes):
+    """Every input file cleaned part by part (as the Ray engine's tasks do): documents per file,
+    counters summed per file."""
+    from tokenization.clean import PartCleaner, list_input_files, plan_parts
+
+    files = list_input_files(cfg.inputs)
+    parts = plan_parts(files, block_bytes)
+    cleaner, docs, stats = PartCleaner(cfg), {}, {}
+    for index, (i, part) in enumerate(parts):
+        for chunk in cleaner.run(files[i], part, index):
+            docs.setdefault(files[i].name, []).extend(chunk.column("text").to_pylist())
+        for key, value in vars(cleaner.stats).items():
+            stats.setdefault(files[i].name, {}).setdefault(key, 0)
+            stats[files[i].name][key] += value
+    return docs, stats, len(parts)
+
+
+def test_files_read_in_parts_give_the_documents_and_counters_of_whole_files(tmp_path):
+    """Byte ranges cut anywhere (in the middle of lines, of a UTF-8 character, of a long single
+    line, on blank lines and CRLF) and row-group ranges give exactly what one pass over each file
+    gives."""
+    (tmp_path / "in").mkdir()
+    lines = [f"line {i} {'é' * (i % 5)} {'word ' * (i % 17)}" for i in range(400)]
+    body = "\r\n".join(lines[:100]) + "\n\n  \n" + "\n".join(lines[100:]) + "\n"
+    (tmp_path / "in" / "a.txt").write_text(body, encoding="utf-8")
+    (tmp_path / "in" / "long.txt").write_text(_long_text(300).replace("\n", " ") + "\nlast\n")
+    with gzip.open(tmp_path / "in" / "g.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines[:50]))
+    (tmp_path / "in" / "j.jsonl").write_text("".join(json.dumps({"text": t}) + ("\n\n" if i % 9 == 0 else "\n")
+                                                     for i, t in enumerate(lines)))
+    pq.write_table(pa.table({"text": lines[:250]}), tmp_path / "in" / "p.parquet", row_group_size=40)
+    cfg = CleanConfig(inputs=[str(tmp_path / "in")], max_document_chars=500)
+    whole, whole_stats, n = _clean_in_parts(cfg, 0)
+    assert n == 5
+    for block in (1024, 4093):
+        docs, stats, n = _clean_in_parts(cfg, block)
+        assert n > 20
+        assert docs == whole and stats == whole_stats
+    assert whole_stats["a.txt"]["bytes_in"] == len(body.encode()) and whole_stats["a.txt"]["documents_in"] == 400
+
+
+def test_an_error_in_a_later_part_names_its_line_in_the_file(tmp_path):
+    from tokenization.clean import PartCleaner, list_input_files, plan_parts
+
+    rows = [json.dumps({"text": f"record {i}"}) for i in range(300)]
+    rows[250] = '{"text": broken'
+    (tmp_path / "x.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "y.txt").write_bytes(b"ok line\n" * 300 + b"bin\x00ary\n")
+    for name, pattern in (("x.jsonl", r"x\.jsonl: line 251: malformed JSON"), ("y.txt", r"y\.txt: line 301: NUL byte")):
+        files = list_input_files([str(tmp_path / name)])
+        parts = plan_parts(files, 1024)
+        assert len(parts) > 2
+        with pytest.raises(DataError, match=pattern):
+            for index, (i, part) in enumerate(parts):
+                for _ in PartCleaner(CleanConfig()).run(files[i], part, index):
+                    pass

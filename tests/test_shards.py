@@ -152,7 +152,7 @@ def test_tokenizer_and_shard_digest_mismatch_refused(corpus, tmp_path):
 def test_failed_shard_run_leaves_nothing_partial(corpus, tmp_path, monkeypatch):
     root, _, cfg, _ = corpus
     calls = {"n": 0}
-    original = shards_mod._ShardWriter.flush
+    original = shards_mod.ShardWriter.flush
 
     def failing_flush(self):
         calls["n"] += 1
@@ -160,7 +160,7 @@ def test_failed_shard_run_leaves_nothing_partial(corpus, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if the stage were killed after one shard
         original(self)
 
-    monkeypatch.setattr(shards_mod._ShardWriter, "flush", failing_flush)
+    monkeypatch.setattr(shards_mod.ShardWriter, "flush", failing_flush)
     with pytest.raises(KeyboardInterrupt):
         write_shards(root / "documents.parquet", root / "tok", cfg, tmp_path / "out", progress_bar=False)
     assert list(tmp_path.iterdir()) == []
@@ -218,3 +218,42 @@ def test_shards_are_verified_on_open(corpus, tmp_path, case):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=expected):
         ShardReader(out)
+
+
+def test_validation_positions_equal_sorting_every_key():
+    """The split from candidates below a bound is the split from sorting all keys, also when the
+    first bound finds too few (the bound is widened) and with ties."""
+    from tokenization.shards import below, validation_count, validation_positions
+
+    rng = np.random.default_rng(0)
+    for n, fraction, skew in ((1000, 0.01, False), (5000, 0.2, False), (300, 0.1, True), (2, 0.5, False)):
+        keys = rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64, endpoint=True)
+        if skew:  # every key in the top 1/64 of the range: the first bounds find nothing
+            keys = keys | np.uint64(0xFC00_0000_0000_0000)
+            keys[5] = keys[9]  # a tie, broken by position
+        calls = []
+
+        def candidates(bound):
+            calls.append(bound)
+            hit = np.flatnonzero(below(keys, bound))
+            return hit, keys[hit]
+
+        got = validation_positions(n, fraction, candidates)
+        expected = np.sort(np.lexsort((np.arange(n), keys))[:validation_count(n, fraction)])
+        assert np.array_equal(got, expected)
+        assert (len(calls) > 1) == skew
+
+
+def test_background_map_keeps_order_and_raises_with_several_workers():
+    from tokenization.runtime import background_map
+
+    assert list(background_map(lambda x: x * x, range(11), workers=3)) == [(i, i * i) for i in range(11)]
+    assert list(background_map(lambda x: x, [], workers=2)) == []
+
+    def fail_at_4(x):
+        if x == 4:
+            raise ValueError("item 4")
+        return x
+
+    with pytest.raises(ValueError, match="item 4"):
+        list(background_map(fail_at_4, range(9), workers=2))

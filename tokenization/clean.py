@@ -2,17 +2,24 @@
 
 Inputs are files or folders of ``.txt`` / ``.gz`` text (one document per line), ``.jsonl``
 (``.jsonl.gz``; the text under ``cfg.text_field``) and ``.parquet`` (the ``cfg.text_field``
-column). Per document: decode UTF-8 (invalid bytes replaced by U+FFFD and counted, or an error),
-Unicode normalisation (NFKC), control / invisible format characters removed, configurable regex
-rules, whitespace normalised (runs of spaces -> one space, at most one blank line), documents
-longer than ``max_document_chars`` split at sentence boundaries, empty and exact duplicate
-documents dropped (first occurrence kept).
+column). Per document (``tokenization/cleaner.py``): decode UTF-8 (invalid bytes replaced by U+FFFD
+and counted, or an error), Unicode normalisation (NFKC), control / invisible format characters
+removed, configurable regex rules, whitespace normalised, documents longer than
+``max_document_chars`` split at sentence boundaries, empty documents dropped; then exact
+duplicates dropped (first occurrence kept). Duplicates are found on the documents as written,
+i.e. after splitting. Memory stays bounded for arbitrarily long lines (1 MiB read blocks, ~1 MiB
+cleaning segments).
 
-Memory stays bounded for arbitrarily long lines: text is read in 1 MiB blocks and a long document
-is processed in ~1 MiB segments cut just before whitespace, which leaves normalisation and
-whitespace handling unchanged (rules are matched within a segment, so a rule match that spans a
-cut, at most once per MiB, is missed). Duplicates are found on the documents as written, i.e.
-after splitting.
+The stage is three steps that both engines share (``clean.engine``; the Ray one is
+``gptbert.distributed.ray_data``), so their output is the same by construction:
+
+1. ``PartCleaner`` cleans one *part* of one input file (the whole file here; a byte range or a
+   range of row groups on Ray, ``plan_parts``) into chunks: Arrow tables of ``CHUNK_SCHEMA``
+   (global order, text, source, 16-byte key, words, characters).
+2. Deduplication by key, first occurrence in (file, offset) order kept: ``FirstOccurrences`` in
+   one process, or ``keep_first_occurrences`` given the first order of every repeated key.
+3. ``DocumentWriter`` writes the kept documents in order into row groups cut by the same rule, and
+   ``finish_clean`` checks every file gave documents and writes the stage record.
 
 Writes ``documents.parquet`` (columns ``text``, ``source``) and the stage record ``stage.json``
 (identity, input files with their digests, per-source statistics) atomically.
@@ -22,81 +29,45 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common import storage
-from common.artifacts import (DataError, check_outside_inputs, file_digest, make_record, staging_dir,
-                              write_record)
+from common.artifacts import DataError, check_outside_inputs, make_record, staging_dir, write_record
 from common.config.data import CleanConfig
 
 from . import formats
+from .cleaner import DocumentCleaner, Rules, SourceStats, count_words
 from .runtime import progress
 
 STAGE = "clean"
 DOCUMENTS_FILE = "documents.parquet"
 SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string())])
-
-SEGMENT = 1 << 20  # characters of one long document cleaned at a time
-
-# Control characters (C0/C1 minus the whitespace ones), lone surrogates, and invisible format
-# characters that carry no text: soft hyphen, zero-width space, bidi marks/embeddings/isolates,
-# word joiner, BOM, interlinear annotation. Zero-width (non-)joiners stay: emoji and scripts need them.
-_CONTROL = re.compile(
-    "[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u00ad\u200b\u200e\u200f\u202a-\u202e\u2060"
-    "\u2066-\u2069\ufeff\ufff9-\ufffb\ud800-\udfff]+"
-)
-_NEWLINES = re.compile("\r\n?|[\x0b\x0c\x85\u2028\u2029]")
-_SPACES = re.compile(r"[^\S\n]{2,}|[^\S\n ]")  # a run, or one unusual space
-_DOUBLE_SPACES = re.compile(r" {2,}")
-_SPACE_NEWLINE = re.compile(r" ?\n ?")
-_MANY_NEWLINES = re.compile(r"\n{3,}")
-# A sentence end (terminator plus closing quotes/brackets) followed by whitespace, or a newline.
-# The greedy ".*" makes match() find the last one, scanning back from the end of the window.
-_LAST_SENTENCE_END = re.compile(
-    r".*(?:[.!?\u2026\u3002\uff01\uff1f][\"'\u201d\u2019)\]]*(?=\s)|\n)", re.S)
-
-@dataclass
-class SourceStats:
-    """Counters of the clean stage for one source (and, summed, for all), recorded in stage.json."""
-
-    files: int = 0
-    bytes_in: int = 0
-    documents_in: int = 0
-    words_in: int = 0
-    bytes_replaced: int = 0
-    documents_split: int = 0
-    dropped_empty: int = 0
-    dropped_duplicates: int = 0
-    documents_out: int = 0
-    words_out: int = 0
-    chars_out: int = 0
+# A chunk of cleaned documents of one part; ``order`` is (part index << ORDER_BITS) + position.
+CHUNK_SCHEMA = pa.schema([("order", pa.int64()), ("text", pa.string()), ("source", pa.string()),
+                          ("key", pa.binary()), ("words", pa.int32()), ("chars", pa.int32())])
+ORDER_BITS = 40
+ROW_GROUP_CHARS = 2 << 20  # a row group also ends once it holds this many characters
+CHUNK_DOCUMENTS, CHUNK_CHARS = 4096, 1 << 20  # a chunk is handed on at about this size
 
 
 @dataclass
 class InputFile:
-    """One input file of the clean stage: its path, name under its input, source and format."""
+    """One input file of the clean stage: where it is read (a local path, a local copy of a
+    remote file, or a URI), its name under its input, source, format and size."""
 
-    path: Path
+    location: str
     name: str  # path relative to the input it was found under
     source: str
-    kind: str  # "text", "jsonl" or "parquet"
-
-
-def count_words(text: str) -> int:
-    """Whitespace-separated words of whitespace-normalised text (single spaces/newlines, at
-    most one blank line), without building the list that ``len(text.split())`` would."""
-    core = text.strip(" \n")
-    if not core:
-        return 0
-    return core.count(" ") + core.count("\n") - core.count("\n\n") + 1
+    kind: str  # a registered format: "text", "jsonl", "parquet", ...
+    size: int
 
 
 def source_name(path: Path) -> str:
@@ -104,316 +75,306 @@ def source_name(path: Path) -> str:
     return path.name.split(".")[0] or path.name
 
 
-def list_input_files(inputs: list[str]) -> list[InputFile]:
-    """Expand files and folders (recursively, sorted) into the ordered list of input files. An input
-    on an object store (a URI) is read from its copy in the local cache (``storage.local_input``)."""
+def _input_file(location: str, name: str, size: int) -> InputFile:
+    return InputFile(location, name, source_name(Path(name)), formats.format_for(Path(name)).name, size)
+
+
+def _wanted(name: str) -> bool:
+    """Whether a folder's file (by its relative name) is an input: no hidden part, a known suffix."""
+    return not any(part.startswith(".") for part in name.split("/")) and name.lower().endswith(formats.suffixes())
+
+
+def list_input_files(inputs: list[str], copies: bool = True) -> list[InputFile]:
+    """Expand files and folders (recursively, in the order of their relative names' parts) into the
+    ordered list of input files. An input on an object store (a URI) is read from its copy in the
+    local cache (``storage.local_input``), or with ``copies`` False where it lies (the Ray engine:
+    no input passes through this machine's disk); both list the same files."""
     if not inputs:
         raise DataError("clean: no inputs given (set clean.inputs or pass paths)")
     files: list[InputFile] = []
     for entry in inputs:
+        if storage.is_remote(entry) and not copies:
+            root = storage.normalize(entry)
+            if storage.is_file(root):
+                files.append(_input_file(root, storage.name_of(root), storage.size(root)))
+                continue
+            if not storage.exists(root):
+                raise FileNotFoundError(f"input not found: {root}")
+            found = sorted(((n, size) for n, size in storage.list_files(root).items() if _wanted(n)),
+                           key=lambda item: item[0].split("/"))
+            if not found:
+                raise DataError(f"{root}: folder holds no input files (looked for {', '.join(formats.suffixes())})")
+            files += [_input_file(storage.join(root, n), n, size) for n, size in found]
+            continue
         root = storage.local_input(entry) if storage.is_remote(entry) else Path(entry)
         if not root.exists():
             raise FileNotFoundError(f"input not found: {root}")
         if root.is_file():
-            files.append(InputFile(root, root.name, source_name(root), formats.format_for(root).name))
+            files.append(_input_file(str(root), root.name, root.stat().st_size))
             continue
-        found = sorted(
-            p for p in root.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            and p.name.lower().endswith(formats.suffixes())
-        )
+        found = sorted(p for p in root.rglob("*") if p.is_file() and _wanted(p.relative_to(root).as_posix()))
         if not found:
             raise DataError(f"{root}: folder holds no input files (looked for {', '.join(formats.suffixes())})")
-        for p in found:
-            files.append(InputFile(p, p.relative_to(root).as_posix(), source_name(p), formats.format_for(p).name))
+        files += [_input_file(str(p), p.relative_to(root).as_posix(), p.stat().st_size) for p in found]
     return files
 
 
 def inputs_digest(files: list[InputFile]) -> tuple[str, list[dict[str, Any]]]:
     """Content digest of the inputs (names relative to their input folder, sizes, sha256)."""
-    listing = [{"name": f.name, "source": f.source, "bytes": f.path.stat().st_size,
-                "sha256": file_digest(f.path)} for f in files]
+    listing = [{"name": f.name, "source": f.source, "bytes": f.size, "sha256": storage.sha256(f.location)}
+               for f in files]
     blob = json.dumps(listing, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest(), listing
 
 
 def clean_inputs(cfg: CleanConfig) -> dict[str, str]:
-    """The inputs part of the clean stage's identity (the input files' content digest)."""
-    digest, _ = inputs_digest(list_input_files(cfg.inputs))
+    """The inputs part of the clean stage's identity (the input files' content digest; remote
+    inputs are hashed where they lie when the stage runs on Ray)."""
+    digest, _ = inputs_digest(list_input_files(cfg.inputs, copies=cfg.engine == "local"))
     return {"inputs": digest}
 
 
-class _Rules:
-    def __init__(self, cfg: CleanConfig):
-        self.rules = [(re.compile(r.pattern), r.replacement, set(r.sources)) for r in cfg.rules]
-        self._cache: dict[str, list] = {}
-
-    def for_source(self, source: str) -> list:
-        if source not in self._cache:
-            self._cache[source] = [(p, rep) for p, rep, srcs in self.rules if not srcs or source in srcs]
-        return self._cache[source]
+def document_key(text: str) -> bytes:
+    """What exact deduplication compares: a 16-byte BLAKE2b digest of the document's UTF-8."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-class _DocumentCleaner:
-    """Cleans one document at a time, fed as text segments; emits finished documents (the
-    ``DocumentSink`` the input formats deliver to)."""
+def plan_parts(files: list[InputFile], block_bytes: int) -> list[tuple[int, formats.Part]]:
+    """``(file index, part)`` in reading order: each file cut by its format into parts of about
+    ``block_bytes`` (0: whole files)."""
+    return [(i, part) for i, f in enumerate(files)
+            for part in formats.FORMATS[f.kind].split(f.location, f.size, block_bytes)]
 
-    def __init__(self, cfg: CleanConfig, emit: Callable[[str], None]):
+
+class PartCleaner:
+    """Cleans one part of one input file into chunks of documents (``CHUNK_SCHEMA``), in order.
+
+    After ``run`` is exhausted, ``stats`` holds the part's input-side counters and ``documents``
+    the number of documents it emitted (before deduplication)."""
+
+    def __init__(self, cfg: CleanConfig, rules: Rules | None = None):
         self.cfg = cfg
-        self.emit = emit
-        self.form = None if cfg.unicode_normalization == "none" else cfg.unicode_normalization
-        self.rules: list = []
+        self.rules = rules or Rules(cfg)
         self.stats = SourceStats()
+        self.documents = 0
+        self._texts: list[str] = []
+        self._chars = 0
 
-    def add_bytes(self, n: int) -> None:
-        self.stats.bytes_in += n
+    def run(self, file: InputFile, part: formats.Part, index: int) -> Iterator[pa.Table]:
+        """Chunks of the cleaned documents of ``part`` of ``file``, the ``index``-th part of the stage."""
+        self.stats, self.documents = SourceStats(), 0
+        cleaner = DocumentCleaner(self.cfg, self._add)
+        cleaner.stats = self.stats
+        cleaner.rules = self.rules.for_source(file.source)
+        before = formats.replaced_bytes()
+        for _ in formats.FORMATS[file.kind].read(file.location, self.cfg, cleaner, part) or ():
+            if len(self._texts) >= CHUNK_DOCUMENTS or self._chars >= CHUNK_CHARS:
+                yield self._chunk(file.source, index)
+        self.stats.bytes_replaced += formats.replaced_bytes() - before
+        if self._texts:
+            yield self._chunk(file.source, index)
 
-    def start(self) -> None:
-        self.raw = ""  # decoded input not yet cleaned
-        self.out = ""  # cleaned text not yet emitted as a document
-        self.pos = 0  # start of the unemitted part of self.out
-        self.pending_ws = ""  # whitespace held back between two cleaned segments
-        self.started = False  # any non-whitespace text in this document yet
-        self.split = False
+    def _add(self, text: str) -> None:
+        self._texts.append(text)
+        self._chars += len(text)
 
-    def feed(self, text: str) -> None:
-        raw = self.raw + text if self.raw else text
-        pos = 0  # an index rather than re-slicing keeps a huge single feed linear
-        while len(raw) - pos > 2 * SEGMENT:
-            cut = self._safe_cut(raw, pos, pos + SEGMENT)
-            self._clean_segment(raw[pos:cut])
-            pos = cut
-        self.raw = raw[pos:] if pos else raw
-
-    def end(self) -> None:
-        if self.raw:
-            self._clean_segment(self.raw)
-            self.raw = ""
-        self.stats.documents_in += 1
-        self._split(final=True)
-
-    @staticmethod
-    def _safe_cut(text: str, lo: int, near: int) -> int:
-        """A cut in (lo, near] at the start of a whitespace run, else before a non-mark."""
-        i = max(text.rfind(" ", lo + 1, near), text.rfind("\n", lo + 1, near))
-        if i > lo:
-            while i > lo + 1 and text[i - 1].isspace():
-                i -= 1
-            if not text[i - 1].isspace():
-                return i
-        # No usable whitespace in a whole segment: cut where no combining mark follows.
-        i = near
-        while i > lo + 1 and unicodedata.category(text[i])[0] == "M":
-            i -= 1
-        return i
-
-    def _clean_segment(self, seg: str) -> None:
-        if self.form is not None:
-            seg = unicodedata.normalize(self.form, seg)
-        seg = self._normalise_whitespace(seg, controls=True)
-        self.stats.words_in += count_words(seg)
-        if self.rules:
-            for pattern, replacement in self.rules:
-                seg = pattern.sub(replacement, seg)
-            seg = self._normalise_whitespace(seg, controls=False)
-        core = seg.strip(" \n")
-        if not core:
-            self.pending_ws += seg
-            return
-        lead = seg[: len(seg) - len(seg.lstrip(" \n"))]
-        trail = seg[len(seg.rstrip(" \n")):]
-        ws = self.pending_ws + lead
-        if self.started and ws:
-            # The same result as normalising the two segments' whitespace run in one piece.
-            n = ws.count("\n")
-            self.out += "\n\n" if n >= 2 else "\n" if n == 1 else " "
-        self.out += core
-        self.pending_ws = trail
-        self.started = True
-        self._split(final=False)
-
-    def _normalise_whitespace(self, seg: str, controls: bool) -> str:
-        # Regexes scan at ~40 MB/s while isprintable(), `in` and replace() run at GB/s, so the
-        # common characters (tab, CR, newline) are handled with the latter and the regexes run
-        # only when other control or format characters are present.
-        if seg.isprintable():
-            return _DOUBLE_SPACES.sub(" ", seg) if "  " in seg else seg
-        if "\r" in seg:
-            seg = seg.replace("\r\n", "\n").replace("\r", "\n")
-        if "\t" in seg:
-            seg = seg.replace("\t", " ")
-        has_newline = "\n" in seg
-        if not (seg.replace("\n", "") if has_newline else seg).isprintable():
-            if controls:
-                seg = _NEWLINES.sub("\n", seg)
-                seg = _CONTROL.sub("", seg)
-            seg = _SPACES.sub(" ", seg)
-            has_newline = "\n" in seg
-        elif "  " in seg:
-            seg = _DOUBLE_SPACES.sub(" ", seg)
-        if has_newline:
-            if not self.cfg.keep_newlines:
-                return _DOUBLE_SPACES.sub(" ", seg.replace("\n", " "))
-            seg = _SPACE_NEWLINE.sub("\n", seg)
-            if "\n\n\n" in seg:
-                seg = _MANY_NEWLINES.sub("\n\n", seg)
-        return seg
-
-    def _split(self, final: bool) -> None:
-        limit = self.cfg.max_document_chars
-        out, pos = self.out, self.pos
-        while len(out) - pos > limit:
-            cut = self._split_point(out, pos, pos + limit)
-            self._emit(out[pos:cut])
-            pos = cut
-            self.split = True
-        if final:
-            if pos < len(out):
-                self._emit(out[pos:])
-            elif not self.started:
-                self.stats.dropped_empty += 1
-            if self.split:
-                self.stats.documents_split += 1
-            self.out, self.pos = "", 0
-        else:
-            self.out, self.pos = out[pos:], 0
-
-    @staticmethod
-    def _split_point(text: str, start: int, end: int) -> int:
-        """Where to end a piece of text[start:end+1]: after the last sentence end in its second
-        half, else at its last whitespace, else at ``end`` (a hard cut)."""
-        half = start + (end - start) // 2
-        m = _LAST_SENTENCE_END.match(text, half, end)
-        if m is not None and m.end() > start:
-            return m.end()
-        i = max(text.rfind(" ", start + 1, end + 1), text.rfind("\n", start + 1, end + 1))
-        if i > start:
-            return i
-        while end > start + 1 and unicodedata.category(text[end])[0] == "M":
-            end -= 1
-        return end
-
-    def _emit(self, text: str) -> None:
-        text = text.strip(" \n")
-        if len(text) < self.cfg.min_document_chars:
-            self.stats.dropped_empty += 1
-            return
-        self.emit(text)
+    def _chunk(self, source: str, index: int) -> pa.Table:
+        texts, self._texts, self._chars = self._texts, [], 0
+        n = len(texts)
+        order = np.arange(self.documents, self.documents + n, dtype=np.int64) + (index << ORDER_BITS)
+        self.documents += n
+        keys = (pa.array([document_key(t) for t in texts], pa.binary()) if self.cfg.deduplicate
+                else pa.nulls(n, pa.binary()))
+        return pa.Table.from_arrays([
+            pa.array(order), pa.array(texts, pa.string()), pa.array([source] * n, pa.string()), keys,
+            pa.array([count_words(t) for t in texts], pa.int32()), pa.array([len(t) for t in texts], pa.int32()),
+        ], schema=CHUNK_SCHEMA)
 
 
-class _Writer:
-    """Deduplicates and writes documents to Parquet in bounded row groups."""
+class FirstOccurrences:
+    """Exact deduplication in one process: a chunk keeps the documents whose key no earlier
+    document had."""
+
+    def __init__(self) -> None:
+        self.seen: set[bytes] = set()
+
+    def keep(self, chunk: pa.Table) -> pa.Table:
+        """``chunk`` without the repeats of documents seen before (in this chunk or earlier ones)."""
+        seen, mask = self.seen, []
+        for key in chunk.column("key").to_pylist():
+            mask.append(key not in seen)
+            seen.add(key)
+        return chunk if all(mask) else chunk.filter(pa.array(mask))
+
+
+def keep_first_occurrences(chunk: pa.Table, repeated: pa.Table) -> pa.Table:
+    """``chunk`` without repeats, given ``repeated`` (columns ``key`` and ``first``: every key that
+    occurs more than once, and the smallest ``order`` it occurs at): a document is kept unless its
+    key is repeated and it is not that first occurrence."""
+    if repeated.num_rows == 0 or chunk.num_rows == 0:
+        return chunk
+    at = pc.index_in(chunk.column("key"), value_set=repeated.column("key"))
+    first = pc.take(repeated.column("first"), at)
+    keep = pc.or_kleene(pc.is_null(at), pc.equal(chunk.column("order"), first))
+    return chunk.filter(pc.fill_null(keep, True))
+
+
+class DocumentWriter:
+    """Writes kept documents, in order, to ``documents.parquet``: a row group ends after
+    ``row_group_documents`` documents or once it holds ``ROW_GROUP_CHARS`` characters, however the
+    documents arrive. Counts documents, words and characters per source."""
 
     def __init__(self, path: Path, cfg: CleanConfig):
         compression = None if cfg.parquet_compression == "none" else cfg.parquet_compression
-        self.writer = pq.ParquetWriter(path, SCHEMA, compression=compression,
-                                       use_dictionary=["source"])
-        self.cfg = cfg
-        self.seen: set[bytes] = set()
-        self.texts: list[str] = []
-        self.chars = 0
-        self.source = ""
-        self.sources: list[str] = []
-        self.stats = SourceStats()
+        self.writer = pq.ParquetWriter(path, SCHEMA, compression=compression, use_dictionary=["source"])
+        self.max_rows = cfg.row_group_documents
+        self.pending: list[pa.Table] = []
+        self.rows = self.chars = 0  # of the pending row group
+        self.by_source: dict[str, SourceStats] = {}
         self.total = 0
 
-    def add(self, text: str) -> None:
-        if self.cfg.deduplicate:
-            key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-            if key in self.seen:
-                self.stats.dropped_duplicates += 1
-                return
-            self.seen.add(key)
-        self.texts.append(text)
-        self.sources.append(self.source)
-        self.chars += len(text)
-        self.stats.documents_out += 1
-        self.stats.words_out += count_words(text)
-        self.stats.chars_out += len(text)
-        self.total += 1
-        if len(self.texts) >= self.cfg.row_group_documents or self.chars >= 2 << 20:
-            self.flush()
+    def write(self, chunk: pa.Table) -> None:
+        """Append the documents of ``chunk`` (columns text, source, words, chars)."""
+        n = chunk.num_rows
+        if n == 0:
+            return
+        self._count(chunk)
+        chars = chunk.column("chars").to_numpy()
+        docs = chunk.select(["text", "source"])
+        start = 0
+        while start < n:
+            window = np.cumsum(chars[start: start + self.max_rows - self.rows], dtype=np.int64) + self.chars
+            full = int(np.searchsorted(window, ROW_GROUP_CHARS))  # first document reaching the limit
+            take = full + 1 if full < len(window) else len(window)
+            self.pending.append(docs.slice(start, take))
+            self.rows, self.chars = self.rows + take, int(window[take - 1])
+            start += take
+            if self.rows >= self.max_rows or self.chars >= ROW_GROUP_CHARS:
+                self._flush()
 
-    def flush(self) -> None:
-        if self.texts:
-            # from_arrays: pa.table(dict) would import pandas (~1 s) to check the input type.
-            table = pa.Table.from_arrays([pa.array(self.texts, pa.string()),
-                                          pa.array(self.sources, pa.string())], schema=SCHEMA)
+    def _count(self, chunk: pa.Table) -> None:
+        sums = chunk.group_by("source").aggregate([("words", "sum"), ("chars", "sum"), ("text", "count")])
+        for source, words, chars, docs in zip(*(sums.column(c).to_pylist() for c in
+                                                ("source", "words_sum", "chars_sum", "text_count"))):
+            s = self.by_source.setdefault(source, SourceStats())
+            s.documents_out += docs
+            s.words_out += words
+            s.chars_out += chars
+            self.total += docs
+
+    def _flush(self) -> None:
+        if self.pending:
+            # One contiguous table per row group: the same bytes however the documents arrived.
+            table = pa.concat_tables(self.pending).combine_chunks().cast(SCHEMA)
             self.writer.write_table(table)
-            self.texts, self.sources, self.chars = [], [], 0
+            self.pending, self.rows, self.chars = [], 0, 0
 
     def close(self) -> None:
-        self.flush()
+        """Write the last row group and the file footer."""
+        self._flush()
         self.writer.close()
 
 
+def check_file_read(file: InputFile, documents_in: int) -> None:
+    """An input file that held no documents at all is bad input (named, with what it lacked)."""
+    if documents_in == 0:
+        raise DataError(f"{file.location}: empty input ({formats.FORMATS[file.kind].empty})")
+
+
+def finish_clean(cfg: CleanConfig, folder: Path, files: list[InputFile], listing: list[dict[str, Any]],
+                 in_digest: str, parts: list[tuple[int, SourceStats, int]], writer: DocumentWriter) -> dict[str, Any]:
+    """Close ``writer``, check the run and write the stage record into ``folder``; ``parts`` holds
+    ``(file index, input-side counters, documents emitted)`` of every part, in order."""
+    writer.close()
+    per_source: dict[str, SourceStats] = {f.source: SourceStats() for f in files}
+    read_by_file = [0] * len(files)
+    emitted: dict[str, int] = {}
+    for i, stats, documents in parts:
+        per_source[files[i].source].add(stats)
+        read_by_file[i] += stats.documents_in
+        emitted[files[i].source] = emitted.get(files[i].source, 0) + documents
+    for f, documents_in in zip(files, read_by_file):
+        per_source[f.source].files += 1
+        check_file_read(f, documents_in)
+    if writer.total == 0:
+        raise DataError(f"cleaning {', '.join(cfg.inputs)} left no documents")
+    for source, s in per_source.items():
+        out = writer.by_source.get(source, SourceStats())
+        s.documents_out, s.words_out, s.chars_out = out.documents_out, out.words_out, out.chars_out
+        s.dropped_duplicates = emitted.get(source, 0) - out.documents_out
+    totals = SourceStats()
+    for s in per_source.values():
+        totals.add(s)
+    stats = {"input_files": listing, "sources": {k: vars(v) for k, v in sorted(per_source.items())},
+             "totals": vars(totals)}
+    record = make_record(STAGE, {"inputs": in_digest}, cfg.identity_dict(), folder, DOCUMENTS_FILE, stats)
+    write_record(folder, record)
+    return record
+
+
 def clean_corpus(cfg: CleanConfig, out_dir: str | Path, progress_bar: bool = True) -> dict[str, Any]:
-    """Clean ``cfg.inputs`` into ``out_dir/documents.parquet``; returns the stage record (also
-    written as ``out_dir/stage.json``) plus the wall time in ``seconds``."""
+    """Clean ``cfg.inputs`` into ``out_dir/documents.parquet`` in this process (the ``local``
+    engine); returns the stage record (also written as ``out_dir/stage.json``) plus the wall time
+    in ``seconds``."""
     t0 = time.perf_counter()
     check_outside_inputs(out_dir, cfg.inputs)
     files = list_input_files(cfg.inputs)
     in_digest, listing = inputs_digest(files)
-    rules = _Rules(cfg)
-    per_source: dict[str, SourceStats] = {}
+    cleaner = PartCleaner(cfg)
+    seen = FirstOccurrences() if cfg.deduplicate else None
+    parts: list[tuple[int, SourceStats, int]] = []
 
     with staging_dir(out_dir, STAGE) as tmp:
-        writer = _Writer(tmp / DOCUMENTS_FILE, cfg)
-        cleaner = _DocumentCleaner(cfg, writer.add)
+        writer = DocumentWriter(tmp / DOCUMENTS_FILE, cfg)
         bar = progress(total=sum(e["bytes"] for e in listing), enabled=progress_bar, unit="B",
                        unit_scale=True, desc="clean")
         try:
-            for f, entry in zip(files, listing):
-                stats = per_source.setdefault(f.source, SourceStats())
-                stats.files += 1
-                writer.stats = cleaner.stats = stats
-                writer.source = f.source
-                cleaner.rules = rules.for_source(f.source)
-                before = formats.replaced_bytes()
-                formats.FORMATS[f.kind].read(f.path, cfg, cleaner)
-                stats.bytes_replaced += formats.replaced_bytes() - before
+            for i, (f, entry) in enumerate(zip(files, listing)):
+                for chunk in cleaner.run(f, formats.WHOLE, i):
+                    writer.write(seen.keep(chunk) if seen is not None else chunk)
+                check_file_read(f, cleaner.stats.documents_in)
+                parts.append((i, cleaner.stats, cleaner.documents))
                 bar.update(entry["bytes"])
         finally:
             bar.close()
-            writer.close()
-        if writer.total == 0:
-            raise DataError(f"cleaning {', '.join(cfg.inputs)} left no documents")
-
-        totals = SourceStats()
-        for s in per_source.values():
-            for k, v in vars(s).items():
-                setattr(totals, k, getattr(totals, k) + v)
-        stats = {"input_files": listing, "sources": {k: vars(v) for k, v in sorted(per_source.items())},
-                 "totals": vars(totals)}
-        record = make_record(STAGE, {"inputs": in_digest}, cfg.identity_dict(), tmp, DOCUMENTS_FILE, stats)
-        write_record(tmp, record)
+        record = finish_clean(cfg, tmp, files, listing, in_digest, parts, writer)
     # Timing is reported but not stored, so identical inputs give byte-identical folders.
     return dict(record, seconds=time.perf_counter() - t0)
 
 
 def iter_documents(documents_parquet: str | Path, columns=("text",), batch_size: int = 1024,
-                   limit: int = 0) -> Iterator[list]:
-    """Batches (lists) of texts from a cleaned ``documents.parquet`` (all columns if several)."""
+                   limit: int = 0, row_groups: range | None = None, split_row_groups: bool = False) -> Iterator[list]:
+    """Batches (lists) of texts from a cleaned ``documents.parquet`` (all columns if several; of
+    the ``row_groups`` only, when given; a path or a URI). With ``split_row_groups`` a batch never
+    spans two row groups (a row group holds at most ~2 MiB of text, so batches of long documents
+    stay small too)."""
     pf = open_documents(documents_parquet)
     seen = 0
-    for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
-        cols = [batch.column(i).to_pylist() for i in range(len(columns))]
-        if limit:
-            cols = [c[: limit - seen] for c in cols]
-        seen += len(cols[0])
-        yield cols[0] if len(columns) == 1 else cols
-        if limit and seen >= limit:
-            return
+    groups = list(range(pf.metadata.num_row_groups) if row_groups is None else row_groups)
+    for part in ([[g] for g in groups] if split_row_groups else [groups]):
+        for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns), row_groups=part):
+            cols = [batch.column(i).to_pylist() for i in range(len(columns))]
+            if limit:
+                cols = [c[: limit - seen] for c in cols]
+            seen += len(cols[0])
+            yield cols[0] if len(columns) == 1 else cols
+            if limit and seen >= limit:
+                return
 
 
 def open_documents(documents_parquet: str | Path) -> pq.ParquetFile:
-    """Open the clean stage's documents.parquet; a DataError unless it is readable, has a ``text``
-    column and holds at least one document."""
-    path = Path(documents_parquet)
-    if not path.exists():
+    """Open the clean stage's documents.parquet (a path or a URI); a DataError unless it is
+    readable, has a ``text`` column and holds at least one document."""
+    remote = storage.is_remote(documents_parquet)
+    path = documents_parquet if remote else Path(documents_parquet)
+    if not remote and not path.exists():
         raise FileNotFoundError(f"documents file not found: {path}")
     try:
-        pf = pq.ParquetFile(path)
+        if remote:
+            fs, inner = storage.filesystem(path)
+            pf = pq.ParquetFile(fs.open_input_file(inner))
+        else:
+            pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     if "text" not in pf.schema_arrow.names:

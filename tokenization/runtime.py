@@ -72,42 +72,55 @@ def interruptible(fn: Callable[..., T], *args, **kwargs) -> T:
     return result["value"]
 
 
-def background_map(fn: Callable[[Any], T], items: Iterable[Any]) -> Iterator[tuple[Any, T]]:
-    """``(item, fn(item))`` for each item, computed one ahead in a daemon thread (the next batch is
-    encoded while this one is written) and waited for in short polls, so Ctrl-C stops the caller
-    within ~0.1 s. Leaving the loop early stops the thread after its current item."""
+def background_map(fn: Callable[[Any], T], items: Iterable[Any], workers: int = 1) -> Iterator[tuple[Any, T]]:
+    """``(item, fn(item))`` for each item, in order, computed ahead in ``workers`` daemon threads
+    (the next batches are encoded while this one is written) and waited for in short polls, so
+    Ctrl-C stops the caller within ~0.1 s. With ``workers`` > 1 several calls run at once: a native
+    thread pool (the tokenizers library's) then always has a call to work on, also while a thread
+    turns its result into arrays. Leaving the loop early stops the threads after their current item."""
     done, stop = object(), threading.Event()
-    box: queue.Queue = queue.Queue(maxsize=1)
+    inboxes = [queue.Queue() for _ in range(workers)]  # item i goes to thread i % workers
+    outboxes = [queue.Queue(maxsize=1) for _ in range(workers)]
 
-    def put(value: Any) -> bool:
-        while not stop.is_set():
+    def worker(inbox: queue.Queue, outbox: queue.Queue) -> None:
+        while (item := inbox.get()) is not done:
             try:
-                box.put(value, timeout=POLL_SECONDS)
-                return True
-            except queue.Full:
-                continue
-        return False
+                result: Any = (item, fn(item))
+            except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+                result = exc
+            while not stop.is_set():
+                try:
+                    outbox.put(result, timeout=POLL_SECONDS)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set() or isinstance(result, BaseException):
+                return
 
-    def worker() -> None:
-        try:
-            for item in items:
-                if not put((item, fn(item))):
-                    return
-            put(done)
-        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
-            put(exc)
+    for k in range(workers):
+        threading.Thread(target=worker, args=(inboxes[k], outboxes[k]), name=f"gptbert-background-{k}",
+                         daemon=True).start()
+    source = iter(items)
 
-    threading.Thread(target=worker, name="gptbert-background", daemon=True).start()
+    def feed(k: int) -> bool:
+        item = next(source, done)
+        inboxes[k].put(item)
+        return item is not done
+
     try:
-        while True:
+        busy = [feed(k) for k in range(workers)]
+        k = 0
+        while busy[k]:
             try:
-                got = box.get(timeout=POLL_SECONDS)
+                got = outboxes[k].get(timeout=POLL_SECONDS)
             except queue.Empty:
                 continue
-            if got is done:
-                return
             if isinstance(got, BaseException):
                 raise got
+            busy[k] = feed(k)  # the thread's next item first, then the caller works on this one
             yield got
+            k = (k + 1) % workers
     finally:
         stop.set()
+        for box in inboxes:
+            box.put(done)

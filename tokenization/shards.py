@@ -23,20 +23,24 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+from tokenizers import Tokenizer
 
 from common import storage
 from common.artifacts import (DataError, DigestMismatchError, atomic_write_json, check_outside_inputs, file_digest,
                               make_record, resolve_file, staging_dir, write_record)
 from common.config.data import ShardConfig
 
-from .clean import DOCUMENTS_FILE, count_words, iter_documents, open_documents
+from .clean import DOCUMENTS_FILE, iter_documents, open_documents
+from .cleaner import count_words
 from .runtime import background_map, progress, rayon_threads
 from .tokenizer import TOKENIZER_FILE, load_tokenizer
 
@@ -57,136 +61,274 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def validation_mask(documents_parquet: str | Path, fraction: float, seed: int) -> np.ndarray:
-    """Boolean per document: True for the round(fraction * N) documents whose seeded text hash is
-    smallest (at least one when fraction > 0 and N >= 2)."""
-    keys = []
+def split_keys(texts: list[str], seed: int) -> np.ndarray:
+    """The seeded 64-bit hash of each text that decides the train/valid split."""
     salt = seed.to_bytes(8, "little", signed=True)
-    for texts in iter_documents(documents_parquet, batch_size=4096):
-        for t in texts:
-            h = hashlib.blake2b(t.encode("utf-8"), digest_size=8, salt=salt)
-            keys.append(int.from_bytes(h.digest(), "little"))
-    n = len(keys)
+    digests = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=8, salt=salt).digest() for t in texts)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
+def validation_count(n: int, fraction: float) -> int:
+    """How many of ``n`` documents are validation documents: round(fraction * n), at least one
+    (and at most n - 1) when fraction > 0 and n >= 2."""
     n_valid = int(round(fraction * n))
     if fraction > 0 and n >= 2:
         n_valid = min(max(n_valid, 1), n - 1)
+    return n_valid
+
+
+def validation_positions(n: int, fraction: float,
+                         candidates: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The positions (sorted) of the validation documents: the ``validation_count`` documents with
+    the smallest ``(split key, position)``.
+
+    ``candidates(bound)`` returns ``(positions, keys)`` of the documents whose key is below
+    ``bound`` (2**64: all). Keys are uniform, so a bound a few standard deviations above the
+    expected count gives enough candidates without all N keys in one place; a bound that gives too
+    few (rare) is widened. The result is the same as sorting all keys: every document left out has
+    a larger key than every candidate."""
+    k = validation_count(n, fraction)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    slack = 8 * math.isqrt(k) + 64
+    while True:
+        want = k + slack
+        bound = 1 << 64 if want >= n else (want << 64) // n
+        positions, keys = candidates(bound)
+        if len(keys) >= k or bound >= 1 << 64:
+            break
+        slack *= 4
+    chosen = np.lexsort((positions, keys))[:k]  # ties (equal texts) by position
+    return np.sort(np.asarray(positions, dtype=np.int64)[chosen])
+
+
+def below(keys: np.ndarray, bound: int) -> np.ndarray:
+    """Which keys are below ``bound`` (which may be 2**64, above every uint64)."""
+    return np.ones(len(keys), dtype=bool) if bound >= 1 << 64 else keys < np.uint64(bound)
+
+
+def validation_mask(documents_parquet: str | Path, fraction: float, seed: int) -> np.ndarray:
+    """Boolean per document of a cleaned ``documents.parquet``: True for the validation documents
+    (``validation_positions``, the keys computed in this process)."""
+    n = open_documents(documents_parquet).metadata.num_rows
+
+    def candidates(bound: int) -> tuple[np.ndarray, np.ndarray]:
+        positions, keys, start = [], [], 0
+        for texts in iter_documents(documents_parquet, batch_size=4096):
+            k = split_keys(texts, seed)
+            hit = np.flatnonzero(below(k, bound))
+            positions.append(hit + start)
+            keys.append(k[hit])
+            start += len(texts)
+        return np.concatenate(positions), np.concatenate(keys)
+
     mask = np.zeros(n, dtype=bool)
-    if n_valid:
-        order = np.lexsort((np.arange(n), np.array(keys, dtype=np.uint64)))  # ties by position
-        mask[order[:n_valid]] = True
+    mask[validation_positions(n, fraction, candidates)] = True
     return mask
 
 
-class _ShardWriter:
-    """Accumulates documents of one split and writes a shard once it holds shard_tokens tokens."""
+def encode_documents(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(token ids of all texts concatenated, tokens per text, words per text)``: the encoding of
+    the shard stage (no specials), the same on every engine."""
+    ids = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    words = np.fromiter(map(count_words, texts), dtype=np.int32, count=len(texts))
+    return flat, lengths, words
 
-    def __init__(self, out: Path, split: str, dtype: np.dtype, cfg: ShardConfig, metadata: dict):
-        self.out, self.split, self.dtype, self.cfg = out, split, dtype, cfg
-        self.metadata = metadata
+
+def shard_bytes(schema: pa.Schema, batch: pa.RecordBatch) -> pa.Buffer:
+    """A shard file's bytes: uncompressed Arrow IPC with one record batch (the reader maps it and
+    views the buffers in place)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, schema) as w:
+        w.write_batch(batch)
+    return sink.getvalue()
+
+
+def store_in_folder(folder: Path) -> Callable[[str, pa.Schema, pa.RecordBatch], str]:
+    """Where the local engine's shards go: files in ``folder``; returns each file's sha256."""
+    def store(name: str, schema: pa.Schema, batch: pa.RecordBatch) -> str:
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+            w.write_batch(batch)
+        return file_digest(folder / name)
+    return store
+
+
+def store_at(location: str) -> Callable[[str, pa.Schema, pa.RecordBatch], str]:
+    """Shards written to a folder or object-store prefix (one atomic write or PUT each)."""
+    def store(name: str, schema: pa.Schema, batch: pa.RecordBatch) -> str:
+        data = shard_bytes(schema, batch)
+        storage.write_bytes(storage.join(location, name), data.to_pybytes())
+        return hashlib.sha256(data).hexdigest()
+    return store
+
+
+class ShardWriter:
+    """Accumulates documents of one split and cuts a shard at the first document boundary at or
+    past ``shard_tokens``; ``store(name, schema, batch)`` writes it and returns its sha256. Shards
+    are named ``<split>-<prefix><n>.arrow``."""
+
+    def __init__(self, split: str, dtype: np.dtype, shard_tokens: int, metadata: dict,
+                 store: Callable[[str, pa.Schema, pa.RecordBatch], str], prefix: str = ""):
+        self.split, self.dtype, self.shard_tokens = split, dtype, shard_tokens
+        self.metadata, self.store, self.prefix = metadata, store, prefix
         self.arrays: list[np.ndarray] = []
-        self.lengths: list[int] = []
-        self.words: list[int] = []
+        self.lengths: list[np.ndarray] = []
+        self.words: list[np.ndarray] = []
         self.tokens = 0
         self.shards: list[dict[str, Any]] = []
         self.schema = pa.schema(
             [("tokens", pa.list_(pa.from_numpy_dtype(dtype))), ("words", pa.int32())])
 
-    def add(self, ids: np.ndarray, words: int) -> None:
-        self.arrays.append(ids)
-        self.lengths.append(len(ids))
-        self.words.append(words)
-        self.tokens += len(ids)
-        if self.tokens >= self.cfg.shard_tokens:
-            self.flush()
+    def add(self, flat: np.ndarray, lengths: np.ndarray, words: np.ndarray) -> None:
+        """Append documents: their concatenated token ids, tokens and words per document."""
+        start = offset = 0
+        while start < len(lengths):
+            window = np.cumsum(lengths[start:], dtype=np.int64) + self.tokens
+            full = int(np.searchsorted(window, self.shard_tokens))  # first document reaching the size
+            take = full + 1 if full < len(window) else len(window)
+            n_tok = int(window[take - 1]) - self.tokens
+            self.arrays.append(flat[offset: offset + n_tok])
+            self.lengths.append(lengths[start: start + take])
+            self.words.append(words[start: start + take])
+            self.tokens += n_tok
+            start, offset = start + take, offset + n_tok
+            if self.tokens >= self.shard_tokens:
+                self.flush()
 
     def flush(self) -> None:
+        """Write the documents held as one shard (nothing when none)."""
         if not self.lengths:
             return
+        number = f"{self.prefix}{len(self.shards):05d}"
         if self.tokens >= 2**31:
-            raise DataError(f"shard {self.split}-{len(self.shards):05d} would hold {self.tokens} "
+            raise DataError(f"shard {self.split}-{number} would hold {self.tokens} "
                             "tokens, more than int32 offsets allow; lower shard.shard_tokens")
         values = np.concatenate(self.arrays) if self.arrays else np.zeros(0, self.dtype)
-        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int32)
-        np.cumsum(self.lengths, out=offsets[1:])
+        lengths = np.concatenate(self.lengths)
+        words = np.concatenate(self.words).astype(np.int32)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
         tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-        batch = pa.record_batch([tokens, pa.array(np.array(self.words, dtype=np.int32))],
-                                schema=self.schema)
-        name = f"{self.split}-{len(self.shards):05d}.arrow"
+        batch = pa.record_batch([tokens, pa.array(words)], schema=self.schema)
+        name = f"{self.split}-{number}.arrow"
         meta = dict(self.metadata, split=self.split, shard=str(len(self.shards)))
         schema = self.schema.with_metadata({k: str(v) for k, v in meta.items()})
-        # Uncompressed IPC: the reader maps it and views the buffers in place.
-        with pa.OSFile(str(self.out / name), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
-            w.write_batch(batch)
-        self.shards.append({"file": name, "documents": len(self.lengths), "tokens": int(self.tokens),
-                            "words": int(sum(self.words)), "sha256": file_digest(self.out / name)})
+        sha256 = self.store(name, schema, batch)
+        self.shards.append({"file": name, "documents": len(lengths), "tokens": int(self.tokens),
+                            "words": int(words.sum()), "sha256": sha256})
         self.arrays, self.lengths, self.words, self.tokens = [], [], [], 0
 
-    def summary(self) -> dict[str, Any]:
-        return {"documents": sum(s["documents"] for s in self.shards),
-                "tokens": sum(s["tokens"] for s in self.shards),
-                "words": sum(s["words"] for s in self.shards),
-                "shards": self.shards}
+
+def split_summary(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """A split's entry in the manifest: its totals and its shards, in order."""
+    return {"documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+            "words": sum(s["words"] for s in shards), "shards": shards}
 
 
-def write_shards(documents_parquet: str | Path, tokenizer_json: str | Path, cfg: ShardConfig,
-                 out_dir: str | Path, progress_bar: bool = True) -> dict[str, Any]:
-    """Encode the documents with batched parallel encoding into train/valid Arrow shards."""
-    t0 = time.perf_counter()
+@dataclass
+class ShardInputs:
+    """What both engines of the shard stage start from: the documents (a local path, or the URI
+    of a remote file that is not copied) and the tokenizer (local), the loaded tokenizer, the
+    identity's inputs and the shards' dtype and metadata."""
+
+    documents: str | Path
+    tokenizer_path: Path
+    tokenizer: Tokenizer
+    num_docs: int
+    inputs: dict[str, str]
+    vocab_size: int
+    dtype: np.dtype
+    metadata: dict[str, Any]
+
+
+def shard_plan(documents_parquet: str | Path, tokenizer_json: str | Path, out_dir: str | Path,
+               copies: bool = True) -> ShardInputs:
+    """Check and open the shard stage's inputs (before any output is written). Inputs on an object
+    store are read from their copies in the local cache; with ``copies`` False the documents are
+    left where they lie (hashed as a stream; the Ray engine's workers read them there)."""
     check_outside_inputs(out_dir, [documents_parquet, tokenizer_json])
-    # Inputs on an object store are read from their copies in the local cache.
-    docs_path = resolve_file(storage.local_input(documents_parquet), DOCUMENTS_FILE, "documents file")
+    if storage.is_remote(documents_parquet) and not copies:
+        docs_path: str | Path = storage.normalize(documents_parquet)
+        if not str(docs_path).endswith(".parquet"):
+            docs_path = storage.join(docs_path, DOCUMENTS_FILE)
+        if not storage.is_file(docs_path):
+            raise FileNotFoundError(f"documents file not found: {docs_path}")
+    else:
+        docs_path = resolve_file(storage.local_input(documents_parquet), DOCUMENTS_FILE, "documents file")
     tok_path = resolve_file(storage.local_input(tokenizer_json), TOKENIZER_FILE, "tokenizer")
     tok = load_tokenizer(tok_path)
     num_docs = open_documents(docs_path).metadata.num_rows
     inputs = shard_inputs(file_digest(docs_path), file_digest(tok_path))
-    corpus_sha256, tokenizer_sha256 = inputs["corpus"], inputs["tokenizer"]
     vocab_size = tok.get_vocab_size()
-    dtype = token_dtype(vocab_size)
-    is_valid = validation_mask(docs_path, cfg.validation_fraction, cfg.split_seed)
-    metadata = {"format_version": FORMAT_VERSION, "tokenizer_sha256": tokenizer_sha256,
-                "corpus_sha256": corpus_sha256}
+    metadata = {"format_version": FORMAT_VERSION, "tokenizer_sha256": inputs["tokenizer"],
+                "corpus_sha256": inputs["corpus"]}
+    return ShardInputs(docs_path, tok_path, tok, num_docs, inputs, vocab_size, token_dtype(vocab_size), metadata)
 
-    def encode(texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        ids = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
-        lengths = [len(x) for x in ids]
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=sum(lengths))
-        return flat, lengths
+
+def finish_shards(plan: ShardInputs, cfg: ShardConfig, folder: Path,
+                  shards: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Write the manifest (``shards``: each split's shard entries in document order), the
+    tokenizer and the stage record into ``folder``; returns the record with the manifest."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "corpus_sha256": plan.inputs["corpus"],
+        "tokenizer_sha256": plan.inputs["tokenizer"],
+        "vocab_size": plan.vocab_size,
+        "dtype": plan.dtype.name,
+        "splits": {s: split_summary(shards[s]) for s in SPLITS},
+    }
+    atomic_write_json(folder / MANIFEST_FILE, manifest)
+    # The shard folder carries its tokenizer: whoever is given the folder (a trainer, a Ray
+    # worker, `gptbert score` on the model) finds it there, pinned by the manifest's sha256.
+    shutil.copyfile(plan.tokenizer_path, folder / TOKENIZER_FILE)
+    stats = {"vocab_size": plan.vocab_size, "dtype": plan.dtype.name,
+             "splits": {s: {k: v for k, v in d.items() if k != "shards"} for s, d in manifest["splits"].items()}}
+    record = make_record(STAGE, plan.inputs, cfg.identity_dict(), folder, MANIFEST_FILE, stats)
+    write_record(folder, record)
+    return dict(record, manifest=manifest)
+
+
+def write_shards(documents_parquet: str | Path, tokenizer_json: str | Path, cfg: ShardConfig,
+                 out_dir: str | Path, progress_bar: bool = True) -> dict[str, Any]:
+    """Encode the documents into train/valid Arrow shards in this process (the ``local`` engine):
+    batches encoded by the tokenizers thread pool, two calls in flight so that it never waits for
+    this thread."""
+    t0 = time.perf_counter()
+    plan = shard_plan(documents_parquet, tokenizer_json, out_dir)
+    is_valid = validation_mask(plan.documents, cfg.validation_fraction, cfg.split_seed)
+
+    def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return encode_documents(plan.tokenizer, texts, plan.dtype)
 
     with staging_dir(out_dir, STAGE) as tmp, rayon_threads(cfg.num_threads):
-        writers = {s: _ShardWriter(tmp, s, dtype, cfg, metadata) for s in SPLITS}
-        bar = progress(total=num_docs, enabled=progress_bar, unit="doc", desc="shard")
-        # Encoding (Rust, parallel, GIL released) of the next batch overlaps with turning this one
-        # into arrays here; the main thread only polls, so Ctrl-C stops the stage at once.
+        writers = {s: ShardWriter(s, plan.dtype, cfg.shard_tokens, plan.metadata, store_in_folder(tmp))
+                   for s in SPLITS}
+        bar = progress(total=plan.num_docs, enabled=progress_bar, unit="doc", desc="shard")
         index = 0
-        batches = iter_documents(docs_path, batch_size=cfg.batch_documents)
-        for texts, (flat, lengths) in background_map(encode, batches):
-            start = 0
-            for text, n in zip(texts, lengths):
-                writer = writers["valid" if is_valid[index] else "train"]
-                writer.add(flat[start: start + n], count_words(text))
-                start += n
-                index += 1
+        # Batches within row groups: several batches even of long documents, so that two encoding
+        # calls are in flight and the tokenizers pool does not wait for either thread.
+        batches = iter_documents(plan.documents, batch_size=cfg.batch_documents, split_row_groups=True)
+        for texts, (flat, lengths, words) in background_map(encode, batches, workers=2):
+            route(writers, is_valid[index: index + len(texts)], flat, lengths, words)
+            index += len(texts)
             bar.update(len(texts))
         bar.close()
         for w in writers.values():
             w.flush()
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "corpus_sha256": corpus_sha256,
-            "tokenizer_sha256": tokenizer_sha256,
-            "vocab_size": vocab_size,
-            "dtype": dtype.name,
-            "splits": {s: w.summary() for s, w in writers.items()},
-        }
-        atomic_write_json(tmp / MANIFEST_FILE, manifest)
-        # The shard folder carries its tokenizer: whoever is given the folder (a trainer, a Ray
-        # worker, `gptbert score` on the model) finds it there, pinned by the manifest's sha256.
-        shutil.copyfile(tok_path, tmp / TOKENIZER_FILE)
-        stats = {"vocab_size": vocab_size, "dtype": dtype.name,
-                 "splits": {s: {k: v for k, v in d.items() if k != "shards"} for s, d in manifest["splits"].items()}}
-        record = make_record(STAGE, inputs, cfg.identity_dict(), tmp, MANIFEST_FILE, stats)
-        write_record(tmp, record)
-    return dict(record, manifest=manifest, seconds=time.perf_counter() - t0)
+        record = finish_shards(plan, cfg, tmp, {s: w.shards for s, w in writers.items()})
+    return dict(record, seconds=time.perf_counter() - t0)
+
+
+def route(writers: dict[str, ShardWriter], valid: np.ndarray, flat: np.ndarray, lengths: np.ndarray,
+          words: np.ndarray) -> None:
+    """Hand a batch of encoded documents to the writers of their splits (``valid``: per document)."""
+    for split, chosen in (("train", ~valid), ("valid", valid)):
+        if chosen.all():
+            writers[split].add(flat, lengths, words)
+        elif chosen.any():
+            writers[split].add(flat[np.repeat(chosen, lengths)], lengths[chosen], words[chosen])
 
 
 def _manifest_entries(manifest: Any, path: Path, split: str) -> list[dict[str, Any]]:

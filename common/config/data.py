@@ -8,6 +8,16 @@ from typing import Literal
 
 from .base import ConfigBase, check, check_location
 
+ENGINES = ("local", "ray")  # where the clean and shard stages run (gptbert.distributed.data_stages)
+
+
+def check_engine(engine: str, ray_workers: int, ray_block_bytes: int) -> None:
+    """The engine fields of the clean and shard sections (a ConfigError names the field)."""
+    check(engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
+    check(ray_workers >= 0, "ray_workers", f"must be >= 0 (0 = one per CPU of the cluster), got {ray_workers}")
+    check(ray_block_bytes >= 1 << 10, "ray_block_bytes", f"must be at least 1024, got {ray_block_bytes}")
+
+
 # Strips CHILDES speaker prefixes such as "*CHI:" or "*MOT:" (a usable value for CleanRule).
 CHILDES_SPEAKER_PATTERN = r"\*[A-Z][A-Z0-9]{1,3}:\s*"
 
@@ -49,9 +59,15 @@ class CleanConfig(ConfigBase):
     min_document_chars: int = 1  # shorter documents are dropped (empties always are)
     parquet_compression: Literal["zstd", "snappy", "none"] = "zstd"
     row_group_documents: int = 10_000
+    # Where the stage runs: "local" (this process) or "ray" (a Ray Data pipeline on the cluster of
+    # launch.ray_address, or a local Ray): the same documents either way.
+    engine: Literal["local", "ray"] = "local"
+    ray_workers: int = 0  # Ray engine: parallel tasks of one CPU each (0 = one per CPU of the cluster)
+    ray_block_bytes: int = 32 << 20  # Ray engine: input bytes per task (a file is cut at line starts)
 
-    # The inputs are identified by their content digest, not by where they lie.
-    RUNTIME_FIELDS = ("inputs", "row_group_documents")
+    # The inputs are identified by their content digest, not by where they lie; how the stage runs
+    # does not change what it writes.
+    RUNTIME_FIELDS = ("inputs", "row_group_documents", "engine", "ray_workers", "ray_block_bytes")
 
     def validate(self) -> None:
         """Reject invalid values with a ConfigError naming the field."""
@@ -63,6 +79,7 @@ class CleanConfig(ConfigBase):
         check(self.min_document_chars <= self.max_document_chars, "min_document_chars",
               "must not exceed max_document_chars")
         check(self.row_group_documents > 0, "row_group_documents", "must be positive")
+        check_engine(self.engine, self.ray_workers, self.ray_block_bytes)
 
 
 @dataclass
@@ -95,9 +112,14 @@ class ShardConfig(ConfigBase):
     split_seed: int = 0
     shard_tokens: int = 2**27  # a shard is cut at the first document boundary past this
     batch_documents: int = 2048  # documents per encode_batch_fast call (larger: less idle time)
-    num_threads: int = 0  # RAYON_NUM_THREADS for encoding (0 = library default: all cores)
+    num_threads: int = 0  # RAYON_NUM_THREADS for encoding (0 = library default: all cores; 1 per Ray task)
+    # Where the stage runs: "local" (this process) or "ray" (a Ray Data pipeline): the same token
+    # ids per document and the same split either way; only the cutting of shard files differs.
+    engine: Literal["local", "ray"] = "local"
+    ray_workers: int = 0  # Ray engine: parallel tasks of one CPU each (0 = one per CPU of the cluster)
+    ray_block_bytes: int = 32 << 20  # Ray engine: bytes of text per task
 
-    RUNTIME_FIELDS = ("batch_documents", "num_threads")
+    RUNTIME_FIELDS = ("batch_documents", "num_threads", "engine", "ray_workers", "ray_block_bytes")
 
     def validate(self) -> None:
         """Reject invalid values with a ConfigError naming the field."""
@@ -106,3 +128,4 @@ class ShardConfig(ConfigBase):
         check(self.shard_tokens < 2**31, "shard_tokens", "must be below 2**31 (int32 offsets)")
         check(self.batch_documents > 0, "batch_documents", "must be positive")
         check(self.num_threads >= 0, "num_threads", "must be >= 0 (0 = library default)")
+        check_engine(self.engine, self.ray_workers, self.ray_block_bytes)

@@ -1,36 +1,46 @@
-"""Independent jobs as parallel Ray tasks (used to evaluate word-milestone models side by side)."""
+"""Ray for a block of work (``ray_session``), and independent jobs as parallel Ray tasks (used to
+evaluate word-milestone models side by side)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, worker_niceness: int = 0) -> Iterator[None]:
+    """Ray for the duration of the block: the one this process already uses, else the cluster at
+    ``address`` (or ``RAY_ADDRESS``), else a local Ray of this machine's CPUs, its workers at
+    ``worker_niceness`` (Ray's default, 15, would let any other busy process starve them); what
+    was started here is shut down afterwards."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        yield
+        return
+    if address is not None:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                 _system_config={"worker_niceness": worker_niceness})
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def ray_map(fn: Callable[..., Any], calls: Sequence[tuple], *, num_cpus: float = 1, address: str | None = None,
             worker_niceness: int = 0) -> list:
-    """``[fn(*args) for args in calls]``, each call a Ray task of ``num_cpus`` CPUs, in order.
-
-    Attaches to ``address`` (or ``RAY_ADDRESS``) when given, else starts a local Ray for the
-    duration of the call, its workers at ``worker_niceness`` (Ray's default, 15, would let any
-    other busy process starve them). ``fn`` must be importable by the workers (a module-level
-    function)."""
+    """``[fn(*args) for args in calls]``, each call a Ray task of ``num_cpus`` CPUs, in order, on
+    the Ray of ``ray_session(address, worker_niceness=...)``. ``fn`` must be importable by the
+    workers (a module-level function)."""
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    started = False
-    if not ray.is_initialized():
-        if address is not None:
-            ray.init(address=address)
-        else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                     _system_config={"worker_niceness": worker_niceness})
-        started = True
-    try:
+    with ray_session(address, worker_niceness=worker_niceness):
         remote = ray.remote(num_cpus=num_cpus, max_retries=1)(fn)
         return ray.get([remote.remote(*args) for args in calls])
-    finally:
-        if started:
-            ray.shutdown()
 
 
-__all__ = ["ray_map"]
+__all__ = ["ray_map", "ray_session"]

@@ -3,7 +3,7 @@
 A file is read by the format whose longest suffix matches its name (``x.jsonl.gz`` is JSON lines,
 ``x.gz`` gzipped text); a file named explicitly with no known suffix is read as text. Folders are
 searched for files with a registered suffix. Adding a format is one module with a ``FORMAT``
-(``base.InputFormat``), registered below.
+(``base.InputFormat``: its reader and, optionally, how it cuts a file into parts), registered below.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import jsonl, parquet, text
-from .base import DocumentSink, InputFormat, replaced_bytes
+from .base import WHOLE, DocumentSink, InputFormat, Part, replaced_bytes
 
 FORMATS: dict[str, InputFormat] = {}
 
@@ -41,4 +41,5 @@ def format_for(path: Path) -> InputFormat:
     return best
 
 
-__all__ = ["DocumentSink", "FORMATS", "InputFormat", "format_for", "register_format", "replaced_bytes", "suffixes"]
+__all__ = ["DocumentSink", "FORMATS", "InputFormat", "Part", "WHOLE", "format_for", "register_format", "replaced_bytes",
+           "suffixes"]

@@ -6,29 +6,37 @@ import codecs
 import gzip
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 from common.artifacts import DataError
 from common.config.data import CleanConfig
 
 from . import base
-from .base import DocumentSink, InputFormat, check_binary, decode_error, open_binary, utf8_errors
+from .base import (WHOLE, DocumentSink, InputFormat, LineNumbers, Part, binary_error, decode_error,
+                   first_line_start, line_parts, open_binary, utf8_errors)
 
 
-def read(path: Path, cfg: CleanConfig, cleaner: DocumentSink) -> None:
-    """One document per line; a line of any length is fed to the cleaner in blocks."""
+def read(location: str | Path, cfg: CleanConfig, cleaner: DocumentSink, part: Part = WHOLE) -> Iterator[None]:
+    """One document per line (the lines that start in ``part``); a line of any length is fed to the
+    cleaner in blocks. Yields after each block."""
     decoder = codecs.getincrementaldecoder("utf-8")(utf8_errors(cfg))
-    line_no, in_line, line_bytes, docs = 1, False, 0, 0
     try:
-        with open_binary(path) as stream:
-            while block := stream.read(base.BLOCK):
-                cleaner.add_bytes(len(block))
+        with open_binary(location) as stream:
+            pos = first_line_start(stream, part)
+            if pos is None:
+                return
+            lines = LineNumbers(location, pos)
+            line_no, in_line, line_bytes = 1, False, 0
+            done = False
+            while not done and (block := stream.read(base.BLOCK)):
                 start = 0
                 while start < len(block):
                     nl = block.find(b"\n", start)
                     end = len(block) if nl < 0 else nl
                     piece = block[start:end]
                     if piece:
-                        check_binary(piece, path, line_no)
+                        if b"\x00" in piece:
+                            raise binary_error(location, lines(line_no))
                         if not in_line:
                             if not piece.strip():
                                 piece = b""  # leading blanks: not yet a document
@@ -39,33 +47,37 @@ def read(path: Path, cfg: CleanConfig, cleaner: DocumentSink) -> None:
                             try:
                                 cleaner.feed(decoder.decode(piece))
                             except UnicodeDecodeError as exc:
-                                raise decode_error(path, f"line {line_no}", exc, line_bytes) from None
+                                raise decode_error(location, f"line {lines(line_no)}", exc, line_bytes) from None
                             line_bytes += len(piece)
                     if nl < 0:
+                        start = len(block)
                         break
                     if in_line:
                         try:
                             cleaner.feed(decoder.decode(b"", final=True))
                         except UnicodeDecodeError as exc:
-                            raise decode_error(path, f"line {line_no}", exc, line_bytes) from None
+                            raise decode_error(location, f"line {lines(line_no)}", exc, line_bytes) from None
                         cleaner.end()
-                        docs += 1
                     decoder.reset()
                     in_line, line_bytes = False, 0
                     line_no += 1
                     start = nl + 1
+                    if part.end >= 0 and pos + start >= part.end:
+                        done = True  # the next line starts in the next part
+                        break
+                cleaner.add_bytes(start)
+                pos += len(block)
+                yield
             if in_line:
                 try:
                     cleaner.feed(decoder.decode(b"", final=True))
                 except UnicodeDecodeError as exc:
-                    raise decode_error(path, f"line {line_no}", exc, line_bytes) from None
+                    raise decode_error(location, f"line {lines(line_no)}", exc, line_bytes) from None
                 cleaner.end()
-                docs += 1
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: not a readable gzip file ({exc})") from None
-    if docs == 0:
-        raise DataError(f"{path}: empty input (no non-blank lines)")
+        raise DataError(f"{location}: not a readable gzip file ({exc})") from None
 
 
 # BabyLM ships its text as *.train / *.dev / *.test; ".gz" is any gzipped text not claimed by another format.
-FORMAT = InputFormat("text", (".txt", ".txt.gz", ".gz", ".train", ".dev", ".test"), read)
+FORMAT = InputFormat("text", (".txt", ".txt.gz", ".gz", ".train", ".dev", ".test"), read, line_parts,
+                     "no non-blank lines")
