@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from common.config import ModelConfig
-from gptbert.kernels import KERNELS, apply_kernels, build_model, cross_entropy, geglu
+from gptbert.kernels import KERNELS, apply_kernels, build_model, geglu
+import gptbert.kernels.cross_entropy as cross_entropy
 from gptbert.kernels.dropout import CpuDropout, dropout
 from gptbert.kernels.geglu import GEGLU
 from gptbert.kernels.layer_mix import BufferedLayerWeighting, History
