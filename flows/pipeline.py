@@ -66,6 +66,17 @@ def _child_name(tracker, stage: str, parent_run_id: Optional[str]) -> str:
     return child_name(stage, tracker.run_name_of(parent_run_id) if parent_run_id else None)
 
 
+def _call(fresh_process: bool, fn, *args, in_parent: tuple[str, ...] = (), **kwargs):
+    """``fn(*args, **kwargs)``, in a new process when ``fresh_process`` (``flows.isolation``), the
+    keyword arguments named in ``in_parent`` (callbacks: the step-metrics logger) running here."""
+    if fresh_process:
+        from .isolation import InParent, in_fresh_process
+
+        kwargs = {k: InParent(v) if k in in_parent and v is not None else v for k, v in kwargs.items()}
+        return in_fresh_process(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
 def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Optional[str], run) -> Artifact:
     """Open the stage's child run, run ``run(child_run_id)``, log what the stage produced."""
     logger = get_run_logger()
@@ -175,9 +186,10 @@ def shard_task(config: PipelineConfig, corpus: Artifact, tokenizer: Artifact,
 @task(name="pretrain", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=retry_if_transient)
 def pretrain_task(config: PipelineConfig, shards: Artifact, tokenizer: Artifact,
-                  parent_run_id: Optional[str] = None) -> Artifact:
+                  parent_run_id: Optional[str] = None, fresh_process: bool = False) -> Artifact:
     """Prefect task: pretrain on the shards (resuming from checkpoints), tracked as a child MLflow run
-    with the step metrics, the model folder and the loss curves."""
+    with the step metrics, the model folder and the loss curves. ``fresh_process``: the training
+    itself runs in a new process (``flows.isolation``; a sweep's trials), the tracking here."""
     def run(child: Optional[str]) -> Artifact:
         callback = None
         if child is not None:
@@ -185,9 +197,11 @@ def pretrain_task(config: PipelineConfig, shards: Artifact, tokenizer: Artifact,
 
             callback = StepMetricsLogger(resolve_tracking_uri(config), child, config.tracking.log_every,
                                          last_step=config.train.steps)
-        artifact = stages.pretrain(config, shards, tokenizer, callback=callback)
+        # The plain loop calls the logger in the training process: from a fresh one, its calls come back
+        # here (that process then needs no MLflow); a Ray run ships it to its rank-0 worker as before.
+        artifact = _call(fresh_process, stages.pretrain, config, shards, tokenizer, callback=callback,
+                         in_parent=("callback",) if config.launch.backend == "local" else ())
         if callback is not None:
-            callback.flush()  # the plain loop calls it in this process; Ray flushed on its worker
             tracker = tracker_for(config)
             model_dir = artifact.local(stages.RUN_PARTS) / "model"
             recorded = artifact.record.get("mlflow_run_id")
@@ -251,12 +265,14 @@ def export_available(config: PipelineConfig) -> Optional[str]:
 
 @task(name="evaluate", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
       retry_condition_fn=retry_if_transient)
-def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Optional[str] = None) -> Artifact:
-    """Prefect task: evaluate the model (recipe §6), tracked as a child MLflow run with its metrics."""
+def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Optional[str] = None,
+                  fresh_process: bool = False) -> Artifact:
+    """Prefect task: evaluate the model (recipe §6), tracked as a child MLflow run with its metrics;
+    ``fresh_process`` as for ``pretrain_task``."""
     def run(child: Optional[str]) -> Artifact:
         from .plots import evaluation_figures
 
-        artifact = stages.evaluate(config, model, after=evaluation_figures)
+        artifact = _call(fresh_process, stages.evaluate, config, model, after=evaluation_figures)
         if child is not None:
             # The scores, and each word milestone's with its words as the step (learning curves).
             results = json.loads(Path(artifact.file("results.json")).read_text())

@@ -142,7 +142,10 @@ def pretrain(cfg: PipelineConfig, shards: Artifact, tokenizer: Artifact, callbac
         local.mkdir(parents=True, exist_ok=True)
         progress = ProgressFile(local / PROGRESS_FILE, cfg.train.steps)
         events.emit("progress_file", stage="pretrain", path=progress.path, total_steps=cfg.train.steps)
-        return run_pretraining(cfg, shards.path, out, callback=Chain(progress, callback))
+        done = run_pretraining(cfg, shards.path, out, callback=Chain(progress, callback))
+        if callback is not None and hasattr(callback, "flush"):
+            callback.flush()  # the plain loop's buffered metrics (Ray flushed them on its worker), in this process
+        return done
 
     return _cached_or_run(cfg, "pretrain", pretrain_inputs(shards.digest, tokenizer.digest),
                           pretrain_config(cfg.model, cfg.train), run)

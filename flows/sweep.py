@@ -11,6 +11,9 @@ nested below it); the registry is not touched.
 ``sweep.parallel``: ``sequential`` runs trials one after another (each launched as
 ``launch.backend`` says, e.g. a Ray Train run on a cluster); ``ray`` runs each trial as a Ray task
 (the plain loop on one worker) on ``launch.ray_address``'s cluster or a local Ray.
+``sweep.isolate_trials`` (the default) trains and evaluates each trial in a fresh process (a fresh
+Ray worker), tracking stays in this one: the sweep's peak memory is that of one trial, whatever
+their number.
 """
 
 from __future__ import annotations
@@ -162,7 +165,7 @@ def run_sweep(config: PipelineConfig) -> dict[str, Any]:
             logger.info("ratio sweep: %d trials as Ray tasks", len(trials))
             done = ray_map(run_trial_stages, [(c, shards, tokenizer) for c in configs],
                            num_cpus=sweep.cpus_per_trial, address=config.launch.ray_address or None,
-                           worker_niceness=config.launch.worker_niceness)
+                           worker_niceness=config.launch.worker_niceness, fresh_workers=sweep.isolate_trials)
             for (f, s), c, (model, evaluation) in zip(trials, configs, done):
                 if tracker is not None:
                     child = _start_trial_run(tracker, parent, c, f, s)
@@ -173,8 +176,8 @@ def run_sweep(config: PipelineConfig) -> dict[str, Any]:
                 logger.info("ratio sweep: trial causal %s, seed %d", fraction_label(f), s)
                 child = _start_trial_run(tracker, parent, c, f, s) if tracker is not None else None
                 try:
-                    model = pretrain_task(c, shards, tokenizer, child)
-                    evaluation = evaluate_task(c, model, child)
+                    model = pretrain_task(c, shards, tokenizer, child, fresh_process=sweep.isolate_trials)
+                    evaluation = evaluate_task(c, model, child, fresh_process=sweep.isolate_trials)
                 except BaseException:
                     if child is not None:
                         tracker.end_run(child, "FAILED")

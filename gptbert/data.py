@@ -100,7 +100,8 @@ class TrainingData:
     """What pretraining reads: documents to train on, validation documents (or None), the
     ``tokenizer.json`` that encoded them (or None for bare token files), the content digest of the
     data (the shard manifest's or the token file's sha256; None for an in-memory source), a name
-    for the summary, and the vocabulary the data was made with (None when unknown)."""
+    for the summary, and the vocabulary the data was made with (the manifest's, else the given
+    tokenizer's; None when unknown)."""
 
     train: DocumentSource
     valid: DocumentSource | None
@@ -156,19 +157,42 @@ class WordCounter:
         return int((self._upto(docs, start + n) - self._upto(docs, start)).sum())
 
 
+def checked_tokenizer_vocab(path: str | Path) -> int:
+    """Read ``tokenizer.json`` as the stages do (parsed, the 16 specials at their ids) and return its
+    vocabulary size; a malformed or truncated file is a DataError naming it."""
+    from tokenization.tokenizer import load_tokenizer
+
+    return load_tokenizer(path).get_vocab_size()
+
+
+def _folder_tokenizer(reader) -> Path:
+    # The shard folder's tokenizer.json: present, the manifest's (sha256), and readable.
+    path = reader.tokenizer_path
+    checked_tokenizer_vocab(path)
+    return path
+
+
 def open_data(data, tokenizer: str | Path | None = None, valid_data=None, remote: str = "cache") -> TrainingData:
     """Open ``data``: a DocumentSource, a shard folder (its ``valid`` split validates, its own
     ``tokenizer.json`` is the tokenizer; a URI too) or a token file (.txt/.npz). ``tokenizer``: a tokenizer to
     use instead (a shard folder checks it against its manifest); ``valid_data``: a DocumentSource or
     token file of validation documents, instead of the shards' split; ``remote``: how a shard folder
-    given as a URI is read (``launch.remote_shards``: "cache" or "memory", see ShardReader)."""
+    given as a URI is read (``launch.remote_shards``: "cache" or "memory", see ShardReader).
+
+    The tokenizer that will ship with the model is checked here, before any training: read like every
+    stage reads one, and a shard folder's own must be the one its manifest names. A missing,
+    truncated or replaced file is one error naming it (FileNotFoundError, DataError,
+    DigestMismatchError), never a model folder without a tokenizer."""
     valid = valid_data if (valid_data is None or isinstance(valid_data, DocumentSource)) \
         else load_token_file(valid_data)
     tok = Path(tokenizer) if tokenizer is not None else None
     if tok is not None and not tok.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {tok}")
+    # A given tokenizer is read before anything else (a truncated file says so, not only that its digest
+    # differs); a shard folder's own is checked against its manifest and read too.
+    tok_vocab = checked_tokenizer_vocab(tok) if tok is not None else None
     if isinstance(data, DocumentSource):
-        return TrainingData(data, valid, tok, None, type(data).__name__)
+        return TrainingData(data, valid, tok, None, type(data).__name__, tok_vocab)
     if storage.is_remote(data):  # a shard folder on an object store (read through the local cache)
         from tokenization.shards import MANIFEST_FILE, ShardReader
 
@@ -182,7 +206,7 @@ def open_data(data, tokenizer: str | Path | None = None, valid_data=None, remote
                                     "location must be a shard folder)") from None
         if valid is None and train.manifest["splits"].get("valid", {}).get("documents"):
             valid = ShardReader(location, tokenizer_json=tok, split="valid", remote=remote)
-        return TrainingData(train, valid, tok or train.tokenizer_path, train.manifest_digest, location,
+        return TrainingData(train, valid, tok or _folder_tokenizer(train), train.manifest_digest, location,
                             int(train.manifest["vocab_size"]))
     path = Path(data)
     if path.is_dir():
@@ -193,8 +217,8 @@ def open_data(data, tokenizer: str | Path | None = None, valid_data=None, remote
         train = ShardReader(path, tokenizer_json=tok, split="train")
         if valid is None and train.manifest["splits"].get("valid", {}).get("documents"):
             valid = ShardReader(path, tokenizer_json=tok, split="valid")
-        return TrainingData(train, valid, tok or train.tokenizer_path, train.manifest_digest, str(path),
+        return TrainingData(train, valid, tok or _folder_tokenizer(train), train.manifest_digest, str(path),
                             int(train.manifest["vocab_size"]))
     if path.is_file():
-        return TrainingData(load_token_file(path), valid, tok, file_digest(path), str(path))
+        return TrainingData(load_token_file(path), valid, tok, file_digest(path), str(path), tok_vocab)
     raise FileNotFoundError(f"training data not found: {path} (expected a shard folder or a token file)")

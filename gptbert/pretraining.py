@@ -86,7 +86,7 @@ def check_data_fits(cfg: PipelineConfig, data: TrainingData) -> None:
                         f"({cfg.model.max_position_embeddings})")
     if data.vocab_size is not None and data.vocab_size > cfg.model.vocab_size:
         raise DataError(f"config field 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
-                        f"shards' tokenizer vocabulary ({data.vocab_size})")
+                        f"data's tokenizer vocabulary ({data.vocab_size})")
 
 
 def ema_model(trainer: "Trainer", model_cfg: ModelConfig) -> torch.nn.Module | None:

@@ -442,6 +442,9 @@ class Trainer:
                     self._checkpoint(checkpoint_root, on_checkpoint)
         finally:
             self._drop_prefetch()
+            if self._executor is not None:  # its thread would outlive the trainer (one per run in a sweep)
+                self._executor.shutdown()
+                self._executor = None
             if bar is not None:
                 bar.close()
         if checkpoint_root is not None and self.step > start_step:

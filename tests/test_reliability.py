@@ -203,6 +203,96 @@ def test_a_model_whose_tokenizer_has_a_larger_vocabulary(built, capsys, tmp_path
     _assert_one_line(rc, err, "model/tokenizer.json", "more than the model's vocabulary")
 
 
+# ---------------------------------------------------------------------------------------- tokenizers
+
+def _truncated(src: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(src.read_bytes()[: len(src.read_bytes()) // 2])
+    return dest
+
+
+def _another_tokenizer(src: Path, dest: Path) -> Path:
+    """A valid tokenizer.json that is not ``src``: the ids of its last two tokens swapped."""
+    data = json.loads(src.read_text())
+    vocab = data["model"]["vocab"]
+    a, b = (next(t for t, i in vocab.items() if i == len(vocab) - k) for k in (1, 2))
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(data))
+    return dest
+
+
+def _shards_whose_tokenizer(damage):
+    def make(built: Path, tmp: Path) -> tuple[list[str], str]:
+        shards = _copy(built / "shards", tmp / "shards")
+        damage(shards / "tokenizer.json", tmp)
+        return ["--data", str(shards)], "shards/tokenizer.json"
+    return make
+
+
+def _given_tokenizer(make_file, data: str = "shards"):
+    def make(built: Path, tmp: Path) -> tuple[list[str], str]:
+        tok = make_file(built / "tok" / "tokenizer.json", tmp / "given" / "tokenizer.json")
+        if data == "tokens":  # a token file has no manifest to compare with: the tokenizer is read
+            from gptbert.data import save_token_file
+
+            save_token_file(tmp / "ids.npz", [list(range(16, 40))] * 20)
+            return ["--data", str(tmp / "ids.npz"), "--tokenizer", str(tok)], "given/tokenizer.json"
+        return ["--data", str(built / "shards"), "--tokenizer", str(tok)], "given/tokenizer.json"
+    return make
+
+
+BAD_TOKENIZERS = {
+    "shard folder: truncated": (_shards_whose_tokenizer(lambda f, tmp: _truncated(f, f)),
+                                "differs from the manifest's"),
+    "shard folder: missing": (_shards_whose_tokenizer(lambda f, tmp: f.unlink()), "not found"),
+    "shard folder: another tokenizer": (_shards_whose_tokenizer(lambda f, tmp: _another_tokenizer(f, f)),
+                                        "differs from the manifest's"),
+    "--tokenizer: truncated": (_given_tokenizer(_truncated), "not a valid tokenizer.json"),
+    "--tokenizer: another tokenizer": (_given_tokenizer(_another_tokenizer), "re-run gptbert shard"),
+    "--tokenizer: truncated, token file": (_given_tokenizer(_truncated, "tokens"), "not a valid tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TOKENIZERS))
+def test_a_bad_tokenizer_for_pretraining_is_one_line_before_any_training(built, capsys, tmp_path, case):
+    """Issue 30: a corrupt tokenizer in the shard folder was dropped, and the run wrote a model
+    folder without one. Now every tokenizer pretraining reads is refused by name before a step."""
+    make, what = BAD_TOKENIZERS[case]
+    args, where = make(built, tmp_path)
+    rc, err = _run(capsys, "pretrain", *args, "--out", str(tmp_path / "run"), *TINY)
+    _assert_one_line(rc, err, where, what)
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_bad_tokenizer_for_sharding_or_in_a_model_folder_is_one_line(built, capsys, tmp_path):
+    tok = _truncated(built / "tok" / "tokenizer.json", tmp_path / "tok" / "tokenizer.json")
+    rc, err = _run(capsys, "shard", str(built / "clean"), str(tok.parent), "--out", str(tmp_path / "shards"), *TINY)
+    _assert_one_line(rc, err, "tok/tokenizer.json", "not a valid tokenizer.json")
+    assert not (tmp_path / "shards").exists()
+
+    truncated = _copy(built / "run" / "model", tmp_path / "truncated")
+    _truncated(truncated / "tokenizer.json", truncated / "tokenizer.json")
+    unrecorded = _copy(truncated, tmp_path / "unrecorded")  # no digest to compare with: the file is read
+    summary = json.loads((unrecorded / "training.json").read_text())
+    summary.pop("tokenizer_sha256")
+    (unrecorded / "training.json").write_text(json.dumps(summary))
+    missing = _copy(built / "run" / "model", tmp_path / "missing")
+    (missing / "tokenizer.json").unlink()
+    for folder, what in ((truncated, "sha256 differs"), (unrecorded, "not a valid tokenizer.json"),
+                         (missing, "lacks tokenizer.json")):
+        rc, err = _run(capsys, "evaluate", str(folder), "--blimp", str(built / "blimp"), "--out",
+                       str(tmp_path / "e"), "--preset", "tiny")
+        _assert_one_line(rc, err, folder.name, what)
+        if folder is not missing:
+            rc, err = _run(capsys, "score", str(folder), "The cat sees the ball.")
+            _assert_one_line(rc, err, f"{folder.name}/tokenizer.json", what)
+    for folder, what in ((truncated, "sha256 differs"), (missing, "has no tokenizer.json")):
+        rc, err = _run(capsys, "export", str(folder), "--out", str(tmp_path / "hf"))
+        _assert_one_line(rc, err, folder.name, what)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "hf").exists()
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 
 class _Payload:

@@ -138,7 +138,7 @@ def test_token_files_roundtrip_and_errors(tmp_path):
 
 def test_shard_folder_is_the_source_of_its_tokenizer(tmp_path):
     """open_data takes the shard folder's own tokenizer.json, only when it is the one the manifest
-    pins; an explicit tokenizer is checked against the manifest."""
+    pins (a replaced one is refused, naming it); an explicit tokenizer is checked against the manifest."""
     from common.artifacts import DigestMismatchError
     from common.config import CleanConfig, ShardConfig, TokenizerConfig
     from gptbert.data import open_data
@@ -159,7 +159,8 @@ def test_shard_folder_is_the_source_of_its_tokenizer(tmp_path):
     with pytest.raises(DigestMismatchError, match="re-run gptbert shard"):
         open_data(tmp_path / "shards", tokenizer=tmp_path / "tok2" / "tokenizer.json")
     (tmp_path / "shards" / "tokenizer.json").write_bytes((tmp_path / "tok2" / "tokenizer.json").read_bytes())
-    assert open_data(tmp_path / "shards").tokenizer is None  # a swapped file is not taken
+    with pytest.raises(DigestMismatchError, match="shards/tokenizer.json: sha256 .* differs from the manifest's"):
+        open_data(tmp_path / "shards")  # a swapped file is neither taken nor silently dropped
 
 
 def test_out_of_vocabulary_ids_fail_clearly(tmp_path):

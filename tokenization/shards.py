@@ -356,6 +356,19 @@ def _manifest_entries(manifest: Any, path: Path, split: str) -> list[dict[str, A
     return section["shards"]
 
 
+def _buffer_view(array: pa.Array, path) -> np.ndarray:
+    """A numpy view of a primitive Arrow array's values, in place (``Array.to_numpy`` does the same but
+    imports pandas, about 45 MB in every process that reads shards)."""
+    if not pa.types.is_integer(array.type) or array.null_count:
+        raise DataError(f"{path}: a column of {array.type} with {array.null_count} nulls, not integers (expected a "
+                        "shard written by gptbert shard)")
+    dtype = np.dtype(str(array.type))
+    data = array.buffers()[1]
+    if data is None:
+        return np.zeros(0, dtype)
+    return np.frombuffer(data, dtype=dtype)[array.offset: array.offset + len(array)]
+
+
 class ShardReader:
     """Memory-mapped, zero-copy view of one split of a shard folder (the DocumentSource protocol).
 
@@ -422,7 +435,7 @@ class ShardReader:
             # Views of the mapped buffers; the list's own offset shifts both (0 when written here).
             offsets = np.frombuffer(tokens.buffers()[1], dtype=np.int32)[
                 tokens.offset: tokens.offset + len(tokens) + 1]
-            values = tokens.values.to_numpy(zero_copy_only=True)
+            values = _buffer_view(tokens.values, path)
             if len(values) != entry["tokens"] or int(offsets[-1] - offsets[0]) != entry["tokens"]:
                 raise DataError(f"{path}: holds {len(values)} tokens, manifest says {entry['tokens']}")
             if len(values) and int(values.max()) >= vocab_size:
@@ -431,7 +444,7 @@ class ShardReader:
             self._maps.append(source)
             self._offsets.append(offsets)
             self._values.append(values)
-            words.append(batch.column(1).to_numpy(zero_copy_only=True))
+            words.append(_buffer_view(batch.column(1), path))
         self._doc_starts = np.zeros(len(self._offsets) + 1, dtype=np.int64)
         np.cumsum([len(o) - 1 for o in self._offsets], out=self._doc_starts[1:])
         self.lengths = (np.concatenate([np.diff(o).astype(np.int64) for o in self._offsets])
@@ -468,19 +481,26 @@ class ShardReader:
         return pa.memory_map(str(path), "r"), path
 
     @property
-    def tokenizer_path(self) -> Path | None:
-        """The folder's ``tokenizer.json`` when it is the one the shards were made with, else None
-        (for a remote folder: its copy in the local cache)."""
+    def tokenizer_path(self) -> Path:
+        """The folder's ``tokenizer.json``, checked against the manifest's sha256 (for a remote folder:
+        its copy in the local cache). A missing, truncated or replaced file is an error naming it:
+        whatever trains on the shards ships this tokenizer with its model."""
+        expected = self.manifest["tokenizer_sha256"]
+        path = storage.join(self.dir, TOKENIZER_FILE) if self.remote else self.dir / TOKENIZER_FILE
+        missing = FileNotFoundError(f"{path}: not found; gptbert shard writes the tokenizer beside the shards "
+                                    "(pass the one they were made with as --tokenizer)")
         if self.remote:
             try:
-                return storage.LocalCache().file(storage.join(self.dir, TOKENIZER_FILE),
-                                                 self.manifest["tokenizer_sha256"])
-            except (FileNotFoundError, DigestMismatchError):
-                return None
-        path = self.dir / TOKENIZER_FILE
-        if path.is_file() and file_digest(path) == self.manifest["tokenizer_sha256"]:
-            return path
-        return None
+                return storage.LocalCache().file(path, expected)  # a changed object: DigestMismatchError naming it
+            except FileNotFoundError:
+                raise missing from None
+        if not path.is_file():
+            raise missing
+        actual = file_digest(path)
+        if actual != expected:
+            raise DigestMismatchError(f"{path}: sha256 {actual[:16]}... differs from the manifest's {expected[:16]}...; "
+                                      "the file was changed or truncated after gptbert shard wrote it")
+        return path
 
     def __len__(self) -> int:
         return int(self._doc_starts[-1])

@@ -32,14 +32,15 @@ def ray_session(address: str | None = None, *, worker_niceness: int = 0) -> Iter
 
 
 def ray_map(fn: Callable[..., Any], calls: Sequence[tuple], *, num_cpus: float = 1, address: str | None = None,
-            worker_niceness: int = 0) -> list:
+            worker_niceness: int = 0, fresh_workers: bool = False) -> list:
     """``[fn(*args) for args in calls]``, each call a Ray task of ``num_cpus`` CPUs, in order, on
     the Ray of ``ray_session(address, worker_niceness=...)``. ``fn`` must be importable by the
-    workers (a module-level function)."""
+    workers (a module-level function). ``fresh_workers``: every call in a new worker process (Ray's
+    ``max_calls=1``), so a worker's memory does not carry from one call to the next."""
     import ray
 
     with ray_session(address, worker_niceness=worker_niceness):
-        remote = ray.remote(num_cpus=num_cpus, max_retries=1)(fn)
+        remote = ray.remote(num_cpus=num_cpus, max_retries=1, **({"max_calls": 1} if fresh_workers else {}))(fn)
         return ray.get([remote.remote(*args) for args in calls])
 
 
