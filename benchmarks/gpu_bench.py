@@ -216,7 +216,9 @@ def probe_child(args, device: torch.device) -> int:
 def sweep(args, gpu: bool, results: Results) -> int:
     """``gptbert sweep`` with trials sized so the grid fits the budget (6 fractions by default)."""
     name = args.preset or ("small" if gpu else "tiny")
-    fractions = args.fractions or [0.0, 0.0625, 0.25, 0.5, 0.9375, 1.0]
+    from common.config.sweep import PAPER_FRACTIONS
+
+    fractions = args.fractions or list(PAPER_FRACTIONS)
     batch = sweep_batch(gpu)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = [sys.executable, str(Path(__file__).resolve()), "--probe", name] + (["--cpu-smoke"] if not gpu else [])

@@ -16,7 +16,7 @@ def test_sweep_config_and_trial_config():
 
     cfg = load_config(preset="tiny", overrides=["sweep.fractions=[0.0, 0.5]", "sweep.seeds=[3, 4]"])
     assert cfg.sweep.fractions == [0.0, 0.5] and cfg.sweep.parallel == "sequential"
-    assert load_config().sweep.fractions == [0.0, 0.0625, 0.25, 0.5, 0.9375, 1.0]  # the paper's grid
+    assert load_config().sweep.fractions == [0.0, 0.0625, 0.125, 0.5, 0.9375, 1.0]  # the paper's grid
     t = trial_config(cfg, 0.5, 4)
     assert (t.train.causal_fraction, t.train.seed, t.launch.backend) == (0.5, 4, cfg.launch.backend)
     assert t.model == cfg.model and t.eval == cfg.eval  # nothing else changes

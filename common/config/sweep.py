@@ -8,8 +8,8 @@ from typing import Literal
 
 from .base import ConfigBase, check
 
-# The paper's grid: masked-only, 1:15, 1:3, 1:1, 15:1 (causal:masked) and causal-only.
-PAPER_FRACTIONS = [0.0, 0.0625, 0.25, 0.5, 0.9375, 1.0]
+# The grid of the paper's ratio ablation (causal:masked): masked-only, 1:15, 1:7, 1:1, 15:1 and causal-only.
+PAPER_FRACTIONS = [0.0, 0.0625, 0.125, 0.5, 0.9375, 1.0]
 
 
 @dataclass
