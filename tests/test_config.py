@@ -92,6 +92,19 @@ def test_shipped_recipes_load(recipe):
     assert cfg.sweep.fractions and cfg.train.steps > 0
 
 
+def test_the_cpu_realtext_recipe_is_the_run_its_documentation_reports():
+    """docs/recipes.md reports one measured run of recipes/cpu-realtext.yaml: the file must still
+    describe that run (budget, mix, model), or the numbers beside it describe another."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(path=root / "recipes" / "cpu-realtext.yaml")
+    assert cfg.train.steps * cfg.train.batch_tokens_start == cfg.train.steps * cfg.train.batch_tokens_end == 12_288_000
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.causal_fraction, cfg.train.ema_decay) == (1500, 2e-2, 0.5, 0.99)
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.vocab_size) == (4, 128, 8192)
+    assert cfg.model.hidden_dropout == cfg.model.attention_dropout == 0.0
+    docs = (root / "docs" / "recipes.md").read_text()
+    assert "1,500 steps of 8,192 tokens = 12.29M tokens" in docs and "causal fraction 1/2" in docs
+
+
 @pytest.mark.parametrize("override", ["workdir=s3://bucket/run", 'clean.inputs=["gs://b/corpus"]',
                                       "eval.blimp_dir=file:///data/blimp", "eval.finetune.data_dir=hdfs://nn/glue"])
 def test_uris_of_known_filesystems_are_accepted_where_locations_are_read(override):
