@@ -44,35 +44,67 @@ def one_thread():
 # the session ends: a leftover one, reparented to init, keeps ports and memory after CI.
 SERVICE_PATTERNS = ("ray::", "raylet", "gcs_server", "prefect.server.api.server", "dashboard/agent.py",
                     "runtime_env/agent", "moto.server", "postgresql/", "postgres: ", "mlflow.server")
+# Every process this session starts inherits this variable (also one that detaches from the process
+# tree, as daemons do): what the leftover check counts, so that services another user's job runs on
+# the same machine (a Ray cluster, a Prefect server) are never blamed on the tests.
+SESSION_MARKER = "GPTBERT_TEST_SESSION"
+os.environ.setdefault(SESSION_MARKER, f"{os.getpid()}-{int.from_bytes(os.urandom(4), 'big'):08x}")
 
 
-def _service_processes() -> dict[int, str]:
+def _proc_text(pid: int | str, name: str) -> str:
+    try:
+        return (Path("/proc") / str(pid) / name).read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # gone, or another user's
+        return ""
+
+
+def _parent(pid: int) -> int:
+    stat = _proc_text(pid, "stat")
+    return int(stat.rsplit(")", 1)[1].split()[1]) if ")" in stat else 0
+
+
+def _started_by_session(pid: int, session: str, root: int) -> bool:
+    """A descendant of the session's process, or a process carrying the session's marker."""
+    if f"{SESSION_MARKER}={session} " in _proc_text(pid, "environ") + " ":
+        return True
+    seen = set()
+    while pid > 1 and pid not in seen:
+        if pid == root:
+            return True
+        seen.add(pid)
+        pid = _parent(pid)
+    return False
+
+
+def service_processes(session: str | None = None, root: int | None = None) -> dict[int, str]:
+    """Running service processes (``SERVICE_PATTERNS``) as pid -> command line; with ``session``,
+    only those this test session started."""
     found = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        if any(p in cmd for p in SERVICE_PATTERNS):
+        cmd = _proc_text(entry.name, "cmdline").strip()
+        if any(p in cmd for p in SERVICE_PATTERNS) and (
+                session is None or _started_by_session(int(entry.name), session, root or os.getpid())):
             found[int(entry.name)] = cmd[:160]
     return found
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_services_left_behind():
-    """Fail the session when a test left a Ray or Prefect service process running (those that
-    were running before the session are not counted)."""
+    """Fail the session when a test left a service process running that this session started
+    (running before the session, or started by anything else, is not counted)."""
     import time
 
-    before = set(_service_processes()) if Path("/proc").is_dir() else None
-    yield
-    if before is None:
+    if not Path("/proc").is_dir():
+        yield
         return
+    session = os.environ[SESSION_MARKER]
+    before = set(service_processes(session))
+    yield
     deadline = time.time() + 30  # Ray and uvicorn need a moment to exit after shutdown
     while True:
-        left = {pid: cmd for pid, cmd in _service_processes().items() if pid not in before}
+        left = {pid: cmd for pid, cmd in service_processes(session).items() if pid not in before}
         if not left or time.time() > deadline:
             break
         time.sleep(0.5)

@@ -4,12 +4,18 @@ Plain version: ``Attention.attend`` (the fused path: the position terms gathered
 (B, h, T, T) additive bias, then scaled dot-product attention). Here the same two (B, h, T, R)
 tables are read inside flex attention's ``score_mod``, and the mask is a block mask, so no
 (B, h, T, T) tensor is built and tiles that packing or causality block entirely are skipped.
-Flex attention has no backward on CPU: there a forward that needs gradients takes the plain path,
-which computes the same maths. Flex kernels have no dropout on the attention probabilities, so
-the config requires ``attention_dropout: 0`` with it.
+On a CPU the plain path always runs: flex attention has no CPU backward, and inductor's compiled
+CPU flex kernel (torch 2.13-2.14) returns wrong values for some shapes of a padded batch, reading
+memory it did not write (seen at T=24 and 40 with AVX2's 8-lane code, on AVX2 and AVX-512 CPUs
+alike through ``cpp.simdlen=256``, and at T=48 with AVX-512's 16-lane code), so no self-check on a
+few shapes can vouch for it. A flex model computes the same maths either way; the first CPU call
+says so once. Flex kernels have no dropout on the attention probabilities, so the config requires
+``attention_dropout: 0`` with it.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -19,7 +25,10 @@ from ..model import Attention
 
 # Device types whose flex_attention has a backward.
 FLEX_BACKWARD_DEVICES = {"cuda", "xpu", "hpu"}
+# Device types whose compiled flex kernel is not used at all (see the module docstring).
+PLAIN_DEVICES = {"cpu"}
 _compiled_flex = None
+_told_plain = False
 
 
 def flex_attention(*args, **kwargs):
@@ -58,7 +67,15 @@ def block_mask(blocked: torch.Tensor):
 
 
 def usable(q: torch.Tensor) -> bool:
-    """Flex runs this call: no gradient is needed, or the device has a flex backward."""
+    """Flex runs this call: the device's flex kernel is trusted, and no gradient is needed or the
+    device has a flex backward. The first call refused on a CPU says so (a warning, once)."""
+    global _told_plain
+    if q.device.type in PLAIN_DEVICES:
+        if not _told_plain:
+            _told_plain = True
+            warnings.warn("gptbert: attention_impl 'flex' runs the fused attention on CPU (the same maths): "
+                          "torch's compiled CPU flex kernel gives wrong values for some padded batches")
+        return False
     return not (torch.is_grad_enabled() and q.requires_grad) or q.device.type in FLEX_BACKWARD_DEVICES
 
 
