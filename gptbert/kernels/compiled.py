@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from common.errors import error_line
 from common.storage import atomic_write_bytes, cache_root
@@ -56,7 +56,7 @@ class CompiledOnCpu:
         rows = x.numel() // max(x.size(-1), 1)
         if (self.compiled is not False and x.device.type == "cpu" and x.requires_grad and rows >= 2
                 and not torch.compiler.is_compiling()  # inside a compiled model: the outer compile fuses
-                and _get_current_dispatch_mode() is None):  # a dispatch mode (a FLOP counter): eager
+                and not is_in_torch_dispatch_mode()):  # a dispatch mode (a FLOP counter): eager
             if self.compiled is None:
                 self.compiled = torch.compile(self.fn)
             flat = x.reshape(rows, x.size(-1))
