@@ -160,3 +160,65 @@ def test_the_project_kernels_pass_the_check_on_each_cpu_code_path(simdlen, autoc
         torch._dynamo.reset()
     assert list(ffn.trusted.values()) == [True] and list(loss.trusted.values()) == [True]
     assert all(v["ok"] for v in checks._read().values()) and len(checks._read()) == 2
+
+
+def _model_and_batch():
+    from common.config import ModelConfig
+    from gptbert.kernels import build_model
+    from gptbert.model import build_blocked_mask
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96,
+                      hidden_dropout=0.1, attention_dropout=0.1)
+
+    def fresh(cfg):  # the same weights every time
+        torch.manual_seed(0)
+        return build_model(cfg)
+
+    seg = torch.tensor([[1] * 9 + [2] * 11, [1] * 14 + [0] * 6, [1] * 20])
+    ids = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(1))
+    return cfg, fresh, ids, build_blocked_mask(seg, torch.tensor([False, True, True]))
+
+
+def test_a_compiled_model_that_differs_from_the_eager_one_is_not_used(checks, monkeypatch):
+    cfg, build_model, ids, blocked = _model_and_batch()
+
+    def miscompiled(fn, **kwargs):  # right shapes, wrong values, as a wrong code generator gives
+        return lambda *a, **kw: fn(*a, **kw) * 1.1
+
+    monkeypatch.setattr(torch, "compile", miscompiled)
+    model = compiled.compile_model(build_model(cfg)).train()
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match=r"the compiled model differs from the eager model on this CPU \(.*relative "
+                                         r"error .* in the output.*training continues with the eager model"):
+        out = model(ids, blocked)
+    eager = build_model(cfg).train()
+    torch.manual_seed(5)  # the check left the RNG alone: the same dropout masks as an eager step
+    assert torch.equal(out, eager(ids, blocked))
+    assert model.training and all(m.training for m in model.modules())  # the check's eval mode undone
+    (verdict,) = [v for k, v in checks._read().items() if k.startswith("model|")]
+    assert verdict["ok"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("simdlen", _simd_widths())
+def test_what_a_compiled_model_runs_equals_the_eager_model_on_each_cpu_code_path(simdlen, checks):
+    """Whichever way the check goes for inductor's code of this width, the model that runs
+    computes what the eager model does. (Before the position table was built eagerly, inductor's
+    256-bit code built it wrong on torch 2.13 and this failed by 1.7.)"""
+    import torch._inductor.config as inductor_config
+
+    cfg, build_model, ids, blocked = _model_and_batch()
+    torch._dynamo.reset()
+    try:
+        with inductor_config.patch({"cpp.simdlen": simdlen}), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = compiled.compile_model(build_model(cfg)).eval()
+            with torch.no_grad():
+                out = model(ids, blocked)
+    finally:
+        torch._dynamo.reset()
+    with torch.no_grad():
+        expected = build_model(cfg).eval()(ids, blocked)
+    (verdict,) = [v for k, v in checks._read().items() if k.startswith("model|")]
+    assert torch.allclose(out, expected, atol=1e-3, rtol=1e-3), verdict
+    assert (model.forward.failed is None) == verdict["ok"]

@@ -222,18 +222,29 @@ CHECKS = KernelChecks()
 
 
 class CompiledForward:
-    """``model.forward`` compiled, falling back to the eager forward after a failed compile."""
+    """``model.forward`` compiled, falling back to the eager forward after a failed compile, and on
+    a CPU where the compiled model differs from the eager one (``check_on_cpu``)."""
 
     def __init__(self, model: nn.Module):
         self.eager = model.forward  # the bound method of the class, before this object replaces it
         self.compiled = torch.compile(self.eager)
         self.failed: str | None = None  # the error that sent the model back to eager
         self.first_call_s: float | None = None  # the first call: tracing and compiling included
+        self.checked_on_cpu = False
 
     def __call__(self, *args, **kwargs):
         if self.failed is None:
             started = time.perf_counter()
+            self._build_position_table(args)
             try:
+                if not self.checked_on_cpu and _first_tensor_device(args) == "cpu":
+                    self.checked_on_cpu = True
+                    verdict = self.check_on_cpu(args, kwargs)
+                    if not verdict["ok"]:
+                        self.failed = f"differs from the eager model on this CPU ({cpu_kind()}: {verdict['why']})"
+                        warnings.warn(f"gptbert: the compiled model {self.failed}; training continues with the "
+                                      "eager model")
+                        return self.eager(*args, **kwargs)
                 out = self.compiled(*args, **kwargs)
             except Exception as error:  # a compiler failure shows up at the call that compiles
                 elapsed = time.perf_counter() - started
@@ -246,6 +257,49 @@ class CompiledForward:
                     log.info("model compiled in %.1f s (first forward)", self.first_call_s)
                 return out
         return self.eager(*args, **kwargs)
+
+    def _build_position_table(self, args: tuple) -> None:
+        """The model's cached (T, T) position-bucket table built by eager code, before a compiled
+        graph would build it: inductor's AVX2 code for ``relative_position_buckets`` (int64 -> float
+        log -> int) gives wrong buckets for 99% of the entries (torch 2.13), and the cached table
+        would then be wrong for the eager model too."""
+        model = self.eager.__self__
+        ids = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if ids is not None and ids.dim() == 2 and hasattr(model, "position_index"):
+            model.position_index(ids.size(1), ids.device)
+
+    def check_on_cpu(self, args: tuple, kwargs: dict) -> dict:
+        """The compiled and the eager forward on these inputs, compared (``{"ok", "why"}``; the
+        verdict cached like the kernels' per model config, CPU kind and torch release). Inductor's
+        AVX2 code for the whole model has been wrong where its AVX-512 code was right. The check
+        runs in eval mode without gradients (dropout would make the two differ by their random
+        streams; the training graph is compiled separately afterwards), the RNG state untouched."""
+        model = self.eager.__self__
+        key = (f"model|{getattr(model, 'config', type(model).__name__)!r}|"
+               f"{'autocast ' + str(torch.get_autocast_dtype('cpu')) if torch.is_autocast_enabled('cpu') else 'fp32'}|"
+               f"{cpu_kind()}|torch {torch.__version__}")
+        verdict = CHECKS.get(key)
+        if verdict is not None:
+            return verdict
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                eager = self.eager(*args, **kwargs)  # first: state built lazily is built by eager code
+                compiled = self.compiled(*args, **kwargs)
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        tolerance = 5e-2 if torch.is_autocast_enabled("cpu") else 1e-3
+        error = _relative_error(compiled, eager)
+        verdict = ({"ok": True, "why": f"relative error {error:.3g}"} if error <= tolerance else
+                   {"ok": False, "why": f"relative error {error:.3g} in the output, tolerance {tolerance:g}"})
+        CHECKS.put(key, verdict)
+        return verdict
+
+
+def _first_tensor_device(args: tuple) -> str | None:
+    return next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
 
 
 def compile_model(model: GPTBERT) -> GPTBERT:
