@@ -89,18 +89,18 @@ def token_budget_batches(row_lengths: np.ndarray, max_tokens: int) -> list[np.nd
 def padded_batch(rows: Sequence[Sequence[int]], pad_id: int, causal: bool,
                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token ids (B, T) of ``rows`` and their blocked mask: one segment per row, all
-    causal or all bidirectional."""
+    causal or all bidirectional. The ids and segments are built with numpy and copied in one go
+    (pinned, non-blocking on CUDA); the (B, T, T) mask is built on ``device``."""
     from gptbert.model import build_blocked_mask
 
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    seg = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        seg[i, : len(r)] = 1
-    blocked = build_blocked_mask(seg, torch.full((len(rows),), causal, dtype=torch.bool))
-    return ids.to(device), blocked.to(device)
-
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    width = int(lengths.max())
+    inside = np.arange(width)[None, :] < lengths[:, None]
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    ids[inside] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+    ids_t, seg = _to_device([ids, inside.astype(np.int64)], torch.device(device or "cpu"))
+    causal_t = torch.full((len(rows),), causal, dtype=torch.bool, device=ids_t.device)
+    return ids_t, build_blocked_mask(seg, causal_t)
 
 def _batch_arrays(batch: np.ndarray, row_sent: np.ndarray, row_j: np.ndarray, row_lengths: np.ndarray,
                   lengths: np.ndarray, starts: np.ndarray, offsets: np.ndarray, flat: np.ndarray, n: int,
