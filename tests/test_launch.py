@@ -273,8 +273,10 @@ def test_deepspeed_reduces_gradients_once_per_step_under_zero01_and_matches_the_
 # ----------------------------------------------------------------------------- slow: Ray runs
 
 # Precision is pinned: "auto" is bf16 on AVX-512/AMX CPUs and fp32 on AVX2 ones, and each precision
-# is compared against its own single-process run.
-OVERRIDES = ["train.precision=fp32",
+# is compared against its own single-process run. So is the device: the workers of the loopback
+# cluster train on CPUs, and the plain reference must too (on a CUDA machine "auto" would put it on
+# the GPU, with other kernels, and the tolerances below were measured CPU against CPU).
+OVERRIDES = ["train.precision=fp32", "train.device=cpu",
              "launch.backend=ray", "launch.threads_per_worker=1", "train.steps=8", "train.checkpoint_every=3",
              "train.validate_every=0", "train.valid_examples=0", "train.seq_len_schedule=false",
              "train.seq_len=32", "train.batch_tokens_start=512", "train.batch_tokens_end=512",

@@ -241,3 +241,21 @@ def test_auto_budget_is_8192_on_a_cpu_and_a_probe_on_cuda(tokenizer):
     assert got == rows * 64 and len(seen) <= 2 * 13 + 1
     with pytest.raises(DeviceError, match="eval.max_tokens"):
         fit_eval_max_tokens(model, 64, measure=lambda n: 4 * 2**30, capacity_bytes=2 * 2**30)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scores_on_cuda_equal_the_cpu_scores(tokenizer):
+    """The pinned, non-blocking batches and the probed budget on CUDA score what the CPU scores. fp32
+    on both (TF32 is off for matmuls by default); the kernels sum in other orders, about 1e-6 relative
+    per log-prob, over sentences of ~20 tokens of ~6 nats each: 1e-4 absolute is ~10x that."""
+    from gptbert.scoring import resolve_max_tokens
+
+    cpu = make_model(dtype=torch.float32)
+    gpu = make_model(dtype=torch.float32).cuda()
+    seqs = encode_sentences(tokenizer, SENTENCES)
+    want = score_ids(cpu, seqs, temperatures=[1.0, 2.0], max_tokens=64)
+    got = score_ids(gpu, seqs, temperatures=[1.0, 2.0], max_tokens="auto")
+    for mode in want:
+        np.testing.assert_allclose(got[mode], want[mode], rtol=0, atol=1e-4)
+    budget = resolve_max_tokens("auto", gpu, 30)
+    assert budget >= 32 and budget % 32 == 0  # whole rows of the probed width (30 -> 32)
