@@ -275,47 +275,20 @@ def fit_micro_batch_tokens(train_cfg, model_cfg, device, world_size: int = 1,
 EVAL_MAX_TOKENS_CAP = 1 << 19  # eval.max_tokens auto: batches beyond this gain nothing on any GPU
 
 
-def eval_forward_probe(model: torch.nn.Module, width: int) -> Callable[[int], int]:
-    """``measure(n)``: the peak CUDA memory of one scoring forward of ``n`` rows of ``width`` random
-    tokens through ``model`` (inference mode, the caller's autocast) and its LM head on one chunk of
-    scored positions, as ``gptbert.scoring.score_ids`` runs it."""
-    from .model import build_blocked_mask
-    from .scoring import HEAD_CHUNK, NUM_SPECIAL
-
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-
-    @torch.inference_mode()
-    def measure(n: int) -> int:
-        free_cuda(device)
-        ids = torch.randint(NUM_SPECIAL, vocab, (n, width), device=device)
-        blocked = build_blocked_mask(torch.ones_like(ids), torch.zeros(n, dtype=torch.bool, device=device))
-        hidden = model(ids, blocked)
-        model.lm_logits(hidden.reshape(-1, hidden.size(-1))[:HEAD_CHUNK])
-        torch.cuda.synchronize(device)
-        del ids, blocked, hidden
-        return torch.cuda.max_memory_allocated(device)
-
-    return measure
-
-
-def fit_eval_max_tokens(model: torch.nn.Module, width: int, measure: Callable[[int], int] | None = None,
+def fit_eval_max_tokens(model: torch.nn.Module, width: int, measure: Callable[[int], int],
                         capacity_bytes: int | None = None, headroom: float = DEFAULT_HEADROOM) -> int:
     """``eval.max_tokens: auto`` on CUDA: the largest scoring batch (rows of ``width`` tokens, at most
     ``EVAL_MAX_TOKENS_CAP`` tokens) whose forward fits the device with ``headroom`` left free,
     searched as the training micro-batch (``fit_micro_batch``). Rows of a batch are at most ``width``
     long, and a forward's memory per token does not grow for shorter rows, so the budget is safe for
-    them. ``measure``/``capacity_bytes`` default to the real probe and the free memory."""
+    them. ``measure(n)``: peak bytes of a forward of ``n`` rows (``gptbert.scoring`` gives the real
+    probe); ``capacity_bytes`` defaults to the device's free memory."""
     device = next(model.parameters()).device
     if capacity_bytes is None:
         free, _total = torch.cuda.mem_get_info(device)
         capacity_bytes = free + torch.cuda.memory_reserved(device)
-    try:
-        fit = fit_micro_batch(max(1, EVAL_MAX_TOKENS_CAP // width), int(capacity_bytes * (1.0 - headroom)),
-                              measure or eval_forward_probe(model, width), width)
-    finally:
-        if measure is None:
-            free_cuda(device)
+    fit = fit_micro_batch(max(1, EVAL_MAX_TOKENS_CAP // width), int(capacity_bytes * (1.0 - headroom)), measure,
+                          width)
     if fit.sequences == 0:
         raise DeviceError("eval.max_tokens", f"auto: not even one row of {width} tokens fits in "
                                              f"{capacity_bytes / 2**30:.1f} GiB of {device}; use eval.device cpu")

@@ -147,19 +147,47 @@ def _to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Ten
 def resolve_max_tokens(max_tokens: int | str, model: torch.nn.Module, width: int) -> int:
     """The scoring batch budget in tokens: an integer as it is; ``"auto"`` is ``CPU_MAX_TOKENS`` off
     CUDA and, on CUDA, the largest budget whose forward at rows of ``width`` tokens fits the device
-    (``gptbert.device.fit_eval_max_tokens``, measured once per model and power-of-two width)."""
+    (``gptbert.device.fit_eval_max_tokens`` over ``forward_probe``, measured once per model and
+    power-of-two width)."""
     if max_tokens != "auto":
         return int(max_tokens)
     device = _model_device(model)
     if device.type != "cuda":
         return CPU_MAX_TOKENS
-    from .device import fit_eval_max_tokens
+    from .device import fit_eval_max_tokens, free_cuda
 
     bucket = 1 << max(4, (max(width, 1) - 1).bit_length())  # rows of at most this width: a safe budget
     known = _AUTO_BUDGETS.setdefault(model, {})
     if bucket not in known:
-        known[bucket] = fit_eval_max_tokens(model, bucket)
+        try:
+            known[bucket] = fit_eval_max_tokens(model, bucket, forward_probe(model, bucket))
+        finally:
+            free_cuda(device)
     return known[bucket]
+
+
+def forward_probe(model: torch.nn.Module, width: int) -> Callable[[int], int]:
+    """``measure(n)``: the peak CUDA memory of one scoring forward of ``n`` rows of ``width`` random
+    tokens through ``model`` (inference mode, the caller's autocast) and its LM head on one chunk of
+    scored positions, as ``score_ids`` runs it (``device.fit_eval_max_tokens`` searches with it)."""
+    from .device import free_cuda
+    from .model import build_blocked_mask
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+
+    @torch.inference_mode()
+    def measure(n: int) -> int:
+        free_cuda(device)
+        ids = torch.randint(NUM_SPECIAL, vocab, (n, width), device=device)
+        blocked = build_blocked_mask(torch.ones_like(ids), torch.zeros(n, dtype=torch.bool, device=device))
+        hidden = model(ids, blocked)
+        model.lm_logits(hidden.reshape(-1, hidden.size(-1))[:HEAD_CHUNK])
+        torch.cuda.synchronize(device)
+        del ids, blocked, hidden
+        return torch.cuda.max_memory_allocated(device)
+
+    return measure
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
