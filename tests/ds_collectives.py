@@ -11,9 +11,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# Every torch.distributed collective that DeepSpeed's comm layer may route a gradient through.
-COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor",
-               "_reduce_scatter_base")
+# The collectives DeepSpeed's engine and ZeRO optimizers call (through the ``deepspeed.comm``
+# package), and torch.distributed's, which other code may call directly.
+DS_COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "inference_all_reduce", "reduce", "reduce_scatter",
+                  "reduce_scatter_fn", "reduce_scatter_tensor", "all_to_all_single")
+TORCH_COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor",
+                     "_reduce_scatter_base", "all_to_all_single")
 # Larger than any scalar the loop or LAMB reduces (counts, sums, per-parameter norms), smaller than
 # the tiny model's gradient bucket: a collective over more elements carries gradients.
 GRADIENT_ELEMENTS = 10_000
@@ -36,30 +39,41 @@ def documents() -> list[list[int]]:
 
 
 class Counter:
-    """Wraps ``torch.distributed``'s collectives while active and counts those that carry gradients."""
+    """While active, wraps the collectives of ``deepspeed.comm`` and ``torch.distributed`` and counts,
+    by name, those that carry gradients; a torch call made inside a ``deepspeed.comm`` one is the
+    same collective and is not counted again."""
 
     def __init__(self):
         self.counts: collections.Counter = collections.Counter()
-        self._saved = {}
+        self._saved = []
+        self._depth = 0
 
     def __enter__(self):
-        for name in COLLECTIVES:
-            if hasattr(dist, name):
-                self._saved[name] = fn = getattr(dist, name)
-                setattr(dist, name, self._wrap(name, fn))
+        import deepspeed.comm
+
+        for module, names, outer in ((deepspeed.comm, DS_COLLECTIVES, True), (dist, TORCH_COLLECTIVES, False)):
+            for name in names:
+                if hasattr(module, name):
+                    fn = getattr(module, name)
+                    self._saved.append((module, name, fn))
+                    setattr(module, name, self._wrap(name, fn, outer))
         return self
 
     def __exit__(self, *exc):
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
+        for module, name, fn in reversed(self._saved):
+            setattr(module, name, fn)
 
-    def _wrap(self, name, fn):
+    def _wrap(self, name, fn, outer):
         def counted(*args, **kwargs):
             tensors = [t for v in (*args, *kwargs.values())
                        for t in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(t, torch.Tensor)]
-            if sum(t.numel() for t in tensors) > GRADIENT_ELEMENTS:
+            if self._depth == 0 and sum(t.numel() for t in tensors) > GRADIENT_ELEMENTS:
                 self.counts[name] += 1
-            return fn(*args, **kwargs)
+            self._depth += outer
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= outer
 
         return counted
 
@@ -90,7 +104,8 @@ def worker(rank: int, world: int, port: int, cases: list[tuple[int, int]], out: 
                 steps.append({"loss": m["loss"], "grad_norm": m["grad_norm"], "micro_batches": m["micro_batches"],
                               "collectives": dict(counter.counts)})
             results[f"{stage}/{micro}"] = steps
-            weights[f"{stage}/{micro}"] = {n: p.detach().clone() for n, p in backend.engine.module.named_parameters()}
+            if stage < 3:  # ZeRO-3 ranks hold partitions only
+                weights[f"{stage}/{micro}"] = {n: p.detach().clone() for n, p in backend.engine.module.named_parameters()}
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(results, f)

@@ -233,11 +233,11 @@ def test_sharded_lamb_falls_back_to_plain_lamb_for_real_parameters():
 @pytest.mark.slow
 def test_deepspeed_reduces_gradients_once_per_step_under_zero01_and_matches_the_plain_loop(tmp_path):
     """Two gloo ranks (no Ray) train 3 steps through the DeepSpeed backend with 1 and with 4
-    micro-batches per rank. Counting every torch.distributed collective that carries a gradient:
-    ZeRO-0/1 reduce once per optimizer step, in ``step`` (unmanaged accumulation: the boundary is the
-    step, not each micro-batch); ZeRO-2 reduce-scatters each micro-batch's gradients during its
-    backward (it keeps only its partition). Losses, gradient norms and weights are the plain loop's
-    up to float summation order."""
+    micro-batches per rank. Counting every collective (deepspeed.comm's or torch.distributed's) that
+    carries gradients: ZeRO-0/1 reduce once per optimizer step, in ``step`` (unmanaged accumulation:
+    the boundary is the step, not each micro-batch); ZeRO-2/3 reduce-scatter each micro-batch's
+    gradients during its backward (they keep only their partition). Losses, gradient norms and
+    (ZeRO-0..2) weights are the plain loop's up to float summation order."""
     import torch.multiprocessing as mp
 
     import ds_collectives
@@ -245,7 +245,7 @@ def test_deepspeed_reduces_gradients_once_per_step_under_zero01_and_matches_the_
     from gptbert.pretraining import build_local_backend
     from gptbert.trainer import Trainer
 
-    cases = [(0, 1), (0, 4), (1, 1), (1, 4), (2, 1), (2, 4)]
+    cases = [(0, 1), (0, 4), (1, 1), (1, 4), (2, 1), (2, 4), (3, 1), (3, 4)]
     out = str(tmp_path / "ranks.json")
     mp.spawn(ds_collectives.worker, args=(2, 29400 + os.getpid() % 500, cases, out), nprocs=2)
     runs, weights = json.loads(Path(out).read_text()), torch.load(out + ".pt")
@@ -264,6 +264,8 @@ def test_deepspeed_reduces_gradients_once_per_step_under_zero01_and_matches_the_
             assert abs(got["loss"] - want["loss"]) < TOL, (stage, micro, got["loss"], want["loss"])
             if got["grad_norm"] is not None:  # ZeRO-0 does not compute it
                 assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+        if stage == 3:
+            continue
         worst = max(float((weights[f"{stage}/{micro}"][n] - p.detach()).abs().max()) for n, p in ref_weights.items())
         print(f"ZeRO-{stage}, {micro} micro-batches: worst weight difference {worst:.3g}, worst loss difference "
               f"{max(abs(g['loss'] - w['loss']) for g, w in zip(steps, ref)):.3g}")
