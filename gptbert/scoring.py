@@ -102,6 +102,7 @@ def padded_batch(rows: Sequence[Sequence[int]], pad_id: int, causal: bool,
     causal_t = torch.full((len(rows),), causal, dtype=torch.bool, device=ids_t.device)
     return ids_t, build_blocked_mask(seg, causal_t)
 
+
 def _batch_arrays(batch: np.ndarray, row_sent: np.ndarray, row_j: np.ndarray, row_lengths: np.ndarray,
                   lengths: np.ndarray, starts: np.ndarray, offsets: np.ndarray, flat: np.ndarray, n: int,
                   mask_id: int, pad_id: int) -> list[np.ndarray]:
