@@ -10,7 +10,9 @@ nested below it); the registry is not touched.
 
 ``sweep.parallel``: ``sequential`` runs trials one after another (each launched as
 ``launch.backend`` says, e.g. a Ray Train run on a cluster); ``ray`` runs each trial as a Ray task
-(the plain loop on one worker) on ``launch.ray_address``'s cluster or a local Ray.
+(the plain loop on one worker) on ``launch.ray_address``'s cluster or a local Ray, with one GPU per
+trial where trials train on CUDA (``train.device`` cuda, or auto on a cluster with GPUs; cuda on a
+cluster without one is refused before the first trial: ``gptbert.distributed.parallel.gpus_per_task``).
 ``sweep.isolate_trials`` (the default) trains and evaluates each trial in a fresh process (a fresh
 Ray worker), tracking stays in this one: the sweep's peak memory is that of one trial, whatever
 their number.
@@ -165,7 +167,8 @@ def run_sweep(config: PipelineConfig) -> dict[str, Any]:
             logger.info("ratio sweep: %d trials as Ray tasks", len(trials))
             done = ray_map(run_trial_stages, [(c, shards, tokenizer) for c in configs],
                            num_cpus=sweep.cpus_per_trial, address=config.launch.ray_address or None,
-                           worker_niceness=config.launch.worker_niceness, fresh_workers=sweep.isolate_trials)
+                           worker_niceness=config.launch.worker_niceness, fresh_workers=sweep.isolate_trials,
+                           device=config.train.device)  # one GPU per trial where trials train on CUDA
             for (f, s), c, (model, evaluation) in zip(trials, configs, done):
                 if tracker is not None:
                     child = _start_trial_run(tracker, parent, c, f, s)

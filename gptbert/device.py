@@ -272,6 +272,31 @@ def fit_micro_batch_tokens(train_cfg, model_cfg, device, world_size: int = 1,
     return fit
 
 
+EVAL_MAX_TOKENS_CAP = 1 << 19  # eval.max_tokens auto: batches beyond this gain nothing on any GPU
+
+
+def fit_eval_max_tokens(model: torch.nn.Module, width: int, measure: Callable[[int], int],
+                        capacity_bytes: int | None = None, headroom: float = DEFAULT_HEADROOM) -> int:
+    """``eval.max_tokens: auto`` on CUDA: the largest scoring batch (rows of ``width`` tokens, at most
+    ``EVAL_MAX_TOKENS_CAP`` tokens) whose forward fits the device with ``headroom`` left free,
+    searched as the training micro-batch (``fit_micro_batch``). Rows of a batch are at most ``width``
+    long, and a forward's memory per token does not grow for shorter rows, so the budget is safe for
+    them. ``measure(n)``: peak bytes of a forward of ``n`` rows (``gptbert.scoring`` gives the real
+    probe); ``capacity_bytes`` defaults to the device's free memory."""
+    device = next(model.parameters()).device
+    if capacity_bytes is None:
+        free, _total = torch.cuda.mem_get_info(device)
+        capacity_bytes = free + torch.cuda.memory_reserved(device)
+    fit = fit_micro_batch(max(1, EVAL_MAX_TOKENS_CAP // width), int(capacity_bytes * (1.0 - headroom)), measure,
+                          width)
+    if fit.sequences == 0:
+        raise DeviceError("eval.max_tokens", f"auto: not even one row of {width} tokens fits in "
+                                             f"{capacity_bytes / 2**30:.1f} GiB of {device}; use eval.device cpu")
+    log.info("eval.max_tokens auto: %d tokens (rows of %d) on %s, %d probes", fit.tokens, width, device,
+             len(fit.probes))
+    return fit.tokens
+
+
 def with_micro_batch_tokens(train_cfg, model_cfg, device, world_size: int = 1):
     """``train_cfg`` with ``micro_batch_tokens`` a number (``resolve_micro_batch_tokens`` on
     ``device``); under a process group every rank takes the smallest rank's value, so all ranks

@@ -18,6 +18,8 @@ keeps out of attention, so a sentence's score does not depend on its batch neigh
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -29,6 +31,8 @@ MODES = ("causal", "mntp", "fused")
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, MASK_ID = 0, 1, 2, 3, 4
 NUM_SPECIAL = 16
 HEAD_CHUNK = 2048  # scored positions per LM-head call
+CPU_MAX_TOKENS = 8192  # eval.max_tokens "auto" off CUDA: a batch that stays in a CPU's caches
+_AUTO_BUDGETS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, int]]" = weakref.WeakKeyDictionary()
 
 Progress = Callable[[int, int], None]  # (rows just finished, total rows)
 
@@ -85,17 +89,106 @@ def token_budget_batches(row_lengths: np.ndarray, max_tokens: int) -> list[np.nd
 def padded_batch(rows: Sequence[Sequence[int]], pad_id: int, causal: bool,
                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token ids (B, T) of ``rows`` and their blocked mask: one segment per row, all
-    causal or all bidirectional."""
+    causal or all bidirectional. The ids and segments are built with numpy and copied in one go
+    (pinned, non-blocking on CUDA); the (B, T, T) mask is built on ``device``."""
     from gptbert.model import build_blocked_mask
 
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    seg = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        seg[i, : len(r)] = 1
-    blocked = build_blocked_mask(seg, torch.full((len(rows),), causal, dtype=torch.bool))
-    return ids.to(device), blocked.to(device)
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    width = int(lengths.max())
+    inside = np.arange(width)[None, :] < lengths[:, None]
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    ids[inside] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+    ids_t, seg = _to_device([ids, inside.astype(np.int64)], torch.device(device or "cpu"))
+    causal_t = torch.full((len(rows),), causal, dtype=torch.bool, device=ids_t.device)
+    return ids_t, build_blocked_mask(seg, causal_t)
+
+
+def _batch_arrays(batch: np.ndarray, row_sent: np.ndarray, row_j: np.ndarray, row_lengths: np.ndarray,
+                  lengths: np.ndarray, starts: np.ndarray, offsets: np.ndarray, flat: np.ndarray, n: int,
+                  mask_id: int, pad_id: int) -> list[np.ndarray]:
+    """The int64 arrays of one batch of rows: input ids and segment ids (B, width), causal flags (B,),
+    and per scored position (row-major, positions ascending) its row, position, target and owner
+    (``s`` for a causal row's sum, ``n + s`` for an MNTP copy's).
+
+    A causal row (j = 0) is the sentence without its last token; outputs start-1 .. L-2 predict
+    tokens start .. L-1. An MNTP copy has token j masked and is read at j - 1."""
+    sent, j = row_sent[batch], row_j[batch]
+    width = int(row_lengths[batch].max())
+    cols = np.arange(width)
+    inside = cols[None, :] < row_lengths[batch][:, None]
+    take = np.minimum(offsets[sent][:, None] + cols[None, :], len(flat) - 1)
+    ids = np.where(inside, flat[take], pad_id)
+    mntp = np.flatnonzero(j > 0)
+    ids[mntp, j[mntp]] = mask_id
+    is_causal = j == 0
+    counts = np.where(is_causal, lengths[sent] - starts[sent], 1)
+    rows = np.repeat(np.arange(len(batch)), counts)
+    k = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)  # index within its row
+    positions = np.where(is_causal[rows], starts[sent][rows] - 1 + k, j[rows] - 1)
+    targets = flat[offsets[sent][rows] + positions + 1]
+    owner = np.where(is_causal, 0, n)[rows] + sent[rows]
+    return [ids, inside.astype(np.int64), is_causal.astype(np.int64), rows, positions, targets, owner]
+
+
+def _to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """The int64 ``arrays`` on ``device`` in one copy: packed into one buffer, pinned and copied without
+    blocking on CUDA (the host goes on to the next batch), then split there into views of the shapes."""
+    packed = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]))
+    if device.type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    else:
+        packed = packed.to(device)
+    out, begin = [], 0
+    for a in arrays:
+        out.append(packed[begin: begin + a.size].view(a.shape))
+        begin += a.size
+    return out
+
+
+def resolve_max_tokens(max_tokens: int | str, model: torch.nn.Module, width: int) -> int:
+    """The scoring batch budget in tokens: an integer as it is; ``"auto"`` is ``CPU_MAX_TOKENS`` off
+    CUDA and, on CUDA, the largest budget whose forward at rows of ``width`` tokens fits the device
+    (``gptbert.device.fit_eval_max_tokens`` over ``forward_probe``, measured once per model and
+    power-of-two width)."""
+    if max_tokens != "auto":
+        return int(max_tokens)
+    device = _model_device(model)
+    if device.type != "cuda":
+        return CPU_MAX_TOKENS
+    from .device import fit_eval_max_tokens, free_cuda
+
+    bucket = 1 << max(4, (max(width, 1) - 1).bit_length())  # rows of at most this width: a safe budget
+    known = _AUTO_BUDGETS.setdefault(model, {})
+    if bucket not in known:
+        try:
+            known[bucket] = fit_eval_max_tokens(model, bucket, forward_probe(model, bucket))
+        finally:
+            free_cuda(device)
+    return known[bucket]
+
+
+def forward_probe(model: torch.nn.Module, width: int) -> Callable[[int], int]:
+    """``measure(n)``: the peak CUDA memory of one scoring forward of ``n`` rows of ``width`` random
+    tokens through ``model`` (inference mode, the caller's autocast) and its LM head on one chunk of
+    scored positions, as ``score_ids`` runs it (``device.fit_eval_max_tokens`` searches with it)."""
+    from .device import free_cuda
+    from .model import build_blocked_mask
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+
+    @torch.inference_mode()
+    def measure(n: int) -> int:
+        free_cuda(device)
+        ids = torch.randint(NUM_SPECIAL, vocab, (n, width), device=device)
+        blocked = build_blocked_mask(torch.ones_like(ids), torch.zeros(n, dtype=torch.bool, device=device))
+        hidden = model(ids, blocked)
+        model.lm_logits(hidden.reshape(-1, hidden.size(-1))[:HEAD_CHUNK])
+        torch.cuda.synchronize(device)
+        del ids, blocked, hidden
+        return torch.cuda.max_memory_allocated(device)
+
+    return measure
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -123,7 +216,7 @@ def score_ids(
     sequences: Sequence[Sequence[int]],
     modes: Sequence[str] = ("causal", "mntp", "fused"),
     temperatures: Sequence[float] = (1.0,),
-    max_tokens: int = 8192,
+    max_tokens: int | str = "auto",
     score_from: Sequence[int] | None = None,
     mask_id: int = MASK_ID,
     pad_id: int = PAD_ID,
@@ -133,7 +226,11 @@ def score_ids(
 
     sequences: token ids that already start with `<s>`. score_from: optional per-sequence index of
     the first token to score (earlier tokens are context only, e.g. log P(target | context)).
+    max_tokens: the batch budget (rows x padded length), or ``"auto"`` (``resolve_max_tokens``).
     Returns {mode: float64 array (len(sequences), len(temperatures))} for each requested mode.
+
+    The host builds each batch with numpy and hands it over in one copy (pinned and asynchronous on
+    CUDA); the scores stay on the device until the end.
     """
     from gptbert.model import build_blocked_mask
 
@@ -155,40 +252,25 @@ def score_ids(
     # Under the causal mask the last token influences nothing that is scored: the causal row drops it.
     row_lengths = lengths[row_sent] - (row_j == 0)
     device = _model_device(model)
+    budget = resolve_max_tokens(max_tokens, model, int(row_lengths.max()) if len(row_lengths) else 1)
     n = len(sequences)
+    # One flat copy of every token (the rows of a batch are gathered from it with numpy, not per row
+    # in Python); a sentence's tokens are flat[offsets[s]: offsets[s] + lengths[s]].
+    flat = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     totals = torch.zeros(2 * n, len(temperatures), dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     try:
-        for batch in token_budget_batches(np.asarray(row_lengths), max_tokens):
-            width = int(row_lengths[batch].max())
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            segment_ids = torch.zeros((len(batch), width), dtype=torch.long)
-            causal = torch.from_numpy(row_j[batch] == 0)
-            row_idx, pos_idx, targets, owner = [], [], [], []
-            for i, r in enumerate(batch.tolist()):
-                s, j = int(row_sent[r]), int(row_j[r])
-                ids = [int(t) for t in sequences[s]]
-                start = int(starts[s])
-                if j == 0:  # causal: outputs start-1 .. L-2 predict tokens start .. L-1
-                    row, positions, tgt = ids[:-1], list(range(start - 1, len(ids) - 1)), ids[start:]
-                else:  # MNTP copy: token j masked, predicted at j - 1
-                    row, positions, tgt = list(ids), [j - 1], [ids[j]]
-                    row[j] = mask_id
-                input_ids[i, : len(row)] = torch.tensor(row)
-                segment_ids[i, : len(row)] = 1
-                row_idx += [i] * len(positions)
-                pos_idx += positions
-                targets += tgt
-                owner += [(j > 0) * n + s] * len(positions)
-            input_ids, segment_ids, causal = input_ids.to(device), segment_ids.to(device), causal.to(device)
-            hidden = model(input_ids, build_blocked_mask(segment_ids, causal))
+        for batch in token_budget_batches(np.asarray(row_lengths), budget):
+            arrays = _batch_arrays(batch, row_sent, row_j, row_lengths, lengths, starts, offsets, flat, n,
+                                   mask_id, pad_id)
+            input_ids, segment_ids, causal, row_idx, pos_idx, targets_t, owner_t = _to_device(arrays, device)
+            hidden = model(input_ids, build_blocked_mask(segment_ids, causal.bool()))
             # The LM head runs only at the scored positions, in chunks so that the (targets x vocab)
             # logits stay small whatever the budget.
-            picked = hidden[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)]
-            targets_t = torch.tensor(targets, device=device)
-            owner_t = torch.tensor(owner, device=device)
-            for c in range(0, len(targets), HEAD_CHUNK):
+            picked = hidden[row_idx, pos_idx]
+            for c in range(0, len(arrays[-1]), HEAD_CHUNK):
                 logits = model.lm_logits(picked[c: c + HEAD_CHUNK])
                 lp = target_log_probs(logits, targets_t[c: c + HEAD_CHUNK], temperatures)
                 totals.index_add_(0, owner_t[c: c + HEAD_CHUNK], lp)
@@ -223,7 +305,7 @@ def score_sentences(
     sentences: Sequence[str],
     modes: Sequence[str] = ("causal", "mntp", "fused"),
     temperatures: Sequence[float] = (1.0,),
-    max_tokens: int = 8192,
+    max_tokens: int | str = "auto",
     progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
     """`score_ids` on raw text: {mode: (len(sentences), len(temperatures))} sums of log-probs."""

@@ -11,7 +11,11 @@ REPO = Path(__file__).resolve().parents[1]
 # What the libraries need offline, for imports at collection time and the session's servers too
 # (the project sets the same where it starts them: flows/__init__.py, the DeepSpeed backend).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed's accelerator follows the device: cpu where no CUDA is visible (its probe warns
+# otherwise); on a CUDA machine the project sets it per rank by device (select_accelerator).
+_NO_CUDA = not __import__("torch").cuda.is_available()
+if _NO_CUDA:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # CI clones the repo next to a read-only copy of shared/; GPTBERT_SHARED_DATA overrides.
 SHARED_DATA = Path(os.environ.get("GPTBERT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -115,7 +119,8 @@ def _no_services_left_behind():
 def _quiet_env(monkeypatch):
     # Keep third-party libraries offline and quiet in every test.
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    if _NO_CUDA:
+        monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -296,7 +296,9 @@ def test_milestone_models_are_scored_at_t1_with_words(exported, tmp_path, backen
     model_dir = _run_with_milestones(tmp_path / "run", exported)
     cfg = from_dict(EvalConfig, {**to_dict(EvalConfig()), "babylm_dir": str(tmp_path / "data"),
                                  "modes": ["causal", "mntp"], "temperatures": [0.5, 1.0], "milestones": backend,
-                                 "milestone_max_items": 3})
+                                 "milestone_max_items": 3,
+                                 # Ray tasks score on CPUs; the in-process reference must too (1e-9)
+                                 "device": "cpu"})
     record = evaluate_model_dir(model_dir, cfg, tmp_path / "eval")
     assert {k for k in record["inputs"] if k.startswith("milestone.")} == {"milestone.chck_0.001M", "milestone.chck_0.002M"}
     results = json.loads((tmp_path / "eval" / "results.json").read_text())

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from servers import browser_missing, chromium_path, free_port, screenshot, stop, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,9 @@ def test_worker_runs_the_pipeline_deployment(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     # The UI asks the API at PREFECT_UI_API_URL (default port 4200), so point it at this server.
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api, PREFECT_UI_API_URL=api,
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", TOKENIZERS_PARALLELISM="false")
+    if not torch.cuda.is_available():  # on a CUDA machine DeepSpeed's accelerator follows the device
+        env["DS_ACCELERATOR"] = "cpu"
     workdir = tmp_path / "run"
     db = workdir / "mlflow" / "mlflow.db"
     config = tmp_path / "deploy-test.yaml"

@@ -117,11 +117,13 @@ def test_eval_config_validation():
     from common.config import ConfigError
 
     cfg = EvalConfig()
+    assert cfg.max_tokens == "auto" and from_dict(EvalConfig, {"max_tokens": 4096}).max_tokens == 4096
     assert cfg.temperatures[0] == 0.05 and cfg.temperatures[-1] == 3.0 and len(cfg.temperatures) == 60
     assert 1.0 in cfg.temperatures and 2.65 in cfg.temperatures
     for bad, field in (({"temperatures": [1.0, 0.0]}, "temperatures[1]"), ({"temperatures": []}, "temperatures"),
                        ({"modes": ["causal", "bert"]}, "modes[1]"), ({"modes": []}, "modes"),
-                       ({"max_tokens": 4}, "max_tokens"), ({"max_pairs_per_paradigm": 0}, "max_pairs_per_paradigm"),
+                       ({"max_tokens": 4}, "max_tokens"), ({"max_tokens": "big"}, "max_tokens"),
+                       ({"max_pairs_per_paradigm": 0}, "max_pairs_per_paradigm"),
                        ({"finetune": {"lr": -1}}, "finetune.lr")):
         with pytest.raises(ConfigError) as info:
             from_dict(EvalConfig, bad)

@@ -175,3 +175,87 @@ def test_scoring_restores_training_mode(tokenizer):
     b = score_sentences(model, tokenizer, [SENTENCES[0]])["mntp"]
     np.testing.assert_array_equal(a, b)  # dropout was off while scoring
     assert model.training
+
+
+def _per_row_arrays(batch, row_sent, row_j, sequences, starts, n, mask_id, pad_id):
+    """The batch as score_ids built it row by row in Python before it went to numpy: the reference."""
+    width = max(len(sequences[row_sent[r]]) - (row_j[r] == 0) for r in batch)
+    ids = np.full((len(batch), width), pad_id)
+    seg = np.zeros((len(batch), width), dtype=np.int64)
+    rows, positions, targets, owner = [], [], [], []
+    for i, r in enumerate(batch):
+        s, j = int(row_sent[r]), int(row_j[r])
+        toks, start = list(sequences[s]), int(starts[s])
+        if j == 0:
+            row, pos, tgt = toks[:-1], list(range(start - 1, len(toks) - 1)), toks[start:]
+        else:
+            row, pos, tgt = list(toks), [j - 1], [toks[j]]
+            row[j] = mask_id
+        ids[i, : len(row)], seg[i, : len(row)] = row, 1
+        rows += [i] * len(pos)
+        positions += pos
+        targets += tgt
+        owner += [(j > 0) * n + s] * len(pos)
+    return [ids, seg, (row_j[batch] == 0).astype(np.int64), np.array(rows), np.array(positions),
+            np.array(targets), np.array(owner)]
+
+
+@pytest.mark.parametrize("use", [(True, True), (True, False), (False, True)])
+def test_bulk_batches_are_the_per_row_batches(tokenizer, use):
+    """The numpy construction of every batch (ids, segments, causal flags, scored positions, targets,
+    owners, in the same order, so index_add_ sums in the same order) equals the per-row one."""
+    from gptbert.scoring import _batch_arrays, _plan_rows, token_budget_batches
+
+    seqs = encode_sentences(tokenizer, SENTENCES + ["A.", SENTENCES[2]])
+    lengths = np.array([len(s) for s in seqs])
+    starts = np.maximum(1, np.array([1, 2, 4, 1, 3, 1, 5]))
+    row_sent, row_j = _plan_rows(lengths, starts, *use)
+    row_lengths = lengths[row_sent] - (row_j == 0)
+    flat = np.concatenate([np.asarray(s) for s in seqs])
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for budget in (16, 40, 100000):
+        for batch in token_budget_batches(row_lengths, budget):
+            got = _batch_arrays(batch, row_sent, row_j, row_lengths, lengths, starts, offsets, flat, len(seqs),
+                                MASK_ID, 3)
+            want = _per_row_arrays(batch, row_sent, row_j, seqs, starts, len(seqs), MASK_ID, 3)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+
+
+def test_auto_budget_is_8192_on_a_cpu_and_a_probe_on_cuda(tokenizer):
+    from gptbert.device import DeviceError, fit_eval_max_tokens
+    from gptbert.scoring import CPU_MAX_TOKENS, resolve_max_tokens
+
+    model = make_model(dtype=torch.float32)
+    assert resolve_max_tokens("auto", model, 30) == CPU_MAX_TOKENS == 8192 and resolve_max_tokens(512, model, 30) == 512
+    seqs = encode_sentences(tokenizer, SENTENCES)
+    auto, fixed = score_ids(model, seqs, max_tokens="auto"), score_ids(model, seqs, max_tokens=8192)
+    for mode in fixed:
+        np.testing.assert_array_equal(auto[mode], fixed[mode])
+    # The CUDA search with a measured cost of 1 GiB + 1 MiB per row of 64 tokens, 2 GiB free (12% kept):
+    # the most rows within the budget, in tokens.
+    budget = int(2 * 2**30 * (1 - 0.12))
+    rows = (budget - 2**30) // 2**20
+    seen = []
+    got = fit_eval_max_tokens(model, 64, measure=lambda n: seen.append(n) or 2**30 + n * 2**20, capacity_bytes=2 * 2**30)
+    assert got == rows * 64 and len(seen) <= 2 * 13 + 1
+    with pytest.raises(DeviceError, match="eval.max_tokens"):
+        fit_eval_max_tokens(model, 64, measure=lambda n: 4 * 2**30, capacity_bytes=2 * 2**30)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scores_on_cuda_equal_the_cpu_scores(tokenizer):
+    """The pinned, non-blocking batches and the probed budget on CUDA score what the CPU scores. fp32
+    on both (TF32 is off for matmuls by default); the kernels sum in other orders, about 1e-6 relative
+    per log-prob, over sentences of ~20 tokens of ~6 nats each: 1e-4 absolute is ~10x that."""
+    from gptbert.scoring import resolve_max_tokens
+
+    cpu = make_model(dtype=torch.float32)
+    gpu = make_model(dtype=torch.float32).cuda()
+    seqs = encode_sentences(tokenizer, SENTENCES)
+    want = score_ids(cpu, seqs, temperatures=[1.0, 2.0], max_tokens=64)
+    got = score_ids(gpu, seqs, temperatures=[1.0, 2.0], max_tokens="auto")
+    for mode in want:
+        np.testing.assert_allclose(got[mode], want[mode], rtol=0, atol=1e-4)
+    budget = resolve_max_tokens("auto", gpu, 30)
+    assert budget >= 32 and budget % 32 == 0  # whole rows of the probed width (30 -> 32)

@@ -29,6 +29,55 @@ def test_sweep_config_and_trial_config():
         assert info.value.field == field
 
 
+@pytest.mark.parametrize("device, cluster_gpus, wanted", [
+    ("cpu", 0, 0), ("cpu", 4, 0),        # CPU trials never hold a GPU
+    ("auto", 0, 0), ("auto", 2, 1),      # auto: the GPU Ray would otherwise hide from the trial
+    ("cuda", 1, 1), ("cuda:0", 8, 1),
+])
+def test_a_ray_trial_requests_one_gpu_where_it_trains_on_cuda(device, cluster_gpus, wanted):
+    from gptbert.distributed.parallel import gpus_per_task
+
+    assert gpus_per_task(device, cluster_gpus) == wanted
+
+
+def test_cuda_trials_on_a_cluster_without_gpus_are_refused_in_one_line():
+    from gptbert.distributed.parallel import gpus_per_task
+
+    for device, cluster_gpus, says in (("cuda", 0, "the Ray cluster has 0 GPUs"), ("cuda", 0.5, "has 0.5 GPUs"),
+                                       ("cuda:1", 4, "sees as cuda:0")):
+        with pytest.raises(ConfigError, match=says) as info:
+            gpus_per_task(device, cluster_gpus)
+        assert info.value.field == "train.device" and "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_ray_map_requests_the_gpu_from_ray_and_refuses_cuda_on_a_cluster_without_one():
+    """On a local Ray of this CPU machine (0 GPUs) a cuda trial is refused before any task runs and
+    an auto trial runs without a GPU; on a local Ray that declares one GPU (Ray then hands out GPU
+    id 0 without a device behind it), the task requests it and is given it."""
+    import ray
+
+    from gptbert.distributed.parallel import ray_map
+
+    def gpu_ids(_: int) -> list:
+        return [str(i) for i in ray.get_gpu_ids()]
+
+    assert not ray.is_initialized()
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False)
+    try:
+        with pytest.raises(ConfigError, match="has 0 GPUs") as info:
+            ray_map(gpu_ids, [(0,)], device="cuda")
+        assert info.value.field == "train.device"
+        assert ray_map(gpu_ids, [(0,)], device="auto") == [[]]
+    finally:
+        ray.shutdown()
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False)
+    try:
+        assert ray_map(gpu_ids, [(0,), (1,)], device="auto") == [["0"], ["0"]]  # one at a time on the one GPU
+    finally:
+        ray.shutdown()
+
+
 def _row(fraction, seed, **metrics):
     return {"fraction": fraction, "seed": seed, "metrics": metrics, "final_loss": 3.0, "steps": 4, "tokens": 100,
             "first_batch_sha256": "ab" * 32, "cached": False}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from .base import ConfigBase, check, check_device, check_location
 
@@ -89,8 +89,10 @@ class EvalConfig(ConfigBase):
     modes: list[ScoringMode] = field(default_factory=lambda: ["causal", "mntp", "fused"])
     # Logits are divided by T before the log-softmax; every T is scored from one forward pass.
     temperatures: list[float] = field(default_factory=temperature_sweep)
-    # Batch size in tokens (rows x padded length) for one forward pass while scoring.
-    max_tokens: int = 8192
+    # Batch size in tokens (rows x padded length) for one forward pass while scoring: a number, or
+    # auto: on CUDA the largest batch whose forward fits the device (a short probe per model and
+    # row width, gptbert.device.fit_eval_max_tokens), on a CPU 8192. Scores do not depend on it.
+    max_tokens: Union[int, Literal["auto"]] = "auto"
     # Precision of the zero-shot scoring forward passes: fp32 gives the official pipeline's numbers
     # (to ~1e-5 per sentence); bf16 autocast (or "auto": bf16 where the hardware runs it natively)
     # is about 1.9x faster on an AMX CPU and moves sentence scores by a few hundredths of a nat.
@@ -130,7 +132,9 @@ class EvalConfig(ConfigBase):
         for i, t in enumerate(self.temperatures):
             check(math.isfinite(t) and t > 0, f"temperatures[{i}]", f"must be a positive number, got {t}")
         check(len(set(self.temperatures)) == len(self.temperatures), "temperatures", "has duplicates")
-        check(self.max_tokens >= 16, "max_tokens", "must be at least 16")
+        check(self.max_tokens == "auto" or (isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
+                                            and self.max_tokens >= 16),
+              "max_tokens", f"must be auto or a number of tokens of at least 16, got {self.max_tokens!r}")
         check(self.max_pairs_per_paradigm is None or self.max_pairs_per_paradigm > 0,
               "max_pairs_per_paradigm", "must be positive or null (all pairs)")
         check(len(set(self.babylm_tasks)) == len(self.babylm_tasks), "babylm_tasks", f"has duplicates: {self.babylm_tasks}")

@@ -22,7 +22,8 @@ class SweepConfig(ConfigBase):
     seeds: list[int] = field(default_factory=lambda: [0])
     # "sequential": one trial after another, each launched as launch.backend says (a Ray Train run
     # on a cluster, or the plain loop). "ray": every trial is one Ray task on launch.ray_address's
-    # cluster (or a local Ray) running the plain loop, so trials train side by side.
+    # cluster (or a local Ray) running the plain loop, so trials train side by side; a trial that
+    # trains on CUDA (train.device cuda, or auto on a cluster with GPUs) requests one GPU.
     parallel: Literal["sequential", "ray"] = "sequential"
     # CPUs Ray reserves for each trial when parallel is "ray".
     cpus_per_trial: float = 1.0

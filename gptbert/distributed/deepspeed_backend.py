@@ -27,9 +27,10 @@ DS_TAG = "deepspeed"
 
 
 def deepspeed_config(train_cfg: TrainConfig, launch_cfg: LaunchConfig, world_size: int, bf16: bool,
-                     base: dict[str, Any] | str | Path | None = None) -> dict[str, Any]:
-    """The DeepSpeed config of a run: ``infra/deepspeed/zero<stage>.json`` with its ``"auto"``
-    values filled from the typed config; ``bf16`` is the resolved ``train.precision``.
+                     base: dict[str, Any] | str | Path | None = None, cuda: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config of a run: ``configs/zero<stage>.json`` with its ``"auto"`` values filled
+    from the typed config; ``bf16`` is the resolved ``train.precision``, ``cuda`` whether the ranks
+    train on CUDA devices.
 
     One meaning of bf16 on every backend (recipe §5: bf16 autocast with fp32 master weights): the
     engine holds fp32 weights, gradients and optimizer state, and bf16 is ``torch.autocast`` as in
@@ -41,9 +42,18 @@ def deepspeed_config(train_cfg: TrainConfig, launch_cfg: LaunchConfig, world_siz
 
     The loop accumulates gradients itself (the number of micro-batches varies with the batch
     schedule), so DeepSpeed runs unmanaged accumulation: ``backward`` only accumulates and every
-    ``step`` is a boundary; ``gradient_accumulation_steps`` is 1 and the micro batch is the
-    nominal one at step 0. A value written explicitly in the JSON must agree with the typed config
-    (one source of truth); a disagreement is an error naming both.
+    ``step`` is the boundary; ``gradient_accumulation_steps`` is 1 and the micro batch is the
+    nominal one at step 0. So ZeRO-0/1 reduce the gradients once per optimizer step, inside
+    ``step``, whatever the number of micro-batches; ZeRO-2/3 reduce-scatter each micro-batch's
+    gradients during its backward (that is how they keep only a partition of the gradients).
+    A value written explicitly in the JSON must agree with the typed config (one source of
+    truth); a disagreement is an error naming both.
+
+    Device-dependent settings (an explicit JSON value is kept): ``overlap_comm`` ``"auto"`` is on
+    for ZeRO-2/3 on CUDA (the per-micro-batch reduce-scatter runs on a side stream during the
+    backward) and off elsewhere (ZeRO-0/1 reduce once, in ``step``, with nothing to overlap, and
+    DeepSpeed's unmanaged accumulation refuses it there); optimizer offload pins its host buffers
+    on CUDA (asynchronous copies) and not on CPU ranks, where pinning only costs memory.
     """
     lc, tc = launch_cfg, train_cfg
     if base is None:
@@ -81,8 +91,15 @@ def deepspeed_config(train_cfg: TrainConfig, launch_cfg: LaunchConfig, world_siz
     if stage != lc.zero_stage:
         raise ConfigError("launch.zero_stage", f"{source} is ZeRO stage {stage}, config says {lc.zero_stage}")
     zero["stage"] = lc.zero_stage
+    overlap = zero.get("overlap_comm", "auto")
+    if overlap == "auto":
+        zero["overlap_comm"] = cuda and lc.zero_stage >= 2
+    elif overlap and lc.zero_stage < 2:
+        raise ConfigError("launch.zero_stage", f"{source} sets zero_optimization.overlap_comm=true, which needs "
+                                               f"ZeRO stage 2 or 3 (stage {lc.zero_stage} reduces once per step, "
+                                               "in step()): remove it or set it to \"auto\"")
     if lc.offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(cuda)}
     for key in ("bf16", "fp16"):
         section = ds.get(key, {})
         enabled = section.get("enabled", False) if isinstance(section, dict) else section
@@ -118,7 +135,9 @@ class DeepSpeedBackend:
         return EMA(model, decay)
 
     def backward(self, loss, boundary: bool = True) -> None:
-        """Accumulate ``loss``'s gradients in the engine; ``boundary`` is unused (every ``step`` is a boundary)."""
+        """Accumulate ``loss``'s gradients in the engine. ``boundary`` is not needed: under unmanaged
+        accumulation the engine's boundary is ``step`` itself, so ZeRO-0/1 reduce once per step there
+        (``tests/test_launch.py`` counts the collectives)."""
         # The loop already normalised the loss over the global batch: no 1/GAS scaling.
         self.engine.backward(loss, scale_wrt_gas=False)
 
@@ -181,7 +200,7 @@ def build_deepspeed_backend(model_cfg: ModelConfig, train_cfg: TrainConfig, laun
         optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=betas, eps=tc.eps, weight_decay=tc.weight_decay)
     if launch_cfg.zero_stage == 3:
         prepare_zero3_model(model)
-    ds_cfg = deepspeed_config(tc, launch_cfg, world_size, bf16)
+    ds_cfg = deepspeed_config(tc, launch_cfg, world_size, bf16, cuda=device.type == "cuda")
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
     from .safe_checkpoint import WeightsOnlyCheckpointEngine
 

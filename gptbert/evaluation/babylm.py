@@ -224,7 +224,7 @@ def completion_inputs(tokenizer, sentences: Sequence[str], completions: Sequence
 
 
 def score_items(model, tokenizer, items: Sequence[Item], modes: Sequence[str], temperatures: Sequence[float],
-                max_tokens: int = 8192, progress=None) -> dict[str, np.ndarray]:
+                max_tokens: int | str = "auto", progress=None) -> dict[str, np.ndarray]:
     """{mode: (items, candidates, temperatures)} completion log-probabilities; each distinct
     (sentence, completion) is scored once. Items with fewer candidates are padded with -inf."""
     from gptbert.scoring import score_ids, special_ids

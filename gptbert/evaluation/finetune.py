@@ -235,14 +235,14 @@ def predict(model, encoded: list[list[int]], pad_id: int, batch_size: int = 64) 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    preds: list[int] = []
+    preds: list[torch.Tensor] = []  # on the device: read once at the end, not per batch
     try:
         for i in range(0, len(encoded), batch_size):
             ids, blocked = padded_batch(encoded[i: i + batch_size], pad_id, False, device)
-            preds += model.classifier_logits(model(ids, blocked)).argmax(-1).tolist()
+            preds.append(model.classifier_logits(model(ids, blocked)).argmax(-1))
     finally:
         model.train(was_training)
-    return preds
+    return torch.cat(preds).tolist() if preds else []
 
 
 def finetune(model, tokenizer, train: list[Example], valid: list[Example], cfg, metric: str = "accuracy",
@@ -266,7 +266,7 @@ def finetune(model, tokenizer, train: list[Example], valid: list[Example], cfg, 
     pad_id = special_ids(tokenizer)["pad"]
     train_ids = [encode_example(tokenizer, ex, s.max_length) for ex in train]
     valid_ids = [encode_example(tokenizer, ex, s.max_length) for ex in valid]
-    train_y = torch.tensor([ex.label for ex in train])
+    train_y = torch.tensor([ex.label for ex in train], device=device)  # indexed on the device per step
     valid_y = [ex.label for ex in valid]
 
     if s.decay_all:
@@ -286,23 +286,26 @@ def finetune(model, tokenizer, train: list[Example], valid: list[Example], cfg, 
     step = 0
     for epoch in range(1, s.epochs + 1):
         model.train()
-        order = torch.randperm(len(train), generator=generator).tolist()
-        loss_sum, seen = 0.0, 0
+        order = torch.randperm(len(train), generator=generator)
+        order_on_device = order.to(device)  # labels are picked there: no copy per step
+        # The epoch's loss is summed on the device (float64, as Python floats summed it): no host
+        # synchronisation per step; it is read once, at the end of the epoch.
+        loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0
         for i in range(0, steps_per_epoch * s.batch_size, s.batch_size):
-            idx = order[i: i + s.batch_size]
+            idx = order[i: i + s.batch_size].tolist()
             ids, blocked = padded_batch([train_ids[j] for j in idx], pad_id, False, device)  # bidirectional
             logits = model.classifier_logits(model(ids, blocked))
-            loss = F.cross_entropy(logits.float(), train_y[idx].to(device))
+            loss = F.cross_entropy(logits.float(), train_y[order_on_device[i: i + s.batch_size]])
             for group in optimizer.param_groups:
                 group["lr"] = s.lr * lr_factor(step, total, s.warmup_ratio, s.min_lr_factor, s.warmup_from_zero)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(idx)
+            loss_sum += loss.detach().double() * len(idx)
             seen += len(idx)
             step += 1
         metrics = classification_metrics(predict(model, valid_ids, pad_id), valid_y)
-        entry = {"epoch": epoch, "train_loss": loss_sum / seen, **metrics}
+        entry = {"epoch": epoch, "train_loss": float(loss_sum) / seen, **metrics}
         history.append(entry)
         if best is None or entry[metric] > best[metric]:  # ties keep the earlier epoch
             best = entry

@@ -104,30 +104,35 @@ def _position(ids: list[int], mode: str, mask_id: int) -> int:
 
 @torch.inference_mode()
 def _log_probs(model, rows: list[list[int]], positions: list[int], targets: list[int], causal: bool,
-               pad_id: int, max_tokens: int) -> np.ndarray:
-    """log P(target) at each row's position (one forward per length-sorted batch)."""
-    from gptbert.scoring import padded_batch, token_budget_batches
+               pad_id: int, max_tokens: int | str) -> np.ndarray:
+    """log P(target) at each row's position (one forward per length-sorted batch; the values stay on
+    the device until the end)."""
+    from gptbert.scoring import padded_batch, resolve_max_tokens, token_budget_batches
 
     device = next(model.parameters()).device
-    out = np.zeros(len(rows))
+    out = torch.zeros(len(rows), dtype=torch.float64, device=device)
+    if not rows:
+        return out.cpu().numpy()
+    lengths = np.array([len(r) for r in rows])
+    budget = resolve_max_tokens(max_tokens, model, int(lengths.max()))
     was_training = model.training
     model.eval()
     try:
-        for batch in token_budget_batches(np.array([len(r) for r in rows]), max_tokens):
+        for batch in token_budget_batches(lengths, budget):
             batch = batch.tolist()
             ids, blocked = padded_batch([rows[i] for i in batch], pad_id, causal, device)
             hidden = model(ids, blocked)
             picked = hidden[torch.arange(len(batch), device=device), torch.tensor([positions[i] for i in batch], device=device)]
             logp = torch.log_softmax(model.lm_logits(picked).float(), dim=-1)
             tgt = torch.tensor([targets[i] for i in batch], device=device)
-            out[batch] = logp.gather(1, tgt[:, None])[:, 0].double().cpu().numpy()
+            out[torch.tensor(batch, device=device)] = logp.gather(1, tgt[:, None])[:, 0].double()
     finally:
         model.train(was_training)
-    return out
+    return out.cpu().numpy()
 
 
 def surprisals(model, tokenizer, contexts: Sequence[str], words: Sequence[str], mode: str,
-               max_tokens: int = 8192) -> np.ndarray:
+               max_tokens: int | str = "auto") -> np.ndarray:
     """-log P(word | context) in nats for each pair (the product over the word's tokens)."""
     from gptbert.scoring import special_ids
 
@@ -198,7 +203,7 @@ def predictive_power(cols: dict[str, np.ndarray], variable: str, spillover: bool
 
 
 def evaluate_reading(model, tokenizer, data: dict[str, list], modes: Sequence[str] = MODES,
-                     max_tokens: int = 8192) -> dict[str, Any]:
+                     max_tokens: int | str = "auto") -> dict[str, Any]:
     """The reading task's results per mode for ``data`` (``load_reading``'s columns): the
     eye-tracking and self-paced scores, each variable's fit, and the Pearson correlation of surprisal
     with every measure."""
