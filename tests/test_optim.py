@@ -153,7 +153,7 @@ def test_plain_backend_clips_at_global_norm():
         model.weight.zero_()
     backend = LocalBackend(model, torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=2.0)
     model.weight.grad = torch.tensor([[3.0, 4.0, 0.0]])  # norm 5
-    norm = backend.step(lr=0.5)
+    norm = float(backend.step(lr=0.5))  # a 0-d tensor on the device, read here
     assert norm == pytest.approx(5.0)
     # clipped to norm 2, then an SGD step with the scheduled lr 0.5
     assert model.weight[0].tolist() == pytest.approx([-0.5 * 1.2, -0.5 * 1.6, 0.0], rel=1e-5)
