@@ -25,6 +25,7 @@ numpy stream with one scalar read of a CPU tensor per call, a path that a GPU ne
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import threading
 import time
@@ -124,13 +125,16 @@ def profile_steps(trainer, steps: int) -> tuple[Counter, int, float]:
 
 
 def count_per_step(preset: str, micro_batches: int, steps: int = 2, warmup: int = 2,
-                   dropout: bool = False) -> dict:
-    """Syncs and aten ops per optimizer step of ``preset`` with ``micro_batches`` micro-batches."""
+                   dropout: bool = False, timed: int = 0) -> dict:
+    """Syncs and aten ops per optimizer step of ``preset`` with ``micro_batches`` micro-batches;
+    with ``timed``, the median step time of that many further steps without the profiler."""
     trainer = make_trainer(step_config(preset, micro_batches, dropout=dropout))
     try:
         for _ in range(warmup):
             trainer.train_step()
         syncs, aten, seconds = profile_steps(trainer, steps)
+        if timed:
+            seconds = statistics.median(trainer.train_step()["step_time_s"] for _ in range(timed))
     finally:
         trainer._drop_prefetch()
         if trainer._executor is not None:
@@ -148,16 +152,20 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dropout", action="store_true", help="keep the preset's dropout (see the docstring)")
+    p.add_argument("--timed", type=int, default=5,
+                   help="steps timed after the profiled ones, without the profiler (0: the profiled steps' time)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    timing = f"median of {args.timed} steps without the profiler" if args.timed else "the profiled steps"
     print(f"# per optimizer step, main thread, 32 x 32 tokens per step, dropout "
-          f"{'as the preset' if args.dropout else '0'}, torch {torch.__version__}, {args.threads} threads")
+          f"{'as the preset' if args.dropout else '0'}, torch {torch.__version__}, {args.threads} threads; "
+          f"step s: {timing}")
     header = f"{'preset':<7} {'micro':>5} {'syncs':>6} {'aten ops':>9} {'step s':>7}  syncs by op"
     print(header)
     print("-" * len(header))
     for preset in args.presets:
         for k in args.micro_batches:
-            r = count_per_step(preset, k, args.steps, args.warmup, args.dropout)
+            r = count_per_step(preset, k, args.steps, args.warmup, args.dropout, args.timed)
             ops = ", ".join(f"{name} {n:g}" for name, n in r["by_op"].items()) or "-"
             print(f"{preset:<7} {k:>5} {r['syncs']:>6g} {r['aten_ops']:>9,.0f} {r['step_s']:>7.3f}  {ops}",
                   flush=True)
