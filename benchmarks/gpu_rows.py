@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from common.config import LaunchConfig, PipelineConfig, load_config  # noqa: E402
 from common.config.base import replace  # noqa: E402
 from gptbert.device import fit_micro_batch_tokens, free_cuda, is_out_of_memory  # noqa: E402
-from gptbert.flops import flops_per_token  # noqa: E402
+from gptbert.flops import step_flops_per_token  # noqa: E402
 from gptbert.metrics import GPU_BF16_PEAK_FLOPS  # noqa: E402
 from gptbert.objective import cpu_micro_batch_tokens  # noqa: E402
 
@@ -72,13 +72,15 @@ def describe_peak(device_name: str | None) -> str:
     return f"MFU against the bf16 dense peak of {label}: {peak / 1e12:.0f} TFLOP/s"
 
 
-def row_mfu(model_cfg, seq: int, causal_fraction: float, mask_rate: float, micro_sequences: int,
-            tokens_per_s: float | None, peak: float | None) -> float | None:
-    """Model FLOPs (``gptbert.flops``, the LM head on the step's targets) over the peak."""
+def row_mfu(model_cfg, causal_fraction: float, step: dict, tokens_per_s: float | None, peak: float | None,
+            world_size: int = 1) -> float | None:
+    """Model FLOPs over the peak: ``gptbert.flops.step_flops_per_token`` of a step's metrics (its
+    sequence length, mask rate and micro-batching), the count the training log's MFU uses."""
     if not peak or not tokens_per_s:
         return None
-    targets = causal_fraction + (1.0 - causal_fraction) * mask_rate
-    return tokens_per_s * flops_per_token(model_cfg, seq, targets, True, max(1, micro_sequences)) / peak
+    per_token = step_flops_per_token(model_cfg, int(step["seq_len"]), causal_fraction, float(step["mask_rate"]),
+                                     int(step["batch_size"]), int(step["micro_batches"]), world_size)
+    return tokens_per_s * per_token / (peak * world_size)
 
 
 class Results:
@@ -210,10 +212,9 @@ def plain_row(spec: RowSpec, device: torch.device, batch_tokens: int, steps: int
         timed = history[warmup:] or history
         tps = statistics.median(m["tokens_per_s"] for m in timed)
         last = timed[-1]
-        micro_sequences = max(1, micro // spec.seq)
         return {**how, "global_batch_tokens": tc.batch_tokens_start, "micro_batch_tokens": micro,
                 "micro_batches": last["micro_batches"], "tokens_per_s": tps,
-                "mfu": row_mfu(cfg.model, spec.seq, tc.causal_fraction, last["mask_rate"], micro_sequences, tps, peak),
+                "mfu": row_mfu(cfg.model, tc.causal_fraction, last, tps, peak),
                 "peak_mem_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
                 "first_step_s": history[0]["step_time_s"], "timed_steps": len(timed),
                 "precision": str(trainer.autocast_dtype).replace("torch.", "") if trainer.autocast_dtype else "fp32",
@@ -277,8 +278,7 @@ def ray_row(spec: RowSpec, device: torch.device, batch_tokens: int, steps: int, 
     peaks = [m["peak_mem_bytes"] for m in history if m.get("peak_mem_bytes") is not None]
     return {**(how or {"micro_batch_source": "given"}), "global_batch_tokens": cfg.train.batch_tokens_start, "micro_batch_tokens": micro,
             "micro_batches": timed[-1]["micro_batches"], "tokens_per_s": tps,
-            "mfu": row_mfu(cfg.model, spec.seq, cfg.train.causal_fraction, timed[-1]["mask_rate"],
-                           max(1, micro // spec.seq), tps, peak),
+            "mfu": row_mfu(cfg.model, cfg.train.causal_fraction, timed[-1], tps, peak),
             "peak_mem_gib": max(peaks) / GIB if peaks else None, "first_step_s": history[0]["step_time_s"],
             "timed_steps": len(timed), "wall_s_with_startup": wall, "loss": timed[-1]["loss"]}
 

@@ -32,10 +32,10 @@ def forward_flops_breakdown(cfg: ModelConfig, seq_len: int, target_fraction: flo
     """Forward matmul FLOPs per input token, by part.
 
     ``target_fraction``: share of tokens that reach the LM head (the trainer gathers target
-    positions first). ``batch_size``: the position table is projected once per layer per batch, so
-    its cost per token shrinks with the batch.
+    positions first). ``batch_size``: sequences per micro-batch (an average may be fractional); the
+    position table is projected once per layer per micro-batch, so its cost per token shrinks with it.
     """
-    if seq_len < 1 or batch_size < 1:
+    if seq_len < 1 or not batch_size >= 1:
         raise ValueError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
     if not 0.0 <= target_fraction <= 1.0:
         raise ValueError(f"target_fraction must be in [0, 1], got {target_fraction}")
@@ -73,20 +73,39 @@ def layer_weighting_flops_per_token(cfg: ModelConfig, training: bool = True) -> 
     return float(3 * fwd if training else fwd)
 
 
+def step_flops_per_token(cfg: ModelConfig, seq_len: int, causal_fraction: float, mask_rate: float,
+                         batch_size: int = 1, micro_batches: int = 1, world_size: int = 1) -> float:
+    """Training FLOPs per input token of one optimizer step: THE count behind the training log's
+    FLOP/s and MFU (``metrics.MetricsCallback``), a run's total (``training_flops``) and the
+    benchmarks' MFU (``benchmarks/gpu_rows.py``, ``gpu_bench.py``).
+
+    The LM head runs on the step's targets (every causal position, ``mask_rate`` of a masked
+    example's); the position table is projected once per micro-batch, of ``batch_size`` global
+    sequences split over ``world_size`` ranks in ``micro_batches`` micro-batches each (the step's
+    metrics ``batch_size`` and ``micro_batches``)."""
+    targets = causal_fraction + (1.0 - causal_fraction) * mask_rate
+    micro_sequences = max(1.0, batch_size / (max(1, world_size) * max(1, micro_batches)))
+    return flops_per_token(cfg, seq_len, targets, True, micro_sequences)
+
+
 def training_tokens(train_cfg) -> int:
     """Token slots (padding included) a run trains on: sum over steps of sequences x length."""
     return sum(train_cfg.batch_size_at(s) * train_cfg.seq_len_at(s) for s in range(train_cfg.steps))
 
 
-def training_flops(cfg: ModelConfig, train_cfg) -> float:
+def training_flops(cfg: ModelConfig, train_cfg, world_size: int = 1) -> float:
     """Matmul FLOPs of a whole pretraining run (forward + backward of every step): each step's tokens
-    times ``flops_per_token`` at its sequence length, with the share of tokens reaching the LM head
-    of its objective mix (every causal position, ``mask_rate`` of a masked example's). The position
-    table is counted once per sequence (a micro-batch of one: an upper bound)."""
+    times ``step_flops_per_token`` at its sequence length, mask rate and micro-batching (with
+    ``micro_batch_tokens: auto``, which only the device decides, micro-batches of one sequence: an
+    upper bound)."""
+    from .objective import num_micro_batches
+
     total = 0.0
-    r = train_cfg.causal_fraction
     for s in range(train_cfg.steps):
-        seq = train_cfg.seq_len_at(s)
-        targets = r + (1.0 - r) * train_cfg.mask_rate_at(s)
-        total += flops_per_token(cfg, seq, targets, training=True) * train_cfg.batch_size_at(s) * seq
+        seq, batch = train_cfg.seq_len_at(s), train_cfg.batch_size_at(s)
+        micro_tokens = train_cfg.micro_batch_tokens
+        micro = batch if micro_tokens == "auto" else num_micro_batches(batch, world_size,
+                                                                       max(1, int(micro_tokens) // seq))
+        total += step_flops_per_token(cfg, seq, train_cfg.causal_fraction, train_cfg.mask_rate_at(s), batch,
+                                      micro, world_size) * batch * seq
     return total

@@ -15,7 +15,7 @@ from typing import Callable
 
 from common.config import ModelConfig
 
-from .flops import flops_per_token
+from .flops import step_flops_per_token
 
 # Dense bf16 tensor-core peaks (FLOP/s) by GPU name, most specific first. MFU is reported only for
 # these; elsewhere (CPUs, unknown GPUs, fp32) the achieved FLOP/s is reported and MFU left out.
@@ -53,21 +53,18 @@ class MetricsCallback:
         self.device_name = device_name
         self.peak = device_peak_flops(device_name, bf16)
         self.inner = inner
-        self._fpt: dict[tuple[int, float], float] = {}
 
-    def flops_per_token(self, seq_len: int, mask_rate: float) -> float:
-        """Training FLOPs per input token at ``seq_len`` and ``mask_rate`` (cached per pair)."""
-        # Targets per input token: every causal position, about mask_rate of a masked example's.
-        frac = round(self.causal_fraction + (1.0 - self.causal_fraction) * mask_rate, 3)
-        key = (seq_len, frac)
-        if key not in self._fpt:
-            self._fpt[key] = float(flops_per_token(self.model_cfg, seq_len, frac, training=True))
-        return self._fpt[key]
+    def flops_per_token(self, metrics: dict) -> float:
+        """Training FLOPs per input token of the step whose ``metrics`` the loop reported
+        (``flops.step_flops_per_token`` of its sequence length, mask rate and micro-batching)."""
+        return step_flops_per_token(self.model_cfg, int(metrics["seq_len"]), self.causal_fraction,
+                                    float(metrics.get("mask_rate", 0.15)), int(metrics.get("batch_size", 1)),
+                                    int(metrics.get("micro_batches", 1)), self.world_size)
 
     def __call__(self, metrics: dict, step: int) -> None:
         tps = metrics.get("tokens_per_s")
         if tps is not None and "seq_len" in metrics:
-            flops = tps * self.flops_per_token(int(metrics["seq_len"]), float(metrics.get("mask_rate", 0.15)))
+            flops = tps * self.flops_per_token(metrics)
             metrics["flops_per_s"] = flops
             metrics["mfu"] = flops / (self.peak * self.world_size) if self.peak else None
         metrics["workers"] = self.world_size

@@ -166,9 +166,9 @@ class Attention(nn.Module):
         idx = pos_index.expand(B, h, T, T)
         # content->position: q_i . K_pos[idx(i, j)]; position->content: k_j . Q_pos[idx(i, j)].
         bias = self.position_bias(q @ k_pos, k @ q_pos, idx, masks["additive"] if masks["any_blocked"] else None)
-        if torch.is_grad_enabled() and bias.requires_grad:
-            # Training: SDPA on CPU would take its unfused math path here (the bias needs a
-            # gradient); doing it by hand saves its extra passes over the (T, T) scores.
+        if torch.is_grad_enabled() and bias.requires_grad and not self.sdpa_in_training(q.device):
+            # CPU training: SDPA would take its unfused math path here (the bias needs a gradient);
+            # doing it by hand saves its extra passes over the (T, T) scores.
             scores = torch.baddbmm(bias.view(B * h, T, T), q.view(B * h, T, d),
                                    k.view(B * h, T, d).transpose(1, 2), alpha=self.scale)
             probs = self.attention_dropout(torch.softmax(scores, dim=-1))
@@ -177,6 +177,15 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop, scale=self.scale)
         # Fully blocked rows (pads) got a finite dummy row in "additive"; their output is zero.
         return out * masks["row_keep"] if masks["any_empty_row"] else out
+
+    # Where training goes through SDPA too (None: everywhere but the CPU). On CUDA its
+    # memory-efficient kernel takes the bias as a float mask with a gradient and drops out inside,
+    # without keeping fp32 probabilities and a dropout mask per layer.
+    sdpa_training: bool | None = None
+
+    def sdpa_in_training(self, device: torch.device) -> bool:
+        """Whether a training forward on ``device`` calls SDPA (else the hand-written CPU path)."""
+        return device.type != "cpu" if self.sdpa_training is None else self.sdpa_training
 
     @staticmethod
     def position_bias(c2p, p2c, idx, additive):
@@ -365,8 +374,11 @@ class GPTBERT(nn.Module):
             self._pos_index_cache[key] = table
         return table[:length, :length]
 
-    def attention_masks(self, blocked: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The mask in the forms each attention path needs, computed once per forward."""
+    def attention_masks(self, blocked: torch.Tensor, dtype: torch.dtype,
+                        mask_flags: tuple[bool, bool] | None = None) -> dict[str, torch.Tensor]:
+        """The mask in the forms each attention path needs, computed once per forward.
+        ``mask_flags``: (anything blocked, some row fully blocked) where the caller knows them (the
+        trainer, from the batch on the host); else read from ``blocked`` (a host read on a GPU)."""
         full_rows = blocked.all(dim=-1, keepdim=True)  # (B, T, 1): pads
         # -inf where blocked, except in fully blocked rows, which get a finite dummy row (0) so the
         # fused softmax stays NaN-free; their output is zeroed with row_keep.
@@ -376,15 +388,17 @@ class GPTBERT(nn.Module):
             "blocked": blocked,
             "additive": additive[:, None],
             "row_keep": (~full_rows).to(dtype)[:, None],
-            # Python bools (one sync per forward) let the common cases skip whole passes.
-            "any_blocked": bool(blocked.any()),
-            "any_empty_row": bool(full_rows.any()),
+            # Python bools let the common cases skip whole passes.
+            "any_blocked": bool(blocked.any()) if mask_flags is None else bool(mask_flags[0]),
+            "any_empty_row": bool(full_rows.any()) if mask_flags is None else bool(mask_flags[1]),
         }
 
     # -- forward ------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids + (B, T, T) bool mask (True = may NOT attend) -> (B, T, H) states."""
+    def forward(self, input_ids: torch.Tensor, blocked: torch.Tensor,
+                mask_flags: tuple[bool, bool] | None = None) -> torch.Tensor:
+        """(B, T) token ids + (B, T, T) bool mask (True = may NOT attend) -> (B, T, H) states.
+        ``mask_flags``: optional hints about ``blocked`` (``attention_masks``)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -397,7 +411,7 @@ class GPTBERT(nn.Module):
         rel_table = self.relative_norm(self.relative_embedding)
         pos_index = self.position_index(T, input_ids.device)
         # In the matmuls' dtype: an fp32 bias or row mask would promote the bf16 scores and context.
-        masks = self.attention_masks(blocked, compute_dtype(x))
+        masks = self.attention_masks(blocked, compute_dtype(x), mask_flags)
         mix = self.layer_mix.begin(x, self.layer_weights) if self.layer_weights is not None else None
         for i, layer in enumerate(self.layers):
             x = self._residual(mix, x, layer.attention(x, rel_table, pos_index, masks), 2 * i)

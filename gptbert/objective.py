@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .targets import IGNORE, TargetPlan
+
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, MASK_ID = 0, 1, 2, 3, 4
 NUM_SPECIAL = 16
-IGNORE = -100
 
 # First word of every masking seed: separates the training and validation random streams.
 _TRAIN_STREAM, _VALID_STREAM = 0, 1
@@ -166,31 +167,49 @@ def num_micro_batches(batch_size: int, world_size: int, micro_batch_size: int) -
 
 @dataclass
 class Batch:
-    """Examples as tensors (recipe §3): inputs, targets, segment ids and causal flags."""
+    """Examples as tensors (recipe §3): inputs, targets, segment ids and causal flags; ``plan``: the
+    host-side ``TargetPlan`` (``build_batch`` makes it; ``planned()`` makes it for a batch without)."""
 
     input_ids: torch.Tensor  # (B, T) long
     target_ids: torch.Tensor  # (B, T) long, IGNORE where there is no target
     segment_ids: torch.Tensor  # (B, T) long, 0 = padding, 1.. = packed segment
     causal: torch.Tensor  # (B,) bool
+    plan: TargetPlan | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def planned(self) -> "Batch":
+        """This batch with its ``plan`` (computed here, from host copies, when it has none)."""
+        if self.plan is not None:
+            return self
+        plan = TargetPlan.of(self.target_ids.cpu().numpy(), self.segment_ids.cpu().numpy(),
+                             self.causal.cpu().numpy())
+        return Batch(self.input_ids, self.target_ids, self.segment_ids, self.causal,
+                     plan.to(self.input_ids.device))
+
     @property
     def num_tokens(self) -> int:
         """Real (non-pad) input tokens, ``<s>`` included."""
-        return int((self.segment_ids != 0).sum())
+        return self.planned().plan.num_tokens
 
     def target_counts(self) -> tuple[int, int]:
         """(masked-example targets, causal-example targets)."""
-        has = self.target_ids != IGNORE
-        causal = int(has[self.causal].sum())
-        return int(has.sum()) - causal, causal
+        plan = self.planned().plan
+        return plan.masked_count, plan.causal_count
 
-    def to(self, device) -> "Batch":
-        """The batch with every tensor moved to ``device``."""
-        return Batch(self.input_ids.to(device), self.target_ids.to(device),
-                     self.segment_ids.to(device), self.causal.to(device))
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """The batch with every tensor moved to ``device`` (``non_blocking``: asynchronously, from
+        pinned memory)."""
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        plan = None if self.plan is None else self.plan.to(device, non_blocking)
+        return Batch(move(self.input_ids), move(self.target_ids), move(self.segment_ids), move(self.causal), plan)
+
+    def pin_memory(self) -> "Batch":
+        """The batch in pinned host memory, so ``to(cuda, non_blocking=True)`` copies asynchronously."""
+        b = self.planned()
+        return Batch(b.input_ids.pin_memory(), b.target_ids.pin_memory(), b.segment_ids.pin_memory(),
+                     b.causal.pin_memory(), b.plan.pin_memory())
 
 
 @dataclass
@@ -364,8 +383,10 @@ def build_batch(
         tgt = items[rows, 1:].copy()
         tgt[~masked[:, 1:]] = IGNORE  # masked examples: only where the next token was masked
         targets[rows] = tgt
-    return Batch(torch.from_numpy(inputs), torch.from_numpy(targets),
-                 torch.from_numpy(segs[:, :-1].copy()), torch.from_numpy(causal.astype(bool)))
+    segs = segs[:, :-1].copy()
+    causal = causal.astype(bool)
+    return Batch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(segs),
+                 torch.from_numpy(causal), TargetPlan.of(targets, segs, causal))
 
 
 # What ``micro_batch_tokens: auto`` means on a CPU (the value CPU runs were tuned with).
@@ -412,7 +433,7 @@ class TrainingStream:
         c = self.cfg
         b = build_batch(self.source, plan, indices, c.seed, self.vocab_size, c.max_span_length,
                         c.mask_token_prob, c.random_token_prob)
-        top = int(b.input_ids.max()) if b.input_ids.numel() else 0
+        top = int(b.input_ids.numpy().max()) if b.input_ids.numel() else 0  # a host array: no device read
         if top >= self.vocab_size:
             raise ValueError(f"token id {top} in the training data is outside the model vocabulary "
                              f"(model.vocab_size = {self.vocab_size}); wrong tokenizer or shards?")
@@ -473,11 +494,16 @@ def describe_example(batch: Batch, row: int, id_to_token, pieces: list[Piece] | 
 
 @dataclass
 class LossNorm:
-    """Target-token counts of the WHOLE global batch (all ranks, all micro-batches)."""
+    """Target-token counts of the WHOLE global batch (all ranks, all micro-batches).
+
+    ``divisors``: the same two counts (masked, causal) as a float tensor on the device, where they
+    are known only there (all-reduced over ranks; the host reads them with the step's other numbers
+    at its end); ``hybrid_loss`` then divides by them instead of the host integers."""
 
     masked: int
     causal: int
     world_size: int = 1
+    divisors: torch.Tensor | None = None
 
     @property
     def total(self) -> int:
@@ -514,25 +540,29 @@ def hybrid_loss(
     """
     if build_mask is None:
         from .model import build_blocked_mask as build_mask
+    plan = batch.planned().plan
     blocked = build_mask(batch.segment_ids, batch.causal)
-    hidden = model(batch.input_ids, blocked)
-    has_target = batch.target_ids != IGNORE
+    hidden = model(batch.input_ids, blocked, mask_flags=plan.mask_flags)
     # Gather the positions with a target BEFORE the LM head: most positions of a masked example
-    # have none, and the vocabulary projection is the largest matmul.
-    h = hidden[has_target]
-    targets = batch.target_ids[has_target]
-    is_causal = batch.causal[:, None].expand_as(has_target)[has_target]
+    # have none, and the vocabulary projection is the largest matmul. The positions come from the
+    # host (fixed shape: no data-dependent indexing, which would wait for a GPU).
+    h = hidden.reshape(-1, hidden.size(-1)).index_select(0, plan.index)
     head = _unwrap(model)
-    lse, target_logit = head.lm_loss_terms(head.lm_logits(h), targets)
+    lse, target_logit = head.lm_loss_terms(head.lm_logits(h), plan.tokens)
     ce = lse - target_logit
     z = lse * lse
-    sums = {"ce_masked": ce[~is_causal].sum(), "ce_causal": ce[is_causal].sum(),
-            "z_masked": z[~is_causal].sum(), "z_causal": z[is_causal].sum()}
+    is_causal = plan.causal
+    sums = {"ce_masked": torch.where(is_causal, 0.0, ce).sum(), "ce_causal": torch.where(is_causal, ce, 0.0).sum(),
+            "z_masked": torch.where(is_causal, 0.0, z).sum(), "z_causal": torch.where(is_causal, z, 0.0).sum()}
     loss = hidden.new_zeros((), dtype=torch.float32)
-    for kind, weight, count in (("masked", 1.0 - causal_fraction, norm.masked),
-                                ("causal", causal_fraction, norm.causal)):
-        if count > 0:
-            loss = loss + weight * (sums[f"ce_{kind}"] + z_loss * sums[f"z_{kind}"]) / count
+    for i, (kind, weight, count) in enumerate((("masked", 1.0 - causal_fraction, norm.masked),
+                                               ("causal", causal_fraction, norm.causal))):
+        term = sums[f"ce_{kind}"] + z_loss * sums[f"z_{kind}"]
+        if norm.divisors is not None:
+            # A kind without targets has zero sums here: dividing by 1 keeps it out, as skipping does.
+            loss = loss + weight * term / norm.divisors[i].clamp(min=1.0)
+        elif count > 0:
+            loss = loss + weight * term / count
     # Gradient averaging over ranks divides by world_size; undo it so the global sum is kept.
     loss = loss * norm.world_size
     return loss, {k: v.detach() for k, v in sums.items()}
@@ -554,7 +584,7 @@ def objective_value(sums: dict[str, float], norm: LossNorm, causal_fraction: flo
 
 __all__ = [
     "CPU_MICRO_BATCH_TOKENS", "cpu_micro_batch_tokens", "BOS_ID", "IGNORE", "MASK_ID", "NUM_SPECIAL", "PAD_ID",
-    "Batch", "Cursor", "LossNorm", "PackingPlanner", "StepPlan", "TrainingStream",
+    "Batch", "Cursor", "LossNorm", "PackingPlanner", "StepPlan", "TargetPlan", "TrainingStream",
     "build_batch", "causal_flags", "causal_targets", "describe_example", "hybrid_loss", "layout",
     "num_micro_batches",
     "SUM_KEYS", "objective_value", "rank_slice", "segment_pieces", "span_mask", "validation_batches",

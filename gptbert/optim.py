@@ -29,12 +29,19 @@ class LAMB(torch.optim.Optimizer):
     """LAMB (recipe §5): Adam moments with bias correction, eps after the square root, weight decay
     added to the update, then the trust ratio ||w|| / ||update|| per parameter of decay groups.
 
-    Steps run as multi-tensor (``torch._foreach_*``) ops over chunks of parameters that share a step
-    count, dtype and device: the maths of a per-parameter loop without one Python iteration and a
-    dozen kernel launches per parameter. Moments are kept in at least fp32.
+    Steps run as multi-tensor (``torch._foreach_*``) ops over the parameters that share a step
+    count, dtype and device: the maths of a per-parameter loop without a dozen kernel launches per
+    parameter. On a GPU that is one pass over all of them (a launch per op, not per chunk); on a
+    CPU, chunks of ``chunk_elements`` (sized for its cache, see ``step``). Moments are kept in at
+    least fp32.
     """
 
-    chunk_elements = 250_000
+    chunk_elements = 250_000  # on a CPU
+
+    def chunk_size(self, device: torch.device) -> float:
+        """Elements per multi-tensor chunk on ``device``: ``chunk_elements`` on a CPU, no limit on a
+        GPU (where each chunk costs a launch per op and cache reuse does not pay)."""
+        return self.chunk_elements if device.type == "cpu" else math.inf
 
     def __init__(self, params, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.98),
                  eps: float = 1e-8, weight_decay: float = 0.1):
@@ -64,17 +71,18 @@ class LAMB(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
                 state["step"] += 1
                 buckets.setdefault((state["step"], dtype, p.device), []).append(p)
-            for (t, dtype, _), params in buckets.items():
+            for (t, dtype, device), params in buckets.items():
                 # Chunks of ~250K elements (measured: 250K 1.1-1.2x the per-parameter loop, 2M 1.0x, one
                 # chunk for the whole model 0.6x): a chunk stays in cache across its ops and its
                 # temporaries small enough for the allocator to reuse (whole-model temporaries are
                 # fresh pages every step). Small tensors are grouped, which saves the Python loop.
+                limit = self.chunk_size(device)
                 chunk: list[torch.Tensor] = []
                 size = 0
                 for p in params:
                     chunk.append(p)
                     size += p.numel()
-                    if size >= self.chunk_elements:
+                    if size >= limit:
                         self._step_tensors(group, chunk, t, dtype)
                         chunk, size = [], 0
                 if chunk:
@@ -102,17 +110,17 @@ class LAMB(torch.optim.Optimizer):
         if wd > 0:
             ws = [p.to(dtype) for p in params]
             torch._foreach_add_(update, ws, alpha=wd)
-            torch._foreach_mul_(update, self._trust_ratios(params, ws, update))
+            self._scale_by_trust_ratios(params, ws, update)
         if any(p.dtype != dtype for p in params):
             update = [u.to(p.dtype) for u, p in zip(update, params)]
         torch._foreach_add_(params, update, alpha=-lr)
 
-    def _trust_ratios(self, params: list[torch.Tensor], weights: list[torch.Tensor],
-                      updates: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One ratio per parameter (a 0-d tensor each)."""
+    def _scale_by_trust_ratios(self, params: list[torch.Tensor], weights: list[torch.Tensor],
+                               updates: list[torch.Tensor]) -> None:
+        """Multiply each update by its parameter's ratio (one 0-d tensor each, multi-tensor)."""
         w_norm = torch.stack(torch._foreach_norm(weights))
         u_norm = torch.stack(torch._foreach_norm(updates))
-        return list(trust_ratio(w_norm, u_norm).unbind())
+        torch._foreach_mul_(updates, list(trust_ratio(w_norm, u_norm).unbind()))
 
 
 def collective_device(backend: str, device: torch.device) -> torch.device:
@@ -139,34 +147,47 @@ class ShardedLAMB(LAMB):
     concatenated (stages 1/2: one per param group; stage 3: one per sub group, each parameter split
     on its own). The Adam part is elementwise and does not care, but the trust ratio must be per
     original parameter over the whole parameter. ``attach_partitions`` records, for each flat
-    tensor, which parameter every element belongs to (padding gets the index ``num_params``); the
-    squared norms are then summed per parameter and all-reduced over the data-parallel group, which
-    gives exactly the unsharded ratio. Tensors without a layout (ZeRO 0: the real parameters) get
-    plain LAMB ratios. Everything else is ``LAMB``'s arithmetic.
+    tensor, its runs of consecutive elements of one parameter (lengths, and the parameter of each
+    run, padding as the index ``num_params``); a step takes the norms of the runs' views in one
+    multi-tensor pass, sums their squares per parameter (a vector of num_params + 1) and all-reduces
+    them over the data-parallel group, which gives exactly the unsharded ratio, and scales each
+    run's view of the update by its parameter's ratio. No per-element index or copy is kept.
+    Tensors without a layout (ZeRO 0: the real parameters) get plain LAMB ratios. Everything else
+    is ``LAMB``'s arithmetic.
     """
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
-        # id(flat tensor) -> (parameter index per element, number of parameters, process group)
-        self._segments: dict[int, tuple[torch.Tensor, int, Any]] = {}
+        # id(flat tensor) -> (run lengths, parameter index of each run, number of parameters, process group)
+        self._segments: dict[int, tuple[list[int], torch.Tensor, int, Any]] = {}
 
     def attach_partitions(self, flat: torch.Tensor, segment_ids: torch.Tensor, num_params: int,
                           process_group=None) -> None:
-        """Record which parameter every element of ZeRO's flat tensor ``flat`` belongs to (``num_params``
-        for padding); trust-ratio norms are all-reduced over ``process_group``."""
-        self._segments[id(flat)] = (segment_ids.to(flat.device), num_params, process_group)
+        """Record which parameter every element of ZeRO's flat tensor ``flat`` belongs to
+        (``segment_ids``, ``num_params`` for padding; kept as runs, not per element); trust-ratio
+        norms are all-reduced over ``process_group``."""
+        seg = segment_ids.reshape(-1).cpu()
+        if seg.numel() != flat.numel():
+            raise ValueError(f"layout of {seg.numel()} elements for a flat tensor of {flat.numel()}")
+        starts = torch.cat([torch.zeros(1, dtype=torch.long),
+                            torch.nonzero(seg[1:] != seg[:-1]).reshape(-1) + 1]) if seg.numel() else seg[:0]
+        ends = torch.cat([starts[1:], torch.tensor([seg.numel()])]) if seg.numel() else seg[:0]
+        self._segments[id(flat)] = ((ends - starts).tolist(), seg[starts].to(flat.device), num_params, process_group)
 
-    def _trust_ratios(self, params, weights, updates):
-        ratios = []
+    def _scale_by_trust_ratios(self, params, weights, updates):
+        plain = [i for i, p in enumerate(params) if id(p) not in self._segments]
+        if plain:
+            super()._scale_by_trust_ratios([params[i] for i in plain], [weights[i] for i in plain],
+                                           [updates[i] for i in plain])
         for p, w, u in zip(params, weights, updates):
             layout = self._segments.get(id(p))
             if layout is None:
-                ratios.append(trust_ratio(torch.linalg.vector_norm(w), torch.linalg.vector_norm(u)))
                 continue
-            seg, n, group = layout
-            sq = torch.zeros(2, n + 1, dtype=torch.float64, device=p.device)
-            sq[0].index_add_(0, seg, (w * w).double())
-            sq[1].index_add_(0, seg, (u * u).double())
+            lengths, run_param, n, group = layout
+            w_runs, u_runs = w.reshape(-1).split(lengths), u.reshape(-1).split(lengths)
+            run_sq = torch.stack([torch.stack(torch._foreach_norm(w_runs)), torch.stack(torch._foreach_norm(u_runs))])
+            run_sq = run_sq.double() ** 2  # (2, runs): small, so fp64 is free here
+            sq = torch.zeros(2, n + 1, dtype=torch.float64, device=p.device).index_add_(1, run_param, run_sq)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 # With ZeRO offload the partitions live on the CPU, but NCCL reduces CUDA tensors only.
                 where = collective_device(torch.distributed.get_backend(group), sq.device)
@@ -174,8 +195,8 @@ class ShardedLAMB(LAMB):
                 torch.distributed.all_reduce(reduced, group=group)
                 sq = reduced.to(p.device)
             w_norm, u_norm = sq.sqrt().float()
-            ratios.append(trust_ratio(w_norm, u_norm)[seg])
-        return ratios
+            ratio = trust_ratio(w_norm, u_norm)[run_param]
+            torch._foreach_mul_(list(u_runs), list(ratio.unbind()))
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
@@ -256,9 +277,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Move the average a fraction ``1 - decay`` of the way toward ``model``'s current weights."""
+        """Move the average a fraction ``1 - decay`` of the way toward ``model``'s current weights, in
+        one multi-tensor ``lerp`` over all parameters (per parameter device and dtype)."""
+        shadows, weights = [], []
         for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+            shadows.append(self.shadow[n])
+            weights.append(p.detach() if p.dtype == torch.float32 else p.detach().float())
+        torch._foreach_lerp_(shadows, weights, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The fp32 average by parameter name (a new dict holding the same tensors)."""

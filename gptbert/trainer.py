@@ -49,6 +49,17 @@ def _all_reduce(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def _to_collective(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` where the process group reduces tensors of ``device`` (NCCL: the GPU, gloo: the CPU),
+    copied without waiting (from pinned memory) when it goes to a GPU."""
+    from .optim import collective_device
+
+    where = collective_device(torch.distributed.get_backend(), device)
+    if where.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(where, non_blocking=True)
+    return t.to(where)
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The model inside a wrapper (a DeepSpeed engine keeps it in ``.module``)."""
     return getattr(module, "module", module)
@@ -88,7 +99,8 @@ class StepBackend(Protocol):
     - ``backward(loss, boundary)``: accumulate one micro-batch's gradients (``boundary``: the
       step's last micro-batch; the loop accumulates, as the count varies with the batch schedule);
     - ``step(lr) -> grad_norm``: set ``lr``, clip at ``train.grad_clip``, step the optimizer, zero the
-      gradients; returns the global gradient norm before clipping;
+      gradients; returns the global gradient norm before clipping, as a float or as a 0-d tensor on
+      the device (the loop reads it with the step's other numbers, in its one host read);
     - ``save(dir)`` / ``load(dir)``: model and optimizer state (every rank calls them);
     - ``make_ema(model, decay)``: the EMA the loop updates after every step.
     """
@@ -101,9 +113,9 @@ class StepBackend(Protocol):
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         """Accumulate one micro-batch's gradients (``boundary``: the step's last micro-batch)."""
 
-    def step(self, lr: float) -> float | None:
+    def step(self, lr: float) -> float | torch.Tensor | None:
         """Set ``lr``, clip, step the optimizer and zero the gradients; returns the global gradient norm
-        before clipping (None when not computed)."""
+        before clipping (a float or a 0-d tensor; None when not computed)."""
 
     def save(self, directory: str | Path) -> None:
         """Write model and optimizer state into ``directory`` (every rank calls it)."""
@@ -135,18 +147,19 @@ class LocalBackend:
         """``loss.backward()``: gradients accumulate in ``.grad`` (``boundary`` is unused)."""
         loss.backward()
 
-    def step(self, lr: float) -> float:
-        """Set ``lr``, clip at ``grad_clip`` (no clipping when <= 0), step unless the norm is non-finite, zero
-        the gradients; returns the gradient norm before clipping."""
+    def step(self, lr: float) -> torch.Tensor:
+        """Set ``lr``, clip at ``grad_clip`` (no clipping when <= 0), step, zero the gradients; returns
+        the gradient norm before clipping as a 0-d tensor on the device, unread: clipping and the
+        step queue behind the backward without the host waiting. A non-finite norm makes the loop
+        stop at the step's host read (the weights of that step are never saved)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = [p for p in self.module.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if math.isfinite(norm):  # a non-finite step is not applied (the loop stops on it)
-            self.optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return norm.detach()
 
     def save(self, directory: str | Path) -> None:
         """Write ``model.safetensors`` and ``optimizer.pt`` into ``directory``."""
@@ -220,7 +233,10 @@ class Trainer:
         """This rank's micro-batches of global step ``step`` (a pure function of step and cursor)."""
         plan, nxt = self.stream.plan_from(step, cursor)
         chunks = self.stream.micro_batches(plan, self.rank, self.world_size)
-        return plan, [self.stream.batch(plan, c) if c else None for c in chunks], nxt
+        batches = [self.stream.batch(plan, c) if c else None for c in chunks]
+        if self.device.type == "cuda":  # pinned here (the prefetch thread), copied asynchronously in the step
+            batches = [b.pin_memory() if b is not None else None for b in batches]
+        return plan, batches, nxt
 
     def _drop_prefetch(self) -> None:
         if self._pending is not None:
@@ -258,13 +274,24 @@ class Trainer:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="gptbert-data")
             self._pending = (self.step + 1, nxt, self._executor.submit(self._prepare, self.step + 1, nxt))
 
+        # Everything the step needs from the host comes with the batches (their TargetPlan): the
+        # micro-batch loop, clipping, the optimizer and the EMA queue on the device without a read;
+        # the one host read is the step's numbers at its end.
         local = np.zeros(3)
         for b in batches:
             if b is not None:
                 m, c = b.target_counts()
                 local += (m, c, b.num_tokens)
-        n_masked, n_causal, n_tokens = _all_reduce(local.tolist(), self.device)
-        norm = LossNorm(int(n_masked), int(n_causal), self.world_size)
+        counts = None
+        if _dist():
+            # All-reduced where the process group reduces, and kept there: the loss divides by
+            # them on the device, the host reads them at the end with the rest.
+            counts = _to_collective(torch.tensor(local, dtype=torch.float64), self.device)
+            torch.distributed.all_reduce(counts)
+            norm = LossNorm(0, 0, self.world_size, divisors=counts[:2].to(self.device, torch.float32,
+                                                                          non_blocking=True))
+        else:
+            norm = LossNorm(int(local[0]), int(local[1]), self.world_size)
 
         module.train()
         sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=self.device)  # on device: no sync per micro-batch
@@ -273,14 +300,33 @@ class Trainer:
                 loss = _zero_loss(module)
             else:
                 with self._autocast():
-                    loss, s = hybrid_loss(module, b.to(self.device), norm, tc.causal_fraction, tc.z_loss)
+                    loss, s = hybrid_loss(module, b.to(self.device, non_blocking=True), norm, tc.causal_fraction,
+                                          tc.z_loss)
                 sums += torch.stack([s[k] for k in SUM_KEYS]).double()
             self.backend.backward(loss, boundary=i == len(batches) - 1)
         lr = schedule_lr(self.step, tc)
         grad_norm = self.backend.step(lr)
         self.ema.update(unwrap(module))
 
-        g = _all_reduce(sums.tolist(), self.device)
+        if _dist():
+            sums = _to_collective(sums, self.device)
+            torch.distributed.all_reduce(sums)
+        # The step's one host read: the loss sums, the gradient norm and (under a process group) the
+        # global counts, in one copy.
+        parts = [sums.to(self.device)]
+        if isinstance(grad_norm, torch.Tensor):
+            parts.append(grad_norm.to(self.device, torch.float64).reshape(1))
+        if counts is not None:
+            parts.append(counts.to(self.device))
+        read = torch.cat(parts).tolist()
+        g = read[:len(SUM_KEYS)]
+        if isinstance(grad_norm, torch.Tensor):
+            grad_norm = read[len(SUM_KEYS)]
+        if counts is not None:
+            n_masked, n_causal, n_tokens = read[-3:]
+            norm = LossNorm(int(n_masked), int(n_causal), self.world_size)
+        else:
+            n_tokens = local[2]
         values = objective_value(dict(zip(SUM_KEYS, g)), norm, tc.causal_fraction, tc.z_loss)
         if not math.isfinite(values["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
             kept = f" (the latest is step-{self.last_checkpoint_step})" if self.last_checkpoint_step else ""
@@ -334,15 +380,15 @@ class Trainer:
                 mine = rank_slice(n, self.rank, self.world_size)
                 self._valid_cache[causal] = validation_batches(
                     self.valid_source, self.tc, self.model_cfg.vocab_size, seq_len, micro, causal, mine)
-            ce = count = 0.0
+            ce, count = torch.zeros((), dtype=torch.float64, device=self.device), 0.0
             for b in self._valid_cache[causal]:
                 m, c = b.target_counts()
                 norm = LossNorm(m, c, 1)
                 with self._autocast():
                     _, s = hybrid_loss(module, b.to(self.device), norm, 1.0 if causal else 0.0, 0.0)
-                ce += float(s["ce_causal" if causal else "ce_masked"])
+                ce += s["ce_causal" if causal else "ce_masked"].double()  # read once, after the loop
                 count += c if causal else m
-            ce, count = _all_reduce([ce, count], self.device)
+            ce, count = _all_reduce([float(ce), count], self.device)
             out["valid_loss_causal" if causal else "valid_loss_masked"] = ce / count if count else float("nan")
         module.train(was_training)
         return out

@@ -76,3 +76,33 @@ def test_model_info_command(capsys):
     assert masked["target_fraction"] == 0.15 and causal["target_fraction"] == 1.0
     assert causal["train_flops_per_token"] > masked["train_flops_per_token"]
     assert masked["train_flops_per_token"] == pytest.approx(3 * masked["forward_flops_per_token"])
+
+
+def test_one_flop_count_for_the_log_the_run_and_the_benchmarks(monkeypatch):
+    """The training log's MFU, a run's total and benchmarks/gpu_rows.py's MFU are one count: the
+    step's micro-batching decides how often the position table is projected."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from common.config import TrainConfig, preset
+    from gptbert.flops import step_flops_per_token, training_flops
+    from gptbert.metrics import MetricsCallback
+
+    cfg, T = preset("small").model, 128
+    step = {"seq_len": T, "mask_rate": 0.3, "batch_size": 64, "micro_batches": 4, "tokens_per_s": 1e5}
+    per_token = step_flops_per_token(cfg, T, 0.25, 0.3, batch_size=64, micro_batches=4)
+    assert per_token == flops_per_token(cfg, T, 0.25 + 0.75 * 0.3, True, batch_size=16)
+    assert per_token < step_flops_per_token(cfg, T, 0.25, 0.3, batch_size=64, micro_batches=64)
+    log = MetricsCallback(cfg, 0.25, 1, "NVIDIA H100 80GB HBM3", bf16=True)
+    logged = dict(step)
+    log(logged, 1)
+    assert logged["flops_per_s"] == 1e5 * per_token
+    spec = importlib.util.spec_from_file_location("gpu_rows", Path(__file__).parents[1] / "benchmarks" / "gpu_rows.py")
+    rows = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_rows", rows)  # its dataclasses look their module up
+    spec.loader.exec_module(rows)
+    assert rows.row_mfu(cfg, 0.25, step, 1e5, log.peak) == logged["mfu"]
+    tc = TrainConfig(steps=1, seq_len=T, seq_len_schedule=False, batch_tokens_start=64 * T, batch_tokens_end=64 * T,
+                     micro_batch_tokens=16 * T, causal_fraction=0.25, mask_rate_start=0.3, mask_rate_end=0.3)
+    assert training_flops(cfg, tc) == pytest.approx(per_token * 64 * T, rel=1e-12)

@@ -199,6 +199,67 @@ def test_fused_and_reference_agree_in_values_and_gradients(gate, weighting):
         assert torch.allclose(g_ref[name], g_fused[name], atol=1e-5, rtol=1e-4), name
 
 
+def _train_pass(model, ids, blocked, sdpa: bool, seed: int = 0):
+    """Values and gradients of one training forward + backward, through SDPA (its math backend,
+    what a CPU can run) or the hand-written CPU path."""
+    from gptbert.model import Attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.sdpa_training = sdpa
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with sdpa_kernel(SDPBackend.MATH):
+        hidden = model(ids, blocked)
+        model.lm_logits(hidden).logsumexp(-1).square().mean().backward()
+    return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_training_through_sdpa_equals_the_cpu_path():
+    """CUDA trains through SDPA with the position bias as a float mask that takes gradients (the
+    CPU keeps its hand-written path); the same maths in values and gradients, pads and causal
+    rows included."""
+    seg = torch.tensor([[1] * 9 + [2] * 11, [1] * 14 + [0] * 6, [1] * 20])
+    blocked = blocked_for(seg, [False, True, True])
+    ids = torch.randint(0, 512, (3, 20))
+    model = make_model(hidden_dropout=0.0, attention_dropout=0.0).train()
+    h_cpu, g_cpu = _train_pass(model, ids, blocked, sdpa=False)
+    h_sdpa, g_sdpa = _train_pass(model, ids, blocked, sdpa=True)
+    torch.testing.assert_close(h_sdpa, h_cpu, rtol=1e-5, atol=1e-6)
+    assert g_sdpa.keys() == g_cpu.keys()
+    for name in g_cpu:
+        torch.testing.assert_close(g_sdpa[name], g_cpu[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_training_through_sdpa_drops_out_as_the_plain_path():
+    """With attention dropout, SDPA's math backend draws its mask as ``F.dropout`` does (one
+    ``bernoulli_`` over the (B, h, T, T) probabilities from the same generator), so the plain model
+    (``nn.Dropout`` modules) under one seed gives the same values and gradients; a different seed
+    does not (the check can fail)."""
+    seg = torch.tensor([[1] * 9 + [2] * 11, [1] * 20])
+    blocked = blocked_for(seg, [False, True])
+    ids = torch.randint(0, 512, (2, 20))
+    torch.manual_seed(0)
+    model = GPTBERT(tiny_config(hidden_dropout=0.0, attention_dropout=0.2, kernels=False)).train()
+    h_cpu, g_cpu = _train_pass(model, ids, blocked, sdpa=False, seed=5)
+    h_sdpa, g_sdpa = _train_pass(model, ids, blocked, sdpa=True, seed=5)
+    torch.testing.assert_close(h_sdpa, h_cpu, rtol=1e-5, atol=1e-6)
+    for name in g_cpu:
+        torch.testing.assert_close(g_sdpa[name], g_cpu[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    h_other, _ = _train_pass(model, ids, blocked, sdpa=True, seed=6)
+    assert not torch.allclose(h_other, h_cpu, atol=1e-3)
+
+
+def test_sdpa_trains_off_the_cpu_only():
+    from gptbert.model import Attention
+
+    block = make_model().layers[0].attention
+    assert isinstance(block, Attention)
+    assert not block.sdpa_in_training(torch.device("cpu"))
+    assert block.sdpa_in_training(torch.device("cuda"))
+
+
 def test_eval_paths_agree_without_grad():
     # Under no_grad SDPA may take a different kernel than in training; check it too.
     seg = torch.tensor([[1] * 30 + [0] * 2, [1] * 16 + [2] * 16])

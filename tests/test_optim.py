@@ -84,6 +84,64 @@ def test_sharded_lamb_on_flat_groups_equals_lamb_with_the_papers_groups():
     assert_sharded_steps_as_lamb([g["params"] for g in groups], [g["weight_decay"] for g in groups], pad=3)
 
 
+def test_lamb_takes_one_multi_tensor_pass_off_the_cpu(monkeypatch):
+    """On a GPU LAMB steps all parameters in one chunk: the ops per step do not grow with the
+    parameter count, and the result is the chunked CPU step's to the bit (the maths is elementwise
+    or per parameter). The device's rule is forced onto the CPU here."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gptbert.optim import LAMB
+
+    assert LAMB.chunk_size(LAMB([torch.zeros(1)]), torch.device("cuda")) == float("inf")
+    assert LAMB.chunk_size(LAMB([torch.zeros(1)]), torch.device("cpu")) == LAMB.chunk_elements
+
+    def step(n_params, one_pass):
+        torch.manual_seed(0)
+        params = [torch.randn(300, 300, requires_grad=True) for _ in range(n_params)]
+        opt = LAMB([{"params": params, "weight_decay": 0.1}], lr=0.01)
+        if one_pass:
+            monkeypatch.setattr(opt, "chunk_size", lambda device: float("inf"))
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.step()
+        foreach = sum(1 for e in prof.events() if e.name.startswith("aten::_foreach_"))
+        return [p.detach().clone() for p in params], foreach
+
+    chunked, chunked_ops = step(12, one_pass=False)
+    whole, ops12 = step(12, one_pass=True)
+    assert chunked_ops > ops12  # the CPU's chunks: a pass per ~250K elements
+    assert all(torch.equal(a, b) for a, b in zip(chunked, whole))
+    _, ops3 = step(3, one_pass=True)
+    assert ops3 == ops12  # one pass: a fixed number of multi-tensor ops whatever the parameter count
+
+
+def test_sharded_lamb_keeps_runs_not_elements():
+    """The layout of a flat tensor is kept as its runs of one parameter, no per-element index."""
+    from gptbert.optim import ShardedLAMB
+
+    flat = torch.zeros(10, requires_grad=True)
+    opt = ShardedLAMB([flat])
+    opt.attach_partitions(flat, torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3]), 3)
+    lengths, run_param, n, _ = opt._segments[id(flat)]
+    assert lengths == [3, 2, 3, 2] and run_param.tolist() == [0, 1, 2, 3] and n == 3
+
+
+def test_ema_update_is_the_per_parameter_lerp():
+    from gptbert.optim import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    ema = EMA(model, decay=0.9)
+    expect = {n: t.clone() for n, t in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(ema.shadow[n], expect[n].lerp_(p.detach(), 1 - 0.9)), n
+
+
 def test_lr_schedule_key_steps():
     """The paper's LambdaLR (utils.cosine_schedule_with_warmup_cooldown); the step-by-step comparison
     with the paper's own scheduler is in test_training_parity."""
@@ -153,7 +211,7 @@ def test_plain_backend_clips_at_global_norm():
         model.weight.zero_()
     backend = LocalBackend(model, torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=2.0)
     model.weight.grad = torch.tensor([[3.0, 4.0, 0.0]])  # norm 5
-    norm = backend.step(lr=0.5)
+    norm = float(backend.step(lr=0.5))  # a 0-d tensor on the device, read here
     assert norm == pytest.approx(5.0)
     # clipped to norm 2, then an SGD step with the scheduled lr 0.5
     assert model.weight[0].tolist() == pytest.approx([-0.5 * 1.2, -0.5 * 1.6, 0.0], rel=1e-5)

@@ -156,7 +156,7 @@ def run_ours(fx):
         loss, sums = hybrid_loss(model, batch, norm, tc.causal_fraction, tc.z_loss)
         backend.backward(loss, boundary=True)
         lr = schedule_lr(step, tc)
-        grad_norm = backend.step(lr)
+        grad_norm = float(backend.step(lr))
         ema.update(model)
         s = {k: float(v) for k, v in sums.items()}
         values = objective_value(s, norm, tc.causal_fraction, tc.z_loss)
