@@ -327,11 +327,8 @@ def test_official_collate_accepts_ours_and_scores_equal_evaluate(tmp_path, share
         if key != "fast_eval_results":
             assert json.dumps(a[key]) == json.dumps(b[key]), key  # the predictions, byte for byte
     assert list(a["fast_eval_results"]) == list(b["fast_eval_results"])
-    for key, per_revision in b["fast_eval_results"].items():
-        assert len(per_revision) == 19
-        for x, y in zip(a["fast_eval_results"][key], per_revision):
-            assert x == pytest.approx(y, abs=1e-12, rel=1e-9), key
-    print(f"\n{layout}: collated file byte-identical to the official one: {ours == theirs}")
+    assert all(len(per_revision) == 19 for per_revision in b["fast_eval_results"].values())
+    assert ours == theirs  # the fast scores too, to the last bit (Spearman's rho, the reading R^2 gains)
 
     # Task by task, the official scores of the collated predictions equal `gptbert evaluate`'s.
     if layout == "2025":

@@ -121,12 +121,28 @@ def entity_scores(predictions: dict[str, Any], folder: Path, layout: str) -> dic
             for key, value in predictions.items()}
 
 
+def _average_ranks(v: np.ndarray) -> np.ndarray:
+    order = np.argsort(v, kind="mergesort")
+    _, first, n = np.unique(v[order], return_index=True, return_counts=True)
+    r = np.empty(len(v))
+    r[order] = np.repeat(first + (n + 1) / 2.0, n)
+    return r
+
+
+def rank_correlation(x, y) -> float:
+    """Spearman's rho as the official code gets it (scipy.stats.spearmanr): the correlation matrix
+    (``np.corrcoef``) of the two columns of average ranks, to the last bit."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if (a == a[0]).all() or (b == b[0]).all() or np.isnan(a).any() or np.isnan(b).any():
+        return math.nan
+    return float(np.corrcoef(np.column_stack([_average_ranks(a), _average_ranks(b)]), rowvar=False)[1, 0])
+
+
 def wug_scores(predictions: dict[str, Any], folder: Path) -> dict[str, float]:
     """WUG: Spearman's rho of each prediction's ``prob`` against the human ``ratio``."""
-    from gptbert.evaluation.babylm import spearman
-
     rows = _lines(folder / f"{folder.name}.jsonl")
-    return {key: spearman([p["prob"] for p in value["predictions"]], [r["ratio"] for r in rows[:len(value["predictions"])]])
+    return {key: rank_correlation([p["prob"] for p in value["predictions"]],
+                                  [r["ratio"] for r in rows[:len(value["predictions"])]])
             for key, value in predictions.items()}
 
 
@@ -137,9 +153,35 @@ def piqa_scores(predictions: dict[str, Any], path: Path, task: str) -> dict[str,
                             for r in rows)}
 
 
+def _pinv_r2(y: np.ndarray, x: np.ndarray) -> float:
+    """Centred R^2 of least squares by the SVD pseudo-inverse, the arithmetic of the official
+    code's statsmodels OLS (``method="pinv"``), so the collated value matches to the last bit."""
+    u, sv, vt = np.linalg.svd(x, False)
+    keep = sv > 1e-15 * sv.max()
+    inv = np.where(keep, 1.0 / np.where(keep, sv, 1.0), 0.0)
+    beta = np.dot(np.dot(vt.T, inv[:, None] * u.T), y)
+    resid = y - np.dot(x, beta)
+    ones = np.ones_like(y)  # OLS is WLS with unit weights there: the weighted mean and sum
+    return 1 - np.dot(resid, resid) / np.sum(ones * (y - np.average(y, weights=ones)) ** 2)
+
+
+def _r2(cols: dict[str, np.ndarray], variable: str, mains: list[str]) -> float:
+    """R^2 of ``variable ~ mains + their pairwise products (+ pred)`` on the rows where every named
+    column is known; the design's columns in the official formula's order (intercept, main effects,
+    products, ``pred`` last: the order changes the last bits)."""
+    used = [variable, *mains]
+    keep = np.all([~np.isnan(cols[c]) for c in used], axis=0)
+    base = [m for m in mains if m != "pred"]
+    pairs = [(a, b) for i, a in enumerate(base) for b in base[i + 1:]]
+    design = ([np.ones(int(keep.sum()))] + [cols[m][keep] for m in base] + [cols[a][keep] * cols[b][keep] for a, b in pairs]
+              + [cols["pred"][keep]] * ("pred" in mains))
+    # Column-major, as the formula library hands the design to statsmodels (the layout moves the SVD's last bits).
+    return float(_pinv_r2(cols[variable][keep], np.asfortranarray(np.column_stack(design))))
+
+
 def reading_scores(predictions: dict[str, Any], csv_path: Path) -> dict[str, float]:
     """Reading: ``rt`` the mean over the four eye-tracking measures and ``spr`` (self-paced, with
-    spillover) of the R^2 gain (R2 - R2_base) / (1 - R2_base) from adding the surprisal."""
+    spillover) of the R^2 gain (R2 - R2_base) / (1 - R2_base) from adding the surprisal ``pred``."""
     from gptbert.evaluation import reading
 
     data = reading.load_reading(csv_path)
@@ -148,12 +190,12 @@ def reading_scores(predictions: dict[str, Any], csv_path: Path) -> dict[str, flo
     cols["pred"] = np.asarray([r["pred"] for r in rows], dtype=np.float64)
     cols["prev_pred"] = np.asarray([r["prev_pred"] for r in rows], dtype=np.float64)
 
-    def gain(variable: str, spillover: bool) -> float:
-        fit = reading.predictive_power(cols, variable, spillover)
-        return (fit["r2"] - fit["r2_baseline"]) / (1 - fit["r2_baseline"])
+    def gain(variable: str, mains: list[str]) -> float:
+        base, model = _r2(cols, variable, mains), _r2(cols, variable, mains + ["pred"])
+        return (model - base) / (1 - base)
 
-    eye = [gain(v, False) for v in reading.EYE_TRACKING]
-    return {"spr": gain(reading.SELF_PACED, True), "rt": sum(eye) / len(eye)}
+    eye = [gain(v, list(reading.PREDICTORS)) for v in reading.EYE_TRACKING]
+    return {"spr": gain(reading.SELF_PACED, list(reading.SPILLOVER)), "rt": sum(eye) / len(eye)}
 
 
 def fast_score(part: Part, predictions: dict[str, Any], fast_dir: Path, layout: str) -> Any:
@@ -207,4 +249,5 @@ def nan_to_none(value: Any) -> Any:
 
 
 __all__ = ["SubmissionError", "collate", "counts", "entity_scores", "fast_score", "has_nothing_option", "load_part",
-           "nan_to_none", "piqa_scores", "read_predictions", "reading_scores", "target_scores", "wug_scores"]
+           "nan_to_none", "piqa_scores", "rank_correlation", "read_predictions", "reading_scores", "target_scores",
+           "wug_scores"]
