@@ -24,7 +24,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 
@@ -135,7 +135,7 @@ class PartJob:
 
     def predict(self, model, tokenizer, max_tokens: int) -> tuple[dict[str, Any], float | dict[str, float]]:
         """(the predictions file's content, the task's score as ``gptbert evaluate`` reports it)."""
-        from gptbert.evaluation import babylm, finetune, reading
+        from gptbert.evaluation import babylm
 
         task, mode = self.part.task, self.contract.backend
         if task.startswith("glue:"):

@@ -243,11 +243,6 @@ def collate(results_dir: str | Path, model: str, contract: Contract, fast_dir: s
     return path, notes
 
 
-def nan_to_none(value: Any) -> Any:
-    """A score for MLflow/JSON summaries: NaN as None."""
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 __all__ = ["SubmissionError", "collate", "counts", "entity_scores", "fast_score", "has_nothing_option", "load_part",
-           "nan_to_none", "piqa_scores", "rank_correlation", "read_predictions", "reading_scores", "target_scores",
+           "piqa_scores", "rank_correlation", "read_predictions", "reading_scores", "target_scores",
            "wug_scores"]
