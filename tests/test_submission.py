@@ -433,3 +433,43 @@ def test_pipeline_stage_is_cached_by_identity(tmp_path, shared_data):
     raw["submission"]["layout"] = "2025"
     with pytest.raises(SubmissionError, match="expects 928"):
         stages.submission(from_dict(PipelineConfig, raw), model)
+
+
+@pytest.mark.slow
+def test_submission_task_logs_the_file_and_the_scores_to_mlflow(prefect_harness, tmp_path, shared_data):
+    """The Prefect task: a child MLflow run with the collated file as an artifact and the per-task
+    scores as metrics (Global PIQA at its official sizes, so something is scored)."""
+    from prefect import flow
+
+    from common.config import PipelineConfig
+    from flows import stages
+    from flows.pipeline import submission_task
+    from flows.tracking import client_for
+
+    data = build_data(tmp_path / "data", shared_data)
+    shutil.rmtree(data / "full_eval" / "glue_filtered")
+    for split in ("full_eval", "fast_eval"):
+        for name, n in c.GLOBAL_PIQA.items():
+            _jsonl(data / split / name / "eng_latn.jsonl", [
+                {"example_id": f"{name}-{i}", "prompt": f"To dry clothes number {i},", "solution0": "hang them up.",
+                 "solution1": "put them in water.", "label": i % 2} for i in range(n)])
+    run = make_run(tmp_path / "run", [])
+    raw = to_dict(PipelineConfig())
+    raw.update(workdir=str(tmp_path / "work"), submission={**raw["submission"], "data_dir": str(data), "name": "tiny"})
+    raw["tracking"] = {**raw["tracking"], "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "sub-test"}
+    cfg = from_dict(PipelineConfig, raw)
+
+    @flow
+    def one_stage():
+        return submission_task(cfg, stages.Artifact("pretrain", str(run), "x" * 64, "y" * 64))
+
+    artifact = one_stage()
+    client = client_for(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sub-test").experiment_id])
+    (child,) = [r for r in runs if r.data.tags.get("gptbert.stage") == "submission"]
+    metrics = child.data.metrics
+    assert set(artifact.record["stats"]) == {"submission.global_piqa_parallel", "submission.global_piqa_nonparallel"}
+    for name, value in artifact.record["stats"].items():
+        assert metrics[f"stage.{name}"] == pytest.approx(value)
+    logged = [f.path for f in client.list_artifacts(child.info.run_id, "submission")]
+    assert "submission/all_full_preds_and_fast_scores_causal.json" in logged
