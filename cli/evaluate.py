@@ -177,13 +177,13 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if args.suite == "babylm":
         if not (args.data or cfg.babylm_dir):
             raise ValueError("--suite babylm needs --data DIR (the official evaluation_data/ layout)")
-        changes["tasks"] = ["babylm"]
+        changes["tasks"] = ["babylm", "global_piqa"]  # Global PIQA: the 2026 suite's, when the folder has it
         changes["babylm_dir"] = args.data or cfg.babylm_dir
         if args.fast:
             changes["babylm_split"] = "fast"
         finetune, note = _babylm_finetune(changes["babylm_dir"], args.fast, args.no_finetune)
         if finetune:
-            changes["tasks"] = ["babylm", "glue"]
+            changes["tasks"] = ["babylm", "global_piqa", "glue"]
             changes["finetune"] = {**to_dict(cfg.finetune), **finetune}
         if note:
             print(f"fine-tuning: {note}")

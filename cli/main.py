@@ -14,10 +14,10 @@ import sys
 
 from common.errors import error_line
 
-from . import data, evaluate, export, model, pipeline, train
+from . import data, evaluate, export, model, pipeline, submission, train
 
 # Subcommand groups, in the order `gptbert --help` lists them.
-COMMAND_GROUPS = (data, model, train, export, evaluate, pipeline)
+COMMAND_GROUPS = (data, model, train, export, evaluate, submission, pipeline)
 
 
 DEBUG_ENV = "GPTBERT_DEBUG"

@@ -41,6 +41,8 @@ from .storage import atomic_write_bytes
 RECORD_FILE = "stage.json"
 # The pipeline's stages, in order (each stage's record names one of them).
 STAGES = ("clean", "tokenizer", "shard", "pretrain", "export", "evaluate")
+# Stages run on demand after the pipeline's (``gptbert submission``): recorded the same way.
+EXTRA_STAGES = ("submission",)
 STAGING_PREFIX = ".staging-"  # inside a remote stage folder: files workers wrote before it is published
 
 
@@ -140,8 +142,8 @@ def read_record(folder: str | Path, stage: str | None = None, identity: str | No
 def make_record(stage: str, inputs: dict[str, str | None], config: dict[str, Any], folder: str | Path,
                 output: str, stats: dict[str, Any] | None = None) -> dict[str, Any]:
     """The record of a finished stage whose output is ``folder/output`` (a file or a sub-folder)."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    if stage not in STAGES + EXTRA_STAGES:
+        raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES + EXTRA_STAGES)})")
     return {
         "stage": stage,
         "identity": stage_identity(stage, inputs, config),
@@ -346,7 +348,7 @@ def resolve_file(path: str | Path, default_name: str, what: str) -> Path:
     return p
 
 
-__all__ = ["DataError", "DigestMismatchError", "RECORD_FILE", "STAGES",
+__all__ = ["DataError", "DigestMismatchError", "EXTRA_STAGES", "RECORD_FILE", "STAGES",
            "atomic_write_json", "atomic_write_text", "check_output_folder", "check_outside_inputs", "check_writable", "file_digest", "local_stage_copy",
            "make_record", "read_json", "read_record", "remove_stale_siblings", "replace_dir", "resolve_file",
            "shared_staging", "stage_identity", "staging_dir", "temporary_sibling", "tree_digest", "update_record", "write_record"]

@@ -87,7 +87,7 @@ def _run_stage_tracked(stage: str, config: PipelineConfig, parent_run_id: Option
         child = tracker.start_run(_child_name(tracker, stage, parent_run_id), parent_run_id,
                                   tags={"gptbert.stage": stage, **prefect_ids()})
         params = {}
-        for section in stages.REGISTRY[stage].sections:
+        for section in stages.stage_info(stage).sections:
             params.update(flatten(getattr(config, section), f"{section}."))
         tracker.log_params(child, params)
     try:
@@ -132,7 +132,7 @@ def _log_stage(tracker, run_id: str, stage: str, artifact: Artifact, duration: f
     tracker.set_tags(run_id, tags)
     tracker.log_metrics(run_id, stage_metrics(stage, rec.get("stats", {}), artifact.cached, duration))
     # Only the files logged here are fetched of a remote folder (not its shards or checkpoints).
-    files = stages.REGISTRY[stage].files
+    files = stages.stage_info(stage).files
     folder = artifact.local(files) if files else None
     for name in files:
         path = folder / name
@@ -280,6 +280,22 @@ def evaluate_task(config: PipelineConfig, model: Artifact, parent_run_id: Option
         return artifact
 
     return _run_stage_tracked("evaluate", config, parent_run_id, run)
+
+
+@task(name="submission", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=retry_if_transient)
+def submission_task(config: PipelineConfig, model: Artifact, parent_run_id: Optional[str] = None) -> Artifact:
+    """Prefect task: the BabyLM submission (``submission.data_dir``), tracked as a child MLflow run:
+    the collated file as an artifact, the per-task scores as metrics (``stage.submission.<task>``)."""
+    def run(child: Optional[str]) -> Artifact:
+        artifact = stages.submission(config, model)
+        tracker = tracker_for(config)
+        if tracker is not None and child is not None:
+            summary = json.loads(Path(artifact.file("summary.json")).read_text())
+            tracker.log_artifact(child, artifact.file(summary["file"]), "submission")
+        return artifact
+
+    return _run_stage_tracked("submission", config, parent_run_id, run)
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
@@ -453,6 +469,8 @@ def run_pipeline(config: PipelineConfig, until: str = "evaluate", register: bool
                 events.emit("stage_skipped", stage="export", reason=skip)
         if "evaluate" in want:
             arts["evaluate"] = evaluate_task(config, arts["pretrain"], parent)
+        if "evaluate" in want and config.submission.data_dir:
+            arts["submission"] = submission_task(config, arts["pretrain"], parent)
         registered = None
         if register and "evaluate" in want:
             registered = register_task(config, arts["pretrain"], arts["evaluate"], parent)

@@ -170,6 +170,21 @@ def evaluate(cfg: PipelineConfig, model: Artifact, after: Callable | None = None
                           lambda out: evaluate_model_dir(model_dir, cfg.eval, out, after=after))
 
 
+def submission(cfg: PipelineConfig, model: Artifact) -> Artifact:
+    """The submission stage (``submission.data_dir`` set): the model's BabyLM leaderboard submission
+    in the official layout with its collated file, reused when cached."""
+    from gptbert.submission import STAGE, build_submission, setup
+
+    sub = cfg.submission
+    run_dir = model.local(RUN_PARTS)
+    kwargs = dict(layout=sub.layout, track=sub.track, backend=sub.backend, name=sub.name or "gptbert",
+                  aoa_dir=storage.local_input(sub.aoa_dir) if sub.aoa_dir else None, cfg=cfg.eval)
+    data = storage.local_input(sub.data_dir)
+    resolved = setup(run_dir, data, **kwargs)
+    return _cached_or_run(cfg, STAGE, resolved.inputs, resolved.config,
+                          lambda out: build_submission(run_dir, out, data, **kwargs))
+
+
 @dataclass(frozen=True)
 class Stage:
     """One pipeline stage as the flows see it: its cached runner above, the config sections that
@@ -191,5 +206,15 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage("export", export, ("export",), ("config.json",)),
     Stage("evaluate", evaluate, ("eval",), ("results.json", "report.md", "by_phenomenon.png", "milestones.png")),
 )}
+# Stages after the pipeline's, run when configured (common.artifacts.EXTRA_STAGES).
+EXTRA: dict[str, Stage] = {s.name: s for s in (
+    Stage("submission", submission, ("submission", "eval"), ("summary.json",)),
+)}
 
-__all__ = ["Artifact", "REGISTRY", "STAGES", "Stage", "clean", "evaluate", "export", "pretrain", "shard", "stage_dir", "train_tokenizer"]
+
+def stage_info(name: str) -> Stage:
+    """The declaration of a pipeline stage or of an extra one."""
+    return REGISTRY.get(name) or EXTRA[name]
+
+__all__ = ["Artifact", "EXTRA", "REGISTRY", "STAGES", "Stage", "clean", "evaluate", "export", "pretrain", "shard", "stage_dir",
+           "stage_info", "submission", "train_tokenizer"]

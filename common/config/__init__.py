@@ -30,6 +30,7 @@ from .eval import EvalConfig
 from .export import ExportConfig
 from .launch import LaunchConfig
 from .model import ModelConfig
+from .submission import SubmissionConfig
 from .sweep import SweepConfig
 from .tracking import TrackingConfig
 from .train import TrainConfig
@@ -50,6 +51,7 @@ class PipelineConfig(ConfigBase):
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
@@ -107,6 +109,7 @@ __all__ = [
     "ExportConfig",
     "LaunchConfig",
     "ModelConfig",
+    "SubmissionConfig",
     "PipelineConfig",
     "ShardConfig",
     "SweepConfig",
