@@ -33,8 +33,10 @@ def _write_inputs(root):
     root.mkdir(parents=True, exist_ok=True)
     (root / "a.txt").write_text("First  document.\tTabbed\n\nSecond \u00a0doc \ufb01ne \uff21\n"
                                 "First  document.\tTabbed\n", encoding="utf-8")
-    with gzip.open(root / "childes.train.gz", "wt", encoding="utf-8") as f:
-        f.write("*CHI: where's dolly? *MOT: here she is.\n*CHI: bye\u0007 bye.\n")
+    # mtime=0: gzip stamps the write time into its header, and two copies written across a second
+    # boundary would otherwise differ in bytes (and so in the inputs' digest).
+    (root / "childes.train.gz").write_bytes(gzip.compress(
+        "*CHI: where's dolly? *MOT: here she is.\n*CHI: bye\u0007 bye.\n".encode("utf-8"), mtime=0))
     with open(root / "c.jsonl", "w", encoding="utf-8") as f:
         f.write(json.dumps({"text": "line one  \n\n\n\nline two\u200b!", "id": 1}) + "\n\n")
         f.write(json.dumps({"text": "   ", "id": 2}) + "\n")
