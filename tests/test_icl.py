@@ -66,7 +66,7 @@ def test_label_scores_equal_score_ids_of_the_label_completion():
 
     model, tok = make_model(), make_tokenizer()
     prompts = ["The cat sat on the mat. Question: A cat sat. Answer:", "Dogs ran far. Label:"]
-    words = ("yes", "no")
+    words = ("yes", "not really")  # a word of several tokens too
     scores, cut = icl.score_labels(model, tok, prompts, words, ["causal", "mntp", "fused"], max_tokens=4096)
     sp = special_ids(tok)
     assert not cut.any()
@@ -82,8 +82,9 @@ def test_label_scores_equal_score_ids_of_the_label_completion():
     # The direct maths: log p of each label token, causal from its prefix, MNTP with it masked
     # (one copy per token, full attention) read one position left.
     import torch
-    ids = [sp["bos"]] + tok.encode(prompts[1] + " no", add_special_tokens=False).ids
+    ids = [sp["bos"]] + tok.encode(prompts[1] + " not really", add_special_tokens=False).ids
     start = len(tok.encode(prompts[1], add_special_tokens=False).ids) + 1
+    assert len(ids) - start >= 2  # several label tokens, each scored
     causal = mntp = 0.0
     with torch.no_grad():
         for j in range(start, len(ids)):

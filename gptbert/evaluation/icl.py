@@ -105,21 +105,19 @@ def score_labels(model, tokenizer, prompts: Sequence[str], words: Sequence[str],
     sentence is scored once."""
     from gptbert.scoring import score_ids, special_ids
 
-    index: dict[str, int] = {}
+    index: dict[tuple[str, str], int] = {}
     for p in prompts:
         for w in words:
-            index.setdefault(f"{p} {w}", len(index))
-    sentences = list(index)
-    completions = [" " + s.rsplit(" ", 1)[1] for s in sentences]
-    ids, starts = completion_inputs(tokenizer, sentences, completions)
-    cut = np.zeros(len(sentences), dtype=bool)
+            index.setdefault((p, w), len(index))
+    ids, starts = completion_inputs(tokenizer, [f"{p} {w}" for p, w in index], [f" {w}" for _, w in index])
+    cut = np.zeros(len(ids), dtype=bool)
     if max_length is not None:
         for i in range(len(ids)):
             ids[i], starts[i], cut[i] = truncate_left(ids[i], starts[i], max_length)
     special = special_ids(tokenizer)
     flat = score_ids(model, ids, modes, [1.0], max_tokens, score_from=starts, mask_id=special["mask"],
                      pad_id=special["pad"], progress=progress)
-    rows = np.array([[index[f"{p} {w}"] for w in words] for p in prompts], dtype=np.int64).reshape(len(prompts), len(words))
+    rows = np.array([[index[(p, w)] for w in words] for p in prompts], dtype=np.int64).reshape(len(prompts), len(words))
     return {m: v[:, 0][rows] for m, v in flat.items()}, cut[rows].any(axis=1)
 
 
