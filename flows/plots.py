@@ -1,5 +1,6 @@
 """Figures of a pipeline run: loss curves per objective (from MLflow's metric history) and
-minimal-pair accuracy by phenomenon (from the evaluation results)."""
+minimal-pair accuracy by phenomenon, word-milestone curves and the in-context-learning curve
+(from the evaluation results)."""
 
 from __future__ import annotations
 
@@ -114,17 +115,50 @@ def plot_milestones(milestones: list[dict[str, Any]], out_png: str | Path) -> li
     return names
 
 
+def plot_icl_curve(icl: dict[str, Any], out_png: str | Path) -> None:
+    """The ``icl`` task's accuracy against k: one panel per task, a line per mode (dashed:
+    calibrated) with its standard error as bars, and the majority-class baseline as a grey line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = icl["tasks"]
+    shots = icl["shots"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, (task, r) in zip(axes[0], tasks.items()):
+        x = list(range(len(shots)))  # evenly spaced k (0 has no place on a log axis)
+        for kind, style in (("accuracy", "-"), ("calibrated", "--")):
+            for mode, by_k in r["curves"].get(kind, {}).items():
+                ax.errorbar(x, [100 * by_k[str(k)]["mean"] for k in shots], yerr=[100 * by_k[str(k)]["se"] for k in shots],
+                            marker="o", linestyle=style, capsize=3,
+                            label=f"{mode}{' calibrated' if kind == 'calibrated' else ''}")
+        ax.axhline(100 * r["majority"], color="grey", linewidth=1, label="majority class")
+        ax.set_xticks(x, [str(k) for k in shots])
+        ax.set_xlabel("demonstrations k")
+        ax.set_ylabel("accuracy %")
+        ax.set_title(f"{task} ({r['num_items']} items)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
 def evaluation_figures(results: dict[str, Any], folder: Path) -> None:
     """The evaluation folder's figures: ``by_phenomenon.png`` when minimal pairs were scored,
-    ``milestones.png`` when word-milestone models were."""
+    ``milestones.png`` when word-milestone models were, ``icl_curve.png`` for the ``icl`` task."""
     table = phenomenon_table(results)
     if table:
         plot_by_phenomenon(table, Path(folder) / "by_phenomenon.png")
     if results.get("milestones"):
         plot_milestones(results["milestones"], Path(folder) / "milestones.png")
+    if results.get("tasks", {}).get("icl", {}).get("tasks"):
+        plot_icl_curve(results["tasks"]["icl"], Path(folder) / "icl_curve.png")
 
 
-__all__ = ["evaluation_figures", "phenomenon_table", "plot_by_phenomenon", "plot_loss_curves", "plot_milestones"]
+__all__ = ["evaluation_figures", "phenomenon_table", "plot_by_phenomenon", "plot_icl_curve", "plot_loss_curves",
+           "plot_milestones"]
 
 
 def plot_ratio_sweep(series: dict[str, dict[str, list[tuple[float, float, float, float]]]],

@@ -31,13 +31,14 @@ def test_every_module_declaring_a_task_is_registered_and_the_rest_are_helpers():
         module = __import__(f"gptbert.evaluation.{info.name}", fromlist=["TASK"])
         if isinstance(getattr(module, "TASK", None), Task):
             declared[module.TASK.name] = info.name
-    assert declared == {"blimp": "minimal_pairs", "babylm": "babylm", "glue": "finetune", "global_piqa": "global_piqa"}
+    assert declared == {"blimp": "minimal_pairs", "babylm": "babylm", "glue": "finetune", "global_piqa": "global_piqa",
+                        "icl": "icl"}
     assert set(TASKS) == set(declared)
     # What the three declare about their config: the sections and data fields EvalConfig has.
     assert {n: (t.section, t.location_fields()) for n, t in TASKS.items()} == {
         "blimp": ("", ["blimp_dir"]), "babylm": ("", ["babylm_dir"]), "glue": ("finetune", ["finetune.data_dir"]),
-        "global_piqa": ("", ["babylm_dir"])}
-    assert [n for n, t in TASKS.items() if t.zero_shot] == ["babylm", "global_piqa", "blimp"]
+        "global_piqa": ("", ["babylm_dir"]), "icl": ("", ["icl.data_dir"])}
+    assert [n for n, t in TASKS.items() if t.zero_shot] == ["babylm", "global_piqa", "icl", "blimp"]
 
 
 def test_register_task_checks_the_declaration_against_the_config():

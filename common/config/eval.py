@@ -71,6 +71,54 @@ class FinetuneConfig(ConfigBase):
                   f"recipe babylm knows {', '.join(BABYLM_FINETUNE_TASKS)}; got {task!r}")
 
 
+ICL_SHOTS = (0, 1, 2, 4, 8, 16)
+
+
+@dataclass
+class IclConfig(ConfigBase):
+    """In-context learning (task ``icl``): k-shot classification of GLUE-format tasks, each label
+    scored as a completion of a prompt of k training demonstrations and the validation item."""
+
+    # Folder with `<task>.train.jsonl` (demonstrations) and `<task>.valid.jsonl` (test items), the
+    # layout the `glue` task reads.
+    data_dir: str = ""
+    tasks: list[str] = field(default_factory=list)
+    shots: list[int] = field(default_factory=lambda: list(ICL_SHOTS))
+    # Prompt templates by index (gptbert.evaluation.icl.TEMPLATES) and demonstration seeds: every
+    # (template, seed) is one run, and the results give their mean and spread.
+    templates: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # Contextual calibration: also report the accuracy with each label's probability divided by
+    # its probability for the content-free input below (same demonstrations).
+    calibrate: bool = True
+    content_free: str = "N/A"
+    # Label words per task, "task=word0,word1,..." (label i -> word i); known GLUE tasks have defaults.
+    verbalizers: list[str] = field(default_factory=list)
+    # Cap on validation items per task, for quick runs; null = all.
+    max_items: Optional[int] = None
+
+    def validate(self) -> None:
+        """Reject invalid values with a ConfigError naming the field."""
+        check(not self.tasks or bool(self.data_dir), "data_dir", "must be set when tasks are given")
+        check_location(self.data_dir, "data_dir")
+        for i, task in enumerate(self.tasks):
+            check(bool(task) and "/" not in task, f"tasks[{i}]", f"must be a task file prefix, got {task!r}")
+        check(len(self.shots) > 0 and all(isinstance(k, int) and k >= 0 for k in self.shots), "shots",
+              f"must be numbers of demonstrations >= 0, got {self.shots}")
+        check(len(set(self.shots)) == len(self.shots), "shots", f"has duplicates: {self.shots}")
+        check(len(self.templates) > 0 and len(set(self.templates)) == len(self.templates)
+              and all(0 <= t < 3 for t in self.templates), "templates",
+              f"must be distinct template indices 0..2, got {self.templates}")
+        check(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
+              f"must be distinct seeds, at least one, got {self.seeds}")
+        check(bool(self.content_free.strip()), "content_free", "must be a non-empty text")
+        for i, v in enumerate(self.verbalizers):
+            task, _, words = v.partition("=")
+            check(bool(task) and len([w for w in words.split(",") if w.strip()]) >= 2, f"verbalizers[{i}]",
+                  f"must be task=word0,word1[,...] (one word per label), got {v!r}")
+        check(self.max_items is None or self.max_items > 0, "max_items", "must be positive or null (all)")
+
+
 @dataclass
 class EvalConfig(ConfigBase):
     """Configures the evaluate stage (recipe §6): tasks, BLiMP data, scoring modes, temperatures, batch
@@ -114,6 +162,7 @@ class EvalConfig(ConfigBase):
     milestones: Literal["none", "local", "ray"] = "local"
     milestone_max_items: Optional[int] = 200
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    icl: IclConfig = field(default_factory=IclConfig)
 
     RUNTIME_FIELDS = ("device",)
 
