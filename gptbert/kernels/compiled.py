@@ -68,11 +68,9 @@ class CompiledOnCpu:
                               f"({type(error).__name__}: {error_line(error, first=True)}); using eager ops")
                 self.compiled = False
             else:
-                if out is None:
-                    pass
-                elif isinstance(out, tuple):
+                if isinstance(out, tuple):
                     return out
-                else:
+                if out is not None:  # None: not trusted on this CPU, the eager ops below
                     return out.view(*x.shape[:-1], out.size(-1))
         return self.eager(x, *args)
 
