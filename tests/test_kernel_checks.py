@@ -185,6 +185,11 @@ def test_a_compiled_model_that_differs_from_the_eager_one_is_not_used(checks, mo
     def miscompiled(fn, **kwargs):  # right shapes, wrong values, as a wrong code generator gives
         return lambda *a, **kw: fn(*a, **kw) * 1.1
 
+    # The model's own kernels are process-wide objects: compiled here they would keep the
+    # miscompiled function after this test; keep their state to this test.
+    for kernel in (geglu.geglu_norm, cross_entropy.lm_loss_terms):
+        monkeypatch.setattr(kernel, "compiled", None)
+        monkeypatch.setattr(kernel, "trusted", {})
     monkeypatch.setattr(torch, "compile", miscompiled)
     model = compiled.compile_model(build_model(cfg)).train()
     torch.manual_seed(5)

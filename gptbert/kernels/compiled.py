@@ -106,9 +106,13 @@ def _signature(flat: torch.Tensor, args: tuple) -> str:
     """What the generated code depends on besides the (dynamic) row count."""
     parts = [f"{flat.dtype}x{flat.size(1)}"]
     parts += [f"{a.dtype}{list(a.shape[1:])}" if isinstance(a, torch.Tensor) else repr(a) for a in args]
-    if torch.is_autocast_enabled("cpu"):
-        parts.append(f"autocast {torch.get_autocast_dtype('cpu')}")
-    return ",".join(parts)
+    autocast = _cpu_autocast()
+    return ",".join(parts + [autocast] if autocast else parts)
+
+
+def _cpu_autocast() -> str | None:
+    """The CPU autocast a kernel runs under (part of what a verdict is for), None without one."""
+    return f"autocast {torch.get_autocast_dtype('cpu')}" if torch.is_autocast_enabled("cpu") else None
 
 
 def cpu_kind() -> str:
@@ -273,9 +277,7 @@ class CompiledForward:
         runs in eval mode without gradients (dropout would make the two differ by their random
         streams; the training graph is compiled separately afterwards), the RNG state untouched."""
         model = self.eager.__self__
-        key = (f"model|{getattr(model, 'config', type(model).__name__)!r}|"
-               f"{'autocast ' + str(torch.get_autocast_dtype('cpu')) if torch.is_autocast_enabled('cpu') else 'fp32'}|"
-               f"{cpu_kind()}|torch {torch.__version__}")
+        key = f"model|{getattr(model, 'config', type(model).__name__)!r}|{_cpu_autocast() or 'fp32'}|{cpu_kind()}|torch {torch.__version__}"
         verdict = CHECKS.get(key)
         if verdict is not None:
             return verdict
